@@ -1,0 +1,26 @@
+"""patchslim: see, measure and audit patch slimming in Vision Transformers.
+
+Public API::
+
+    import patchslim
+    model = patchslim.load_model("fashion-vit")
+    trace = patchslim.run(model, images, patchslim.SlimPlan.single("random", 0.5))
+"""
+
+from patchslim.errors import (  # noqa: F401
+    ImageError,
+    PatchslimError,
+    PlanError,
+    UnknownMethodError,
+    UnknownModelError,
+    UnsupportedModelError,
+    WeightsError,
+    WeightsUnavailableError,
+)
+from patchslim.methods import get_method, method_names  # noqa: F401
+from patchslim.plan import SlimPlan, Stage  # noqa: F401
+from patchslim.models import LoadedModel, load_model, model_names  # noqa: F401
+from patchslim.engine import run  # noqa: F401
+from patchslim.trace import Trace  # noqa: F401
+
+__version__ = "0.1.0"

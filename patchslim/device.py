@@ -1,0 +1,74 @@
+"""Device and precision choices, all in one place.
+
+Devices and dtypes are chosen at the edges (loading, benchmarking), never inside a method. This module is
+the only place that knows about CUDA / MPS specifics: picking a device, autocast for reduced precision,
+and synchronizing before a clock is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from patchslim.errors import PatchslimError
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+_AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def available_devices() -> list[str]:
+    """Device kinds usable on this machine, best first (``"cpu"`` is always last)."""
+    found = []
+    if torch.cuda.is_available():
+        found.append("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    found.append("cpu")
+    return found
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Turns ``"auto"`` into CUDA, then Apple MPS, then CPU; checks an explicit choice exists.
+
+    Raises:
+        PatchslimError: the requested device is not present on this machine.
+    """
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).strip().lower()
+    if name in ("", "auto"):
+        return torch.device(available_devices()[0])
+    kind = name.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise PatchslimError(f"Unknown device {device!r}: use auto, cpu, cuda (or cuda:N) or mps.")
+    if kind not in available_devices():
+        raise PatchslimError(
+            f"Device {device!r} is not available on this machine (available: {', '.join(available_devices())})."
+        )
+    return torch.device(name)
+
+
+def check_precision(precision: str, device: torch.device) -> str:
+    """Validates a precision name for a device; fp16 is refused on CPU, where it is slow or unsupported."""
+    if precision not in PRECISIONS:
+        raise PatchslimError(f"Unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
+    if precision == "fp16" and device.type == "cpu":
+        raise PatchslimError("fp16 needs a GPU; on the CPU use fp32 or bf16.")
+    return precision
+
+
+def autocast(device: torch.device, precision: str = "fp32"):
+    """A context that runs the forward in the given precision (fp32 needs no autocast)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for queued kernels, so that a timer read afterwards measures finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

@@ -1,0 +1,43 @@
+"""The exceptions patchslim raises. Each carries a message a person can act on.
+
+Everything derives from :class:`PatchslimError`, so a caller (the CLI, the app) can catch one type
+and show ``str(error)`` without a traceback.
+"""
+
+
+class PatchslimError(Exception):
+    """Base class of every error patchslim raises on purpose."""
+
+
+class UnknownModelError(PatchslimError, KeyError):
+    """The model name is neither the bundled model nor a timm model."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedModelError(PatchslimError):
+    """A timm model that the plan-driven engine cannot walk (not a plain VisionTransformer)."""
+
+
+class WeightsUnavailableError(PatchslimError):
+    """Pretrained weights could not be found locally nor downloaded."""
+
+
+class WeightsError(PatchslimError):
+    """A weights file exists but cannot be used (unsafe, corrupt, or for another model)."""
+
+
+class PlanError(PatchslimError, ValueError):
+    """A slimming plan or one of its options is invalid."""
+
+
+class ImageError(PatchslimError, ValueError):
+    """An image cannot be read or is refused (empty, truncated, too large, unknown format)."""
+
+
+class UnknownMethodError(PlanError, KeyError):
+    """No slimming method is registered under the given name."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,16 @@
+"""Slimming methods, one file each, registered by name on import.
+
+Adding a method is one file defining a :class:`~patchslim.methods.base.SlimMethod` subclass decorated with
+``@register``, plus one import line below.
+"""
+
+from patchslim.methods.base import (  # noqa: F401
+    OptionSpec,
+    Reduction,
+    SlimMethod,
+    StageContext,
+    get_method,
+    method_names,
+    register,
+)
+from patchslim.methods import random  # noqa: F401,E402

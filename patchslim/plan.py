@@ -1,0 +1,189 @@
+"""SlimPlan: what to slim, where and how much, as a validated immutable value.
+
+A plan is a list of stages. Each stage names a registered method, a keep ratio rho (the share of the
+current patch tokens each action keeps), the blocks where it acts, and the method's options. Stages
+compose, so a plan can hold the survey's hybrid strategies (section 5.6), e.g. ``grid`` at the input
+followed by ``attention`` before block 6. Block indices are 0-based, as in ``model.blocks[i]``.
+
+An empty plan (``SlimPlan()``) runs the unslimmed model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from patchslim.errors import PlanError
+from patchslim.methods import SlimMethod, get_method
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One slimming stage.
+
+    Attributes:
+        method: registered method name.
+        keep_ratio: rho in (0, 1], the share of non-prefix tokens kept at each action.
+        blocks: block indices where the method acts (None: the method's default).
+        options: method options (validated against the method's option specs).
+    """
+
+    method: str
+    keep_ratio: float = 1.0
+    blocks: tuple[int, ...] | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        method = get_method(self.method)
+        try:
+            ratio = float(self.keep_ratio)
+        except (TypeError, ValueError):
+            raise PlanError(f"keep_ratio must be a number in (0, 1], got {self.keep_ratio!r}") from None
+        if not (0.0 < ratio <= 1.0) or math.isnan(ratio):
+            raise PlanError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+        object.__setattr__(self, "keep_ratio", ratio)
+        if self.blocks is not None:
+            blocks = (self.blocks,) if isinstance(self.blocks, int) else tuple(int(b) for b in self.blocks)
+            if not blocks:
+                raise PlanError(f"stage {self.method!r}: blocks must not be empty (leave it unset for the default)")
+            if len(set(blocks)) != len(blocks):
+                raise PlanError(f"stage {self.method!r}: blocks must not repeat, got {blocks}")
+            object.__setattr__(self, "blocks", tuple(sorted(blocks)))
+        parsed = method.parse_options(dict(self.options))
+        object.__setattr__(self, "options", MappingProxyType(parsed))
+
+    @property
+    def slim_method(self) -> SlimMethod:
+        return get_method(self.method)
+
+    def to_dict(self) -> dict:
+        return dict(method=self.method, keep_ratio=self.keep_ratio,
+                    blocks=None if self.blocks is None else list(self.blocks),
+                    options={k: (list(v) if isinstance(v, tuple) else v) for k, v in self.options.items()})
+
+
+@dataclass(frozen=True)
+class Action:
+    """One resolved action of a stage at one place in the forward."""
+
+    block: int
+    point: str
+    stage_index: int
+    stage: Stage
+
+    @property
+    def method(self) -> SlimMethod:
+        return self.stage.slim_method
+
+    @property
+    def attention_block(self) -> int | None:
+        """The block whose attention (or keys) the action reads, if it needs any."""
+        method = self.method
+        if not (method.needs_attention or method.needs_keys):
+            return None
+        return self.block - 1 if self.point == "pre" else self.block
+
+
+_POINT_ORDER = {"pre": 0, "mid": 1}
+
+
+@dataclass(frozen=True)
+class SlimPlan:
+    """A validated slimming plan.
+
+    Attributes:
+        stages: the stages, applied in forward order (ties at one place in stage order).
+        attention_blocks: blocks whose attention probabilities the Trace should keep, for maps and
+            rollout (``"all"`` for every block). Attention is computed explicitly only there and where
+            a method needs it; every other block uses fused attention.
+        seed: seed of the generator handed to methods that draw random numbers.
+    """
+
+    stages: tuple[Stage, ...] = ()
+    attention_blocks: tuple[int, ...] | str = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        stages = tuple(self.stages)
+        for stage in stages:
+            if not isinstance(stage, Stage):
+                raise PlanError(f"stages must be Stage objects, got {type(stage).__name__}")
+        object.__setattr__(self, "stages", stages)
+        if isinstance(self.attention_blocks, str):
+            if self.attention_blocks != "all":
+                raise PlanError(f"attention_blocks must be block indices or 'all', got {self.attention_blocks!r}")
+        else:
+            object.__setattr__(self, "attention_blocks", tuple(sorted({int(b) for b in self.attention_blocks})))
+        if not isinstance(self.seed, int):
+            raise PlanError(f"seed must be an integer, got {self.seed!r}")
+
+    @classmethod
+    def single(cls, method: str, keep_ratio: float = 1.0, blocks: tuple[int, ...] | int | None = None,
+               *, seed: int = 0, attention_blocks: tuple[int, ...] | str = (), **options: Any) -> "SlimPlan":
+        """A plan with one stage: ``SlimPlan.single("random", 0.5)``."""
+        return cls((Stage(method, keep_ratio, blocks, options),), attention_blocks=attention_blocks, seed=seed)
+
+    @classmethod
+    def from_options(cls, method: str, keep_ratio: float, options: dict[str, Any] | None = None,
+                     *, seed: int = 0, attention_blocks: tuple[int, ...] | str = ()) -> "SlimPlan":
+        """A one-stage plan from loose options, as the CLI and the app collect them.
+
+        A ``blocks`` entry (``"3,6,9"`` or a sequence) sets where the stage acts; every other entry is a
+        method option.
+        """
+        options = dict(options or {})
+        blocks = options.pop("blocks", None)
+        if blocks is not None and not isinstance(blocks, (tuple, list, int)):
+            try:
+                blocks = tuple(int(b) for b in str(blocks).replace(";", ",").split(",") if b.strip())
+            except ValueError:
+                raise PlanError(f"blocks must be comma-separated block indices, got {blocks!r}") from None
+        return cls.single(method, keep_ratio, blocks, seed=seed, attention_blocks=attention_blocks, **options)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.stages
+
+    def with_attention(self, attention_blocks: tuple[int, ...] | str) -> "SlimPlan":
+        """The same plan, keeping the attention of other blocks."""
+        return SlimPlan(self.stages, attention_blocks, self.seed)
+
+    def resolve(self, depth: int) -> list[Action]:
+        """Places every stage's actions in a model with ``depth`` blocks, in forward order.
+
+        Raises:
+            PlanError: a block index outside the model, or an action that would read attention
+                before any block ran.
+        """
+        actions = []
+        for index, stage in enumerate(self.stages):
+            method = stage.slim_method
+            blocks = stage.blocks if stage.blocks is not None else method.default_blocks(depth)
+            for block in blocks:
+                if not 0 <= block < depth:
+                    raise PlanError(
+                        f"stage {stage.method!r}: block {block} is outside the model (blocks 0..{depth - 1})"
+                    )
+                if method.point == "pre" and (method.needs_attention or method.needs_keys) and block == 0:
+                    raise PlanError(
+                        f"stage {stage.method!r} reads the attention of the block before it, so it cannot act "
+                        f"at block 0 (the input); use a block in 1..{depth - 1}"
+                    )
+                actions.append(Action(block, method.point, index, stage))
+        actions.sort(key=lambda a: (a.block, _POINT_ORDER[a.point], a.stage_index))
+        if self.attention_blocks != "all":
+            for block in self.attention_blocks:
+                if not 0 <= block < depth:
+                    raise PlanError(f"attention block {block} is outside the model (blocks 0..{depth - 1})")
+        return actions
+
+    def attention_wanted(self, depth: int) -> set[int]:
+        """Blocks whose attention the Trace keeps."""
+        return set(range(depth)) if self.attention_blocks == "all" else set(self.attention_blocks)
+
+    def to_dict(self) -> dict:
+        return dict(stages=[s.to_dict() for s in self.stages], seed=self.seed,
+                    attention_blocks=self.attention_blocks if isinstance(self.attention_blocks, str)
+                    else list(self.attention_blocks))

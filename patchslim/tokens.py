@@ -1,0 +1,181 @@
+"""Token sets and their provenance: pure tensor functions, no model and no framework.
+
+A slimmed forward carries, beside the token tensor, *where every token came from*:
+
+- after pruning, token ``j`` is original patch ``ids[b, j]`` (a gather index);
+- after merging, token ``j`` stands for a set of original patches (a 0/1 row of a source matrix);
+- after a low-rank projection, token ``j`` is a weighted combination of patches (a row of loadings).
+
+:class:`Provenance` keeps the cheap gather index while only pruning happened and switches to a dense
+``[B, M, N]`` matrix at the first merge or projection. Overlays, rollout and audits read it; nothing
+re-derives it. Prefix tokens (CLS, distillation, registers) are never part of the provenance and are
+never dropped: every function here leaves the first ``num_prefix`` tokens alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Which original patches each non-prefix token stands for.
+
+    Attributes:
+        num_patches: N, the number of patches of the unslimmed image.
+        ids: ``[B, M]`` int64 original patch ids, while tokens are plain (possibly pruned) patches.
+        weights: ``[B, M, N]`` float, once tokens are merges (0/1 rows) or projections (loadings).
+    """
+
+    num_patches: int
+    ids: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+
+    @staticmethod
+    def identity(batch: int, num_patches: int, device: torch.device | None = None) -> "Provenance":
+        """Every token is its own patch, in raster order."""
+        ids = torch.arange(num_patches, device=device).unsqueeze(0).expand(batch, -1)
+        return Provenance(num_patches, ids=ids)
+
+    @property
+    def count(self) -> int:
+        """M, the number of non-prefix tokens."""
+        return int(self.ids.shape[1] if self.ids is not None else self.weights.shape[1])
+
+    @property
+    def batch(self) -> int:
+        return int(self.ids.shape[0] if self.ids is not None else self.weights.shape[0])
+
+    @property
+    def is_plain(self) -> bool:
+        """True while every token is one original patch (pruning only)."""
+        return self.ids is not None
+
+    def dense(self) -> torch.Tensor:
+        """``[B, M, N]`` float: row j says how much of each original patch token j stands for."""
+        if self.weights is not None:
+            return self.weights
+        out = torch.zeros(self.batch, self.count, self.num_patches, device=self.ids.device)
+        return out.scatter_(2, self.ids.unsqueeze(-1), 1.0)
+
+    def select(self, index: torch.Tensor) -> "Provenance":
+        """Keeps the tokens at ``index`` (``[B, K]`` positions among the M tokens)."""
+        if self.ids is not None:
+            return Provenance(self.num_patches, ids=self.ids.gather(1, index))
+        w = self.weights.gather(1, index.unsqueeze(-1).expand(-1, -1, self.num_patches))
+        return Provenance(self.num_patches, weights=w)
+
+    def combine(self, matrix: torch.Tensor) -> "Provenance":
+        """New tokens as combinations of the current ones: ``matrix`` is ``[B, K, M]``."""
+        return Provenance(self.num_patches, weights=matrix.to(torch.float32) @ self.dense().to(matrix.device))
+
+    def patch_mask(self) -> torch.Tensor:
+        """``[B, N]`` bool: which original patches some token still stands for."""
+        if self.ids is not None:
+            mask = torch.zeros(self.batch, self.num_patches, dtype=torch.bool, device=self.ids.device)
+            return mask.scatter_(1, self.ids, True)
+        return self.weights.abs().sum(1) > 0
+
+    def to(self, device: torch.device | str) -> "Provenance":
+        return Provenance(
+            self.num_patches,
+            ids=None if self.ids is None else self.ids.to(device),
+            weights=None if self.weights is None else self.weights.to(device),
+        )
+
+
+@dataclass(frozen=True)
+class TokenState:
+    """The tokens flowing between blocks, with their sizes and provenance.
+
+    Attributes:
+        tokens: ``[B, P + M, C]``, the first ``num_prefix`` being prefix tokens.
+        num_prefix: P.
+        provenance: origins of the M non-prefix tokens.
+        sizes: ``[B, P + M]`` how many original tokens each token represents (for proportional
+            attention after merges), or None while every token is size 1.
+    """
+
+    tokens: torch.Tensor
+    num_prefix: int
+    provenance: Provenance
+    sizes: torch.Tensor | None = None
+
+    @property
+    def prefix(self) -> torch.Tensor:
+        return self.tokens[:, : self.num_prefix]
+
+    @property
+    def patches(self) -> torch.Tensor:
+        """``[B, M, C]`` the non-prefix tokens."""
+        return self.tokens[:, self.num_prefix :]
+
+    @property
+    def count(self) -> int:
+        """M, the number of non-prefix tokens."""
+        return self.tokens.shape[1] - self.num_prefix
+
+
+def target_count(keep_ratio: float, current: int) -> int:
+    """How many of ``current`` tokens a keep ratio asks for: nearest integer, at least 1."""
+    return max(1, min(current, int(keep_ratio * current + 0.5)))
+
+
+def keep_tokens(state: TokenState, index: torch.Tensor, sort: bool = True) -> TokenState:
+    """Keeps the non-prefix tokens at ``index`` (``[B, K]`` positions among the M); prefix tokens stay.
+
+    Args:
+        state: tokens before.
+        index: positions to keep, per image.
+        sort: keep the kept tokens in their current order (so keep-all is exactly a no-op).
+    """
+    if sort:
+        index = index.sort(dim=1).values
+    p = state.num_prefix
+    gather = index.unsqueeze(-1).expand(-1, -1, state.tokens.shape[-1])
+    tokens = torch.cat([state.prefix, state.patches.gather(1, gather)], dim=1)
+    sizes = None
+    if state.sizes is not None:
+        sizes = torch.cat([state.sizes[:, :p], state.sizes[:, p:].gather(1, index)], dim=1)
+    return TokenState(tokens, p, state.provenance.select(index.to(_prov_device(state.provenance))), sizes)
+
+
+def top_k_index(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the ``k`` highest ``scores`` (``[B, M]``) per row, in ascending position order.
+
+    Ties are broken towards the lower position, so results do not depend on the sort's stability.
+    """
+    m = scores.shape[1]
+    if k >= m:
+        return torch.arange(m, device=scores.device).unsqueeze(0).expand(scores.shape[0], -1)
+    # A tiny position-dependent offset makes ties deterministic (lower index wins).
+    tie = torch.arange(m, device=scores.device, dtype=torch.float64) * 1e-12
+    idx = torch.topk(scores.to(torch.float64) - tie, k, dim=1).indices
+    return idx.sort(dim=1).values
+
+
+def replace_patches(state: TokenState, patches: torch.Tensor, combination: torch.Tensor,
+                    sizes: torch.Tensor | None) -> TokenState:
+    """Replaces the non-prefix tokens by new ones that combine them.
+
+    Args:
+        state: tokens before.
+        patches: ``[B, K, C]`` the new non-prefix tokens.
+        combination: ``[B, K, M]`` how each new token combines the current ones (0/1 for merges,
+            loadings for projections); used for the provenance.
+        sizes: ``[B, K]`` the new tokens' sizes, or None to keep sizes unset.
+    """
+    p = state.num_prefix
+    tokens = torch.cat([state.prefix, patches.to(state.tokens.dtype)], dim=1)
+    new_sizes = None
+    if sizes is not None:
+        prefix_sizes = (state.sizes[:, :p] if state.sizes is not None
+                        else torch.ones(tokens.shape[0], p, device=tokens.device, dtype=sizes.dtype))
+        new_sizes = torch.cat([prefix_sizes, sizes], dim=1)
+    return TokenState(tokens, p, state.provenance.combine(combination), new_sizes)
+
+
+def _prov_device(provenance: Provenance) -> torch.device:
+    return (provenance.ids if provenance.ids is not None else provenance.weights).device

@@ -1,0 +1,160 @@
+"""Trace: everything one plan-driven forward produced, as data.
+
+The metrics (FLOPs, memory, prediction change), the explanations and the app are plain functions of a
+Trace: token counts per block, where every remaining token came from, attention where it was asked for,
+and the logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from patchslim.plan import SlimPlan
+from patchslim.tokens import Provenance
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape facts of a ViT that costs and overlays need."""
+
+    name: str
+    img_size: tuple[int, int]
+    patch_size: tuple[int, int]
+    grid_size: tuple[int, int]
+    in_chans: int
+    num_prefix_tokens: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    head_dim: int
+    mlp_hidden: int
+    num_classes: int
+    num_heads_out: int = 1  # classifier heads (2 for the distilled DeiT)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+
+@dataclass(frozen=True)
+class BlockRecord:
+    """One block of the forward.
+
+    Attributes:
+        index: block index.
+        tokens_attention: tokens (prefix included) the block's attention ran on.
+        tokens_mlp: tokens (prefix included) its MLP ran on (fewer when a method acted in between).
+        provenance: origins of the non-prefix tokens entering the block.
+        merged_sizes: True when tokens carry sizes (proportional attention ran in this block).
+    """
+
+    index: int
+    tokens_attention: int
+    tokens_mlp: int
+    provenance: Provenance
+    merged_sizes: bool = False
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """One action of one stage.
+
+    Attributes:
+        method: method name.
+        stage_index: position of its stage in the plan.
+        block, point: where it acted (``"pre"``: before the block, ``"mid"``: after its attention).
+        tokens_before, tokens_after: non-prefix tokens before and after.
+        scores: ``[B, tokens_before]`` importance scores the method gave, or None.
+        provenance_before: origins of the tokens the scores refer to.
+        selection_macs: multiply-adds per image spent on the selection itself.
+    """
+
+    method: str
+    stage_index: int
+    block: int
+    point: str
+    tokens_before: int
+    tokens_after: int
+    scores: torch.Tensor | None
+    provenance_before: Provenance
+    selection_macs: float = 0.0
+
+
+@dataclass
+class Trace:
+    """The result of :func:`patchslim.run`.
+
+    Attributes:
+        logits: ``[B, num_classes]`` float32.
+        spec: the model's shape facts.
+        plan: the plan that ran.
+        blocks: one record per block.
+        final_provenance: origins of the non-prefix tokens after the last block.
+        final_tokens: tokens (prefix included) after the last block.
+        stages: one record per action.
+        attention: block index -> ``[B, H, T, T]`` attention probabilities, for the blocks asked for.
+        class_names: the model's class names (for readable predictions).
+    """
+
+    logits: torch.Tensor
+    spec: ModelSpec
+    plan: SlimPlan
+    blocks: list[BlockRecord]
+    final_provenance: Provenance
+    final_tokens: int
+    stages: list[StageRecord] = field(default_factory=list)
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    class_names: tuple[str, ...] = ()
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.logits.shape[0])
+
+    @property
+    def tokens_per_block(self) -> list[int]:
+        """Tokens (prefix included) each block's attention ran on."""
+        return [b.tokens_attention for b in self.blocks]
+
+    @property
+    def keep_ratio(self) -> float:
+        """The rho reached: non-prefix tokens after the last block / N."""
+        return (self.final_tokens - self.spec.num_prefix_tokens) / self.spec.num_patches
+
+    @property
+    def mean_keep_ratio(self) -> float:
+        """Non-prefix tokens averaged over the blocks (attention and MLP alike) / N."""
+        p, n = self.spec.num_prefix_tokens, self.spec.num_patches
+        counts = [(b.tokens_attention + b.tokens_mlp) / 2 - p for b in self.blocks]
+        return sum(counts) / (len(counts) * n)
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        return self.logits.softmax(-1)
+
+    def provenance_at(self, block: int | None = None) -> Provenance:
+        """Origins of the tokens entering ``block`` (None: after the last block)."""
+        return self.final_provenance if block is None else self.blocks[block].provenance
+
+    def patch_mask(self, block: int | None = None) -> torch.Tensor:
+        """``[B, N]`` bool: original patches still represented entering ``block`` (None: at the end)."""
+        return self.provenance_at(block).patch_mask()
+
+    def kept_patch_ids(self, block: int | None = None) -> torch.Tensor:
+        """``[B, M]`` original patch ids of the tokens entering ``block``, while tokens are plain patches.
+
+        Raises:
+            ValueError: tokens there are merges or projections; use ``provenance_at(block).dense()``.
+        """
+        prov = self.provenance_at(block)
+        if prov.ids is None:
+            raise ValueError("tokens here are merged or projected; use provenance_at(block).dense()")
+        return prov.ids
+
+    def top_k(self, k: int = 5, index: int = 0) -> list[tuple[str, float]]:
+        """The ``k`` most probable classes of image ``index`` as ``(label, probability)``."""
+        probs = self.probabilities[index]
+        values, ids = probs.topk(min(k, probs.numel()))
+        names = self.class_names or tuple(str(i) for i in range(probs.numel()))
+        return [(names[i], float(v)) for v, i in zip(values.tolist(), ids.tolist())]

@@ -1,0 +1,58 @@
+"""Shared fixtures: small models built offline, loaded once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+import patchslim  # noqa: E402
+from patchslim import bundled  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def deit_tiny():
+    """DeiT-Ti with a seeded random initialization (no download)."""
+    return patchslim.load_model("deit_tiny_patch16_224", device="cpu", pretrained=False)
+
+
+@pytest.fixture(scope="session")
+def deit_small():
+    """DeiT-S with a seeded random initialization."""
+    return patchslim.load_model("deit_small_patch16_224", device="cpu", pretrained=False)
+
+
+@pytest.fixture(scope="session")
+def deit_small_distilled():
+    """The distilled DeiT-S (two prefix tokens), random initialization."""
+    return patchslim.load_model("deit_small_distilled_patch16_224", device="cpu", pretrained=False)
+
+
+@pytest.fixture(scope="session")
+def fashion_vit():
+    """The bundled model with its trained checkpoint from assets/."""
+    return patchslim.load_model("fashion-vit", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def fashion_sample():
+    """The labelled canvas test images shipped in assets/: uint8 ``[n, 48, 48]`` and labels ``[n]``."""
+    return bundled.load_bundled_sample()
+
+
+@pytest.fixture(scope="session")
+def fashion_batch(fashion_sample):
+    """The first 16 sample images as the bundled model's input ``[16, 1, 48, 48]``, with labels."""
+    images, labels = fashion_sample
+    return bundled.to_model_input(images[:16]), torch.from_numpy(labels[:16])
+
+
+@pytest.fixture(scope="session")
+def imagenet_batch():
+    """Two random 224x224 images (timing and shape tests with random-weight ImageNet models)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 3, 224, 224, generator=g)

@@ -157,3 +157,13 @@ def test_trace_top_k_uses_class_names(fashion_vit, fashion_batch):
 def test_wrong_input_shape_is_a_clear_error(deit_tiny):
     with pytest.raises(ValueError, match=r"expects images of shape \[B, 3, 224, 224\]"):
         patchslim.run(deit_tiny, torch.zeros(1, 3, 100, 100))
+
+
+def test_bf16_autocast_runs_and_stays_close_to_fp32(deit_tiny, imagenet_batch):
+    low = patchslim.load_model("deit_tiny_patch16_224", device="cpu", pretrained=False, precision="bf16")
+    plan = SlimPlan.single("random", 0.5, attention_blocks=(1,))
+    reduced = patchslim.run(low, imagenet_batch, plan)
+    full = patchslim.run(deit_tiny, imagenet_batch, plan)
+    assert reduced.logits.dtype == torch.float32  # logits come back in fp32 whatever ran inside
+    assert _max_diff(reduced.logits, full.logits) < 0.1
+    assert torch.equal(reduced.kept_patch_ids(0), full.kept_patch_ids(0))

@@ -1,0 +1,636 @@
+"""Pictures of slimming: kept / dropped / merged overlays and per-patch heatmaps, as PIL images or plotly.
+
+Everything here draws on *the image as the model sees it*: :func:`model_view` runs the model's own
+transform (resize, centre crop, grayscale for ``fashion-vit``) and undoes its normalization with
+``model.mean`` / ``model.std``, so patch cells line up exactly with the tokens. Functions that take an
+``image`` accept a PIL image (it is put through the transform) or the model's input tensor
+(``[C, H, W]`` or ``[1, C, H, W]``, normalized), whichever the caller already has.
+
+Pictures are made to be projected on a wall: small inputs are enlarged (nearest neighbour, so 4-pixel
+patches stay crisp) to at least :data:`DISPLAY_SIDE` pixels, labels use a large font, every colour map
+has a colour bar, and the patch overlay carries its own legend.
+
+No matplotlib: the colour maps are small tables sampled from the perceptually uniform maps of
+matplotlib / d3 (inferno, magma, viridis) and ColorBrewer's RdBu (for signed attributions), so the
+engine's dependencies stay as they are. Plotly figures (:func:`heatmap_figure`, :func:`patch_figure`)
+use plotly's own scales of the same names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+DISPLAY_SIDE = 448  # the shorter side of a picture's image area, in pixels, at least
+FONT_SIZE = 18
+
+# Colour map anchors, evenly spaced from 0 to 1 (hex), interpolated linearly in RGB.
+_CMAPS: dict[str, tuple[str, ...]] = {
+    "inferno": ("#000004", "#1b0c41", "#4a0c6b", "#781c6d", "#a52c60", "#cf4446", "#ed6925", "#fb9b06",
+                "#f7d13d", "#fcffa4"),
+    "magma": ("#000004", "#180f3d", "#440f76", "#721f81", "#9e2f7f", "#cd4071", "#f1605d", "#fd9668",
+              "#feca8d", "#fcfdbf"),
+    "viridis": ("#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58",
+                "#b5de2b", "#fde725"),
+    # Diverging, blue (low / negative) to red (high / positive): for signed attributions.
+    "RdBu_r": ("#053061", "#2166ac", "#4393c3", "#92c5de", "#d1e5f0", "#f7f7f7", "#fddbc7", "#f4a582",
+               "#d6604d", "#b2182b", "#67001f"),
+}
+_PLOTLY_SCALES = {"inferno": "Inferno", "magma": "Magma", "viridis": "Viridis", "RdBu_r": "RdBu_r"}
+
+# Distinct colours for merged groups (Okabe-Ito and Tableau hues, bright enough on dark images).
+GROUP_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (213, 94, 0), (204, 121, 167),
+    (0, 114, 178), (255, 99, 132), (140, 86, 255), (120, 220, 120), (255, 160, 220), (80, 230, 230),
+)
+DROPPED_DIM = 0.22  # dropped patches keep this share of their brightness
+HATCH_COLOUR = (150, 150, 150)
+KEPT, MERGED, DROPPED, LOWRANK = 0, 1, 2, 3
+STATUS_NAMES = {KEPT: "kept", MERGED: "merged", DROPPED: "dropped", LOWRANK: "low-rank"}
+
+
+# --------------------------------------------------------------------------- colour maps
+
+def colormap_names() -> list[str]:
+    return list(_CMAPS)
+
+
+def apply_colormap(values: np.ndarray, cmap: str = "inferno") -> np.ndarray:
+    """Maps values in [0, 1] (any shape) to ``[..., 3]`` uint8 RGB; NaN maps to black.
+
+    Raises:
+        ValueError: an unknown colour map name.
+    """
+    if cmap not in _CMAPS:
+        raise ValueError(f"unknown colour map {cmap!r}; available: {', '.join(_CMAPS)}")
+    anchors = np.array([[int(h[i:i + 2], 16) for i in (1, 3, 5)] for h in _CMAPS[cmap]], dtype=np.float64)
+    v = np.nan_to_num(np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0), nan=0.0)
+    pos = v * (len(anchors) - 1)
+    lo = np.floor(pos).astype(int).clip(0, len(anchors) - 2)
+    frac = (pos - lo)[..., None]
+    rgb = anchors[lo] * (1 - frac) + anchors[lo + 1] * frac
+    return rgb.round().astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- the model's view
+
+def model_view(image: Any, model: Any) -> Image.Image:
+    """The image as the model sees it: its transform applied, normalization undone, as RGB.
+
+    Args:
+        image: a PIL image, or the model's input tensor ``[C, H, W]`` / ``[1, C, H, W]`` (normalized).
+        model: a :class:`~patchslim.models.LoadedModel` (its ``transform``, ``mean``, ``std``).
+
+    Returns:
+        An RGB image of the model's input size (e.g. 224x224, or 48x48 for ``fashion-vit``).
+    """
+    if isinstance(image, Image.Image):
+        x = model.transform(image)
+    elif isinstance(image, torch.Tensor):
+        x = image[0] if image.dim() == 4 else image
+    else:
+        raise TypeError(f"image must be a PIL image or the model's input tensor, got {type(image).__name__}")
+    x = x.detach().float().cpu()
+    mean = torch.tensor(model.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(model.std, dtype=torch.float32).view(-1, 1, 1)
+    pixels = (x * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
+    array = pixels.permute(1, 2, 0).numpy()
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    return Image.fromarray(array[:, :, :3], "RGB")
+
+
+def _display(image: Image.Image, rows: int, cols: int, min_side: int = DISPLAY_SIDE) -> tuple[Image.Image, int]:
+    """Enlarges ``image`` so each of its ``rows x cols`` cells is a whole number of pixels.
+
+    Returns:
+        the enlarged RGB image (``cols * cell`` wide, ``rows * cell`` high) and the cell size.
+    """
+    image = image.convert("RGB")
+    natural = max(1, min(image.width // cols, image.height // rows))
+    factor = max(1, math.ceil(min_side / (natural * min(rows, cols))))
+    cell = natural * factor
+    size = (cols * cell, rows * cell)
+    if image.size == size:
+        return image.copy(), cell
+    if image.size == (cols * natural, rows * natural):
+        resample = Image.NEAREST if factor >= 3 else Image.BICUBIC
+    else:  # an image not from model_view: stretch it over the grid
+        resample = Image.BICUBIC
+    return image.resize(size, resample), cell
+
+
+def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+def _hatch_pixels(shape: tuple[int, int], step: int, width: int) -> np.ndarray:
+    """``[h, w]`` bool: diagonal stripes (like ``/``) ``width`` pixels thick every ``step`` pixels."""
+    ys, xs = np.indices(shape)
+    return (xs + ys) % max(3, step) < max(1, width)
+
+
+def _hatch(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], step: int, colour=HATCH_COLOUR,
+           width: int = 1) -> None:
+    """Diagonal stripes inside ``box`` of a drawing (legend swatches)."""
+    x0, y0, x1, y1 = box
+    for (y, x) in zip(*np.nonzero(_hatch_pixels((y1 - y0, x1 - x0), step, width))):
+        draw.point((x0 + int(x), y0 + int(y)), fill=colour)
+
+
+def _dim_and_hatch(array: np.ndarray, mask_px: np.ndarray, cell: int) -> None:
+    """Darkens the pixels under ``mask_px`` in place and stripes them (dropped patches)."""
+    array[mask_px] = (array[mask_px].astype(np.float32) * DROPPED_DIM).astype(np.uint8)
+    stripes = mask_px & _hatch_pixels(mask_px.shape, step=max(6, cell // 3), width=max(1, cell // 14))
+    array[stripes] = HATCH_COLOUR
+
+
+def _cell_mask(cells: np.ndarray, cell: int) -> np.ndarray:
+    return np.kron(cells.astype(np.uint8), np.ones((cell, cell), dtype=np.uint8)).astype(bool)
+
+
+def _grid_lines(draw: ImageDraw.ImageDraw, rows: int, cols: int, cell: int, colour=(255, 255, 255, 40)) -> None:
+    for r in range(1, rows):
+        draw.line([(0, r * cell), (cols * cell, r * cell)], fill=colour, width=1)
+    for c in range(1, cols):
+        draw.line([(c * cell, 0), (c * cell, rows * cell)], fill=colour, width=1)
+
+
+def _stack(parts: list[Image.Image], background=(255, 255, 255)) -> Image.Image:
+    width = max(p.width for p in parts)
+    out = Image.new("RGB", (width, sum(p.height for p in parts)), background)
+    y = 0
+    for p in parts:
+        out.paste(p, (0, y))
+        y += p.height
+    return out
+
+
+def _title_bar(text: str, width: int, font_size: int = FONT_SIZE + 2) -> Image.Image:
+    font = _font(font_size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = _wrap(probe, text, font, width - 16)
+    line_h = _text_size(probe, "Ag", font)[1] + 6
+    bar = Image.new("RGB", (width, 10 + line_h * len(lines)), (255, 255, 255))
+    draw = ImageDraw.Draw(bar)
+    for i, line in enumerate(lines):
+        draw.text((8, 5 + i * line_h), line, fill=(20, 20, 20), font=font)
+    return bar
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        current = ""
+        for word in paragraph.split(" "):
+            trial = f"{current} {word}".strip()
+            if current and _text_size(draw, trial, font)[0] > width:
+                lines.append(current)
+                current = word
+            else:
+                current = trial
+        lines.append(current)
+    return lines
+
+
+# --------------------------------------------------------------------------- patch status
+
+@dataclass(frozen=True)
+class PatchStatus:
+    """What became of every original patch at one point of the forward, for one image.
+
+    Attributes:
+        status: ``[rows, cols]`` int: 0 kept (its own token), 1 merged (shares a token with other
+            patches), 2 dropped (no token stands for it), 3 low-rank (tokens are projections).
+        group: ``[rows, cols]`` int, the token a kept or merged patch belongs to (-1 if dropped; for
+            low-rank the token with the largest loading).
+        loading: ``[rows, cols]`` float in [0, 1]: how much the tokens stand for the patch (1 for kept
+            and merged patches, 0 for dropped, the summed absolute loading scaled to its max for low-rank).
+        group_sizes: patches per token (index = token).
+        num_tokens: non-prefix tokens at this point.
+    """
+
+    status: np.ndarray
+    group: np.ndarray
+    loading: np.ndarray
+    group_sizes: np.ndarray
+    num_tokens: int
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {name: int((self.status == code).sum()) for code, name in STATUS_NAMES.items()}
+
+    @property
+    def merged_tokens(self) -> int:
+        """Tokens standing for more than one patch (merged groups)."""
+        return int((self.group_sizes > 1).sum()) if not (self.status == LOWRANK).any() else 0
+
+    @property
+    def is_lowrank(self) -> bool:
+        return bool((self.status == LOWRANK).any())
+
+    def summary(self) -> str:
+        c = self.counts
+        n = self.status.size
+        if self.is_lowrank:
+            return f"{self.num_tokens} low-rank tokens stand for {n - c['dropped']} of {n} patches"
+        parts = [f"{c['kept']} kept"]
+        if c["merged"]:
+            parts.append(f"{c['merged']} merged into {self.merged_tokens} tokens")
+        parts.append(f"{c['dropped']} dropped")
+        return f"{self.num_tokens} tokens for {n} patches: " + ", ".join(parts)
+
+
+def patch_status(provenance: Any, grid_size: tuple[int, int], index: int = 0) -> PatchStatus:
+    """Classifies every original patch from a :class:`~patchslim.tokens.Provenance`.
+
+    Tokens form a partition (pruning, merging: each patch in at most one token) or not (low-rank
+    projections: each token mixes many patches). In a partition, a token with one patch is *kept*, a
+    token with several is a *merged* group; a patch in no token is *dropped*.
+    """
+    rows, cols = grid_size
+    n = rows * cols
+    if provenance.is_plain:
+        ids = provenance.ids[index].detach().cpu().numpy()
+        status = np.full(n, DROPPED, dtype=np.int64)
+        group = np.full(n, -1, dtype=np.int64)
+        status[ids] = KEPT
+        group[ids] = np.arange(len(ids))
+        loading = (status == KEPT).astype(np.float64)
+        sizes = np.ones(len(ids), dtype=np.int64)
+        return PatchStatus(status.reshape(rows, cols), group.reshape(rows, cols), loading.reshape(rows, cols),
+                           sizes, len(ids))
+    weights = provenance.dense()[index].detach().float().cpu().numpy()  # [M, N]
+    magnitude = np.abs(weights)
+    nonzero = magnitude > 1e-8
+    per_patch = nonzero.sum(0)
+    sizes = nonzero.sum(1)
+    group = np.where(per_patch > 0, magnitude.argmax(0), -1)
+    if per_patch.max(initial=0) <= 1:  # a partition: pruning and merging
+        status = np.where(per_patch == 0, DROPPED, np.where(sizes[group.clip(0)] > 1, MERGED, KEPT))
+        loading = (per_patch > 0).astype(np.float64)
+    else:  # projections: loadings
+        total = magnitude.sum(0)
+        loading = total / total.max() if total.max() > 0 else total
+        status = np.where(per_patch == 0, DROPPED, LOWRANK)
+    return PatchStatus(status.reshape(rows, cols), group.reshape(rows, cols), loading.reshape(rows, cols),
+                       sizes, weights.shape[0])
+
+
+def _group_colours(group: np.ndarray, merged: np.ndarray) -> dict[int, tuple[int, int, int]]:
+    """Assigns each merged group a colour, different from its neighbours' where the palette allows."""
+    rows, cols = group.shape
+    neighbours: dict[int, set[int]] = {}
+    for r in range(rows):
+        for c in range(cols):
+            if not merged[r, c]:
+                continue
+            g = int(group[r, c])
+            neighbours.setdefault(g, set())
+            for dr, dc in ((0, 1), (1, 0), (0, -1), (-1, 0)):
+                rr, cc = r + dr, c + dc
+                if 0 <= rr < rows and 0 <= cc < cols and merged[rr, cc] and group[rr, cc] != g:
+                    neighbours[g].add(int(group[rr, cc]))
+    colours: dict[int, int] = {}
+    for g in sorted(neighbours, key=lambda k: (-len(neighbours[k]), k)):
+        used = {colours[n] for n in neighbours[g] if n in colours}
+        free = [i for i in range(len(GROUP_COLOURS)) if i not in used]
+        colours[g] = free[g % len(free)] if free else g % len(GROUP_COLOURS)
+    return {g: GROUP_COLOURS[i] for g, i in colours.items()}
+
+
+# --------------------------------------------------------------------------- the patch overlay
+
+def patch_overlay(image: Any, model: Any, trace: Any, block: int | None = None, index: int = 0, *,
+                  legend: bool = True, title: str | None = None, min_side: int = DISPLAY_SIDE) -> Image.Image:
+    """The image with kept patches clear, dropped ones darkened and hatched, merged groups tinted.
+
+    Merged groups (a token standing for several patches: ToMe, EViT's fused token) get distinct colours
+    (neighbouring groups differ) and an outline. Low-rank tokens (projections) are shown as loading
+    intensity: how much the tokens stand for each patch, with a colour bar.
+
+    Args:
+        image: a PIL image (put through the model's transform) or the model's input tensor
+            ``[C, H, W]`` / ``[1, C, H, W]``; see :func:`model_view`.
+        model: the :class:`~patchslim.models.LoadedModel` the trace came from.
+        trace: a :class:`~patchslim.trace.Trace`.
+        block: None for the tokens after the last block, ``i`` for the tokens entering block ``i``.
+        index: which image of the trace's batch.
+        legend: add a title line with counts and a legend strip below the image.
+        title: replaces the default title line.
+        min_side: the image area's shorter side is enlarged to at least this many pixels.
+
+    Returns:
+        An RGB image. Without ``legend`` it is exactly the enlarged image area
+        (``grid_cols * cell`` by ``grid_rows * cell`` pixels, ``cell`` a whole number of pixels per patch).
+    """
+    rows, cols = model.spec.grid_size
+    status = patch_status(trace.provenance_at(block), (rows, cols), index)
+    where = "after the last block" if block is None else f"entering block {block}"
+    heading = title if title is not None else f"{where}: {status.summary()}"
+    if status.is_lowrank:
+        return heatmap_overlay(model_view(image, model), np.where(status.status == DROPPED, np.nan, status.loading),
+                               vmin=0.0, vmax=1.0, cmap="viridis", alpha=0.65, legend=legend,
+                               title=heading if legend else None, label="loading (|U_r| summed over tokens)",
+                               min_side=min_side)
+    base, cell = _display(model_view(image, model), rows, cols, min_side)
+    array = np.asarray(base).copy()
+    dropped = status.status == DROPPED
+    merged = status.status == MERGED
+    _dim_and_hatch(array, _cell_mask(dropped, cell), cell)
+    colours = _group_colours(status.group, merged)
+    if merged.any():
+        tint = np.zeros_like(array, dtype=np.float32)
+        for (r, c) in zip(*np.nonzero(merged)):
+            tint[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = colours[int(status.group[r, c])]
+        m = _cell_mask(merged, cell)
+        array[m] = (array[m].astype(np.float32) * 0.5 + tint[m] * 0.5).astype(np.uint8)
+    out = Image.fromarray(array, "RGB").convert("RGBA")
+    layer = Image.new("RGBA", out.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    _grid_lines(draw, rows, cols, cell)
+    out = Image.alpha_composite(out, layer)
+    draw = ImageDraw.Draw(out)
+    line = max(2, cell // 8)
+    for (r, c) in zip(*np.nonzero(merged)):  # group outlines: edges to a different group or status
+        g = status.group[r, c]
+        x0, y0, x1, y1 = c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1
+        if r == 0 or not merged[r - 1, c] or status.group[r - 1, c] != g:
+            draw.line([(x0, y0), (x1, y0)], fill=(255, 255, 255), width=line)
+        if r == rows - 1 or not merged[r + 1, c] or status.group[r + 1, c] != g:
+            draw.line([(x0, y1 - line + 1), (x1, y1 - line + 1)], fill=(255, 255, 255), width=line)
+        if c == 0 or not merged[r, c - 1] or status.group[r, c - 1] != g:
+            draw.line([(x0, y0), (x0, y1)], fill=(255, 255, 255), width=line)
+        if c == cols - 1 or not merged[r, c + 1] or status.group[r, c + 1] != g:
+            draw.line([(x1 - line + 1, y0), (x1 - line + 1, y1)], fill=(255, 255, 255), width=line)
+    out = out.convert("RGB")
+    if not legend:
+        return out
+    kinds = ("kept", "dropped") + (("merged",) if merged.any() else ())
+    return _stack([_title_bar(heading, out.width), out, overlay_legend(kinds, width=out.width)])
+
+
+def overlay_legend(kinds: tuple[str, ...] = ("kept", "dropped", "merged"), width: int = DISPLAY_SIDE,
+                   font_size: int = FONT_SIZE) -> Image.Image:
+    """A legend strip for :func:`patch_overlay`: a swatch and a word per kind of patch."""
+    font = _font(font_size)
+    sw = font_size + 10
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    labels = {"kept": "kept (own token)", "dropped": "dropped",
+              "merged": "merged (one colour per token)", "low-rank": "low-rank loading"}
+    entries = [(k, labels.get(k, k)) for k in kinds]
+    # lay entries out left to right, wrapping to new lines
+    positions, x, y = [], 8, 8
+    for kind, text in entries:
+        extra = 2 * (sw // 2 + 2) if kind == "merged" else 0
+        w = sw + extra + 8 + _text_size(probe, text, font)[0] + 24
+        if x + w > width and x > 8:
+            x, y = 8, y + sw + 10
+        positions.append((kind, text, x, y))
+        x += w
+    strip = Image.new("RGB", (width, y + sw + 10), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    grey = (170, 170, 170)
+    for kind, text, x, y in positions:
+        box = (x, y, x + sw, y + sw)
+        if kind == "kept":
+            draw.rectangle(box, fill=(235, 235, 235), outline=(60, 60, 60), width=2)
+        elif kind == "dropped":
+            draw.rectangle(box, fill=(45, 45, 45))
+            _hatch(draw, box, step=max(4, sw // 3), width=2)
+            draw.rectangle(box, outline=(60, 60, 60), width=2)
+        elif kind == "merged":
+            small = sw // 2 + 2
+            for k in range(3):
+                bx = x + k * small
+                draw.rectangle((bx, y, bx + sw - 1 if k == 2 else bx + small, y + sw),
+                               fill=GROUP_COLOURS[k], outline=(255, 255, 255), width=2)
+            box = (x, y, x + 2 * small + sw, y + sw)
+            draw.rectangle(box, outline=(60, 60, 60), width=1)
+        else:
+            draw.rectangle(box, fill=grey)
+        draw.text((box[2] + 8, y + (sw - _text_size(draw, "Ag", font)[1]) // 2 - 2), text, fill=(20, 20, 20),
+                  font=font)
+    return strip
+
+
+# --------------------------------------------------------------------------- heatmaps
+
+def heatmap_overlay(image: Any, values_grid: np.ndarray, vmin: float | None = None, vmax: float | None = None,
+                    cmap: str = "inferno", alpha: float = 0.5, legend: bool = True, title: str | None = None,
+                    *, label: str | None = None, model: Any = None, min_side: int = DISPLAY_SIDE) -> Image.Image:
+    """Per-patch values over the image, with a colour bar; NaN cells are drawn as dropped patches.
+
+    Args:
+        image: the picture under the map, ideally :func:`model_view` of the input (it is stretched over
+            the grid otherwise). With ``model`` given, a PIL image or input tensor goes through
+            :func:`model_view` first.
+        values_grid: ``[rows, cols]`` one value per patch; NaN marks a dropped patch.
+        vmin, vmax: the colour scale's ends. Fix them to compare two maps (e.g. before / after slimming);
+            None takes the map's own finite min / max.
+        cmap: ``"inferno"``, ``"magma"``, ``"viridis"`` or ``"RdBu_r"`` (signed values; centre it with
+            ``vmin=-vmax``).
+        alpha: opacity of the colour over the image (1 = colour only).
+        legend: draw the colour bar (and a "dropped" swatch when some cells are NaN).
+        title: a line above the picture.
+        label: the colour bar's caption.
+        model: optional, to turn a raw image or tensor into the model's view.
+        min_side: the image area's shorter side is enlarged to at least this many pixels.
+
+    Returns:
+        An RGB image; without legend and title exactly the enlarged image area.
+    """
+    values = np.asarray(values_grid, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"values_grid must be [rows, cols], got shape {values.shape}")
+    if model is not None:
+        image = model_view(image, model)
+    elif isinstance(image, torch.Tensor):
+        raise TypeError("pass model=... to draw on an input tensor, or a PIL image")
+    rows, cols = values.shape
+    lo, hi = _limits(values, vmin, vmax)
+    base, cell = _display(image, rows, cols, min_side)
+    array = np.asarray(base).astype(np.float32)
+    missing = ~np.isfinite(values)
+    scaled = (values - lo) / (hi - lo)
+    colours = apply_colormap(np.kron(np.nan_to_num(scaled), np.ones((cell, cell))), cmap).astype(np.float32)
+    present = ~_cell_mask(missing, cell)
+    array[present] = array[present] * (1 - alpha) + colours[present] * alpha
+    array = array.clip(0, 255).astype(np.uint8)
+    _dim_and_hatch(array, ~present, cell)
+    out = Image.fromarray(array, "RGB")
+    if legend:
+        out = _beside(out, colorbar(lo, hi, cmap, height=out.height, label=label, dropped=bool(missing.any())))
+    if title:
+        out = _stack([_title_bar(title, out.width), out])
+    return out
+
+
+def _limits(values: np.ndarray, vmin: float | None, vmax: float | None) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    lo = float(vmin) if vmin is not None else (float(finite.min()) if finite.size else 0.0)
+    hi = float(vmax) if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+    if not hi > lo:
+        pad = max(abs(lo), 1.0) * 1e-6 if lo == hi else 0.0
+        lo, hi = (lo - pad, hi + pad) if pad else (hi, lo)
+        if not hi > lo:
+            lo, hi = lo - 0.5, lo + 0.5
+    return lo, hi
+
+
+def _beside(left: Image.Image, right: Image.Image) -> Image.Image:
+    out = Image.new("RGB", (left.width + right.width, max(left.height, right.height)), (255, 255, 255))
+    out.paste(left, (0, 0))
+    out.paste(right, (left.width, 0))
+    return out
+
+
+def _format(value: float) -> str:
+    if value == 0:
+        return "0"
+    if abs(value) >= 1000 or abs(value) < 0.01:
+        return f"{value:.2e}"
+    return f"{value:.3g}"
+
+
+def colorbar(vmin: float, vmax: float, cmap: str = "inferno", height: int = DISPLAY_SIDE, label: str | None = None,
+             dropped: bool = False, font_size: int = FONT_SIZE) -> Image.Image:
+    """A vertical colour bar with its ends and middle labelled (and a "dropped" swatch if asked)."""
+    font = _font(font_size)
+    small = _font(font_size - 2)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    ticks = [vmax, (vmin + vmax) / 2, vmin]
+    tick_w = max(_text_size(probe, _format(t), font)[0] for t in ticks)
+    bar_w = 26
+    text_h = _text_size(probe, "Ag", font)[1]
+    top = text_h // 2 + 6
+    bottom_pad = (2 * text_h + 20) if dropped else text_h // 2 + 6
+    bar_h = max(60, height - top - bottom_pad)
+    label_w = text_h + 12 if label else 0
+    if dropped:
+        tick_w = max(tick_w, _text_size(probe, "dropped", small)[0])
+    width = 12 + bar_w + 8 + tick_w + 10 + label_w
+    strip = Image.new("RGB", (width, max(height, top + bar_h + bottom_pad)), (255, 255, 255))
+    gradient = apply_colormap(np.linspace(1, 0, bar_h)[:, None].repeat(bar_w, 1), cmap)
+    strip.paste(Image.fromarray(gradient, "RGB"), (12, top))
+    draw = ImageDraw.Draw(strip)
+    draw.rectangle((12, top, 12 + bar_w - 1, top + bar_h - 1), outline=(40, 40, 40), width=1)
+    for k, t in enumerate(ticks):
+        y = top + round(k * (bar_h - 1) / 2)
+        draw.line([(12 + bar_w, y), (12 + bar_w + 5, y)], fill=(40, 40, 40), width=2)
+        draw.text((12 + bar_w + 8, y - text_h // 2 - 3), _format(t), fill=(20, 20, 20), font=font)
+    if dropped:
+        y = top + bar_h + 10
+        box = (12, y, 12 + bar_w, y + text_h + 6)
+        draw.rectangle(box, fill=(45, 45, 45))
+        _hatch(draw, box, step=6, width=2)
+        draw.text((12 + bar_w + 8, y), "dropped", fill=(20, 20, 20), font=small)
+    if label:
+        text_w, _ = _text_size(probe, label, small)
+        caption = Image.new("RGB", (text_w + 8, text_h + 8), (255, 255, 255))
+        ImageDraw.Draw(caption).text((4, 0), label, fill=(20, 20, 20), font=small)
+        caption = caption.rotate(90, expand=True)
+        if caption.height > strip.height:
+            caption = caption.resize((caption.width, strip.height))
+        strip.paste(caption, (width - label_w, max(0, top + (bar_h - caption.height) // 2)))
+    return strip
+
+
+def side_by_side(images: list[Image.Image], gap: int = 12) -> Image.Image:
+    """Pictures in a row (e.g. before | after with one colour scale), tops aligned, white gaps."""
+    width = sum(im.width for im in images) + gap * (len(images) - 1)
+    out = Image.new("RGB", (width, max(im.height for im in images)), (255, 255, 255))
+    x = 0
+    for im in images:
+        out.paste(im.convert("RGB"), (x, 0))
+        x += im.width + gap
+    return out
+
+
+# --------------------------------------------------------------------------- plotly
+
+def heatmap_figure(image: Any, values_grid: np.ndarray, vmin: float | None = None, vmax: float | None = None,
+                   cmap: str = "inferno", alpha: float = 0.5, title: str | None = None, label: str | None = None,
+                   model: Any = None):
+    """A plotly figure of :func:`heatmap_overlay`: hover shows each patch's row, column and value.
+
+    NaN cells (dropped patches) are drawn dark and say "dropped" on hover.
+    """
+    import plotly.graph_objects as go
+
+    values = np.asarray(values_grid, dtype=np.float64)
+    if model is not None:
+        image = model_view(image, model)
+    rows, cols = values.shape
+    base, cell = _display(image, rows, cols)
+    lo, hi = _limits(values, vmin, vmax)
+    fig = go.Figure()
+    fig.add_trace(go.Image(z=np.asarray(base), hoverinfo="skip"))
+    centres_x = (np.arange(cols) + 0.5) * cell
+    centres_y = (np.arange(rows) + 0.5) * cell
+    patch_ids = np.arange(rows * cols).reshape(rows, cols)
+    fig.add_trace(go.Heatmap(
+        z=values, x=centres_x, y=centres_y, zmin=lo, zmax=hi, colorscale=_PLOTLY_SCALES.get(cmap, cmap),
+        opacity=alpha, customdata=patch_ids, colorbar=dict(title=dict(text=label or "", side="right")),
+        hovertemplate="patch %{customdata} (row %{y:.0f}, col %{x:.0f})<br>value %{z:.4g}<extra></extra>",
+        hoverongaps=False,
+    ))
+    missing = ~np.isfinite(values)
+    if missing.any():
+        fig.add_trace(go.Heatmap(
+            z=np.where(missing, 1.0, np.nan), x=centres_x, y=centres_y, colorscale=[[0, "#222"], [1, "#222"]],
+            showscale=False, opacity=0.8, hovertemplate="dropped<extra></extra>", hoverongaps=False,
+        ))
+    _plotly_layout(fig, base, title)
+    return fig
+
+
+def patch_figure(image: Any, model: Any, trace: Any, block: int | None = None, index: int = 0,
+                 title: str | None = None):
+    """A plotly figure of :func:`patch_overlay`; hover says what became of each patch."""
+    import plotly.graph_objects as go
+
+    rows, cols = model.spec.grid_size
+    status = patch_status(trace.provenance_at(block), (rows, cols), index)
+    picture = patch_overlay(image, model, trace, block, index, legend=False)
+    cell = picture.width // cols
+    text = np.empty((rows, cols), dtype=object)
+    for r in range(rows):
+        for c in range(cols):
+            s = int(status.status[r, c])
+            g = int(status.group[r, c])
+            words = STATUS_NAMES[s]
+            if s == MERGED:
+                words += f" into token {g} ({int(status.group_sizes[g])} patches)"
+            elif s == LOWRANK:
+                words += f" loading {status.loading[r, c]:.2f}"
+            text[r, c] = f"patch {r * cols + c} (row {r}, col {c}): {words}"
+    fig = go.Figure()
+    fig.add_trace(go.Image(z=np.asarray(picture), hoverinfo="skip"))
+    fig.add_trace(go.Heatmap(
+        z=np.zeros((rows, cols)), x=(np.arange(cols) + 0.5) * cell, y=(np.arange(rows) + 0.5) * cell,
+        opacity=0.0, showscale=False, text=text, hovertemplate="%{text}<extra></extra>",
+    ))
+    where = "after the last block" if block is None else f"entering block {block}"
+    _plotly_layout(fig, picture, title if title is not None else f"{where}: {status.summary()}")
+    return fig
+
+
+def _plotly_layout(fig, base: Image.Image, title: str | None) -> None:
+    fig.update_xaxes(visible=False, range=[0, base.width])
+    fig.update_yaxes(visible=False, range=[base.height, 0], scaleanchor="x")
+    fig.update_layout(title=dict(text=title or ""), margin=dict(l=10, r=10, t=50 if title else 10, b=10),
+                      plot_bgcolor="white")

@@ -15,6 +15,8 @@ import sys
 COMMANDS = (
     "patchslim.commands.info",
     "patchslim.commands.run",
+    "patchslim.commands.train_policy",
+    "patchslim.commands.evaluate",
 )
 
 

@@ -14,3 +14,4 @@ from patchslim.methods.base import (  # noqa: F401
     register,
 )
 from patchslim.methods import random  # noqa: F401,E402
+from patchslim.methods import rl  # noqa: F401,E402

@@ -1,0 +1,65 @@
+"""``evaluate``: top-1 accuracy of slimming methods across keep ratios, as a table and a plot."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+
+NAME = "evaluate"
+HELP = ("Top-1 accuracy and agreement with the unslimmed model for methods x keep ratios on a labelled "
+        "data set; writes CSV, markdown and a plot with --out.")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="fashion-vit", help="model name (see `info`)")
+    parser.add_argument("--weights", default=None, help="local .safetensors/.pth weights file")
+    parser.add_argument("--no-pretrained", action="store_true", help="random weights (for testing the pipeline)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--data", required=True,
+                        help="bundled (shipped sample), fashion-mnist (full canvas test set) or a folder "
+                             "ROOT/<class>/<image>")
+    parser.add_argument("--methods", required=True,
+                        help="comma-separated methods; METHOD@B acts before block B (e.g. entropy@1, "
+                             "attention@3+6+9)")
+    parser.add_argument("--keep", default="1.0,0.9,0.7,0.5,0.3", help="comma-separated keep ratios rho")
+    parser.add_argument("--opt", action="append", metavar="KEY=VALUE",
+                        help="method option, repeatable: KEY=VALUE for every method having it, "
+                             "METHOD.KEY=VALUE for one")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the plans (random, sampled decisions)")
+    parser.add_argument("--out", default=None, help="folder for accuracy.csv/.json/.md/.html/.png")
+    parser.add_argument("--stem", default="accuracy", help="file name stem of the outputs")
+    parser.add_argument("--no-png", action="store_true", help="skip the PNG plot")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def main(args) -> int:
+    from patchslim.cli import parse_opts
+    from patchslim.evaluate import evaluate, load_data, parse_keep_ratios, parse_variants, write_outputs
+    from patchslim.models import load_model
+
+    variants = parse_variants(args.methods, parse_opts(args.opt))
+    ratios = parse_keep_ratios(args.keep)
+    model = load_model(args.model, device=args.device, weights=args.weights,
+                       pretrained=not args.no_pretrained, precision=args.precision)
+    data = load_data(args.data, model).subset(args.limit)
+    result = evaluate(model, data, variants, ratios, batch_size=args.batch_size, seed=args.seed,
+                      progress=not args.no_progress)
+    written = {}
+    if args.out:
+        command = "python -m patchslim " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
+            if sys.argv and sys.argv[0].endswith("__main__.py") else None
+        written = write_outputs(result, args.out, stem=args.stem, png=not args.no_png, command=command)
+    if args.json:
+        record = result.to_dict()
+        record["written"] = {k: str(v) for k, v in written.items()}
+        print(json.dumps(record))
+        return 0
+    print(result.markdown())
+    for kind, path in written.items():
+        print(f"wrote {path}")
+    return 0

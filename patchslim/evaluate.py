@@ -1,0 +1,630 @@
+"""Batch evaluation: top-1 accuracy of slimming methods across keep ratios (the survey's Table 2).
+
+For every batch the unslimmed model runs once; every (method, rho) pair then runs on the same batch and is
+scored by top-1 against the labels and by *agreement* with the unslimmed prediction (how often slimming left
+the decision unchanged, which needs no labels). The keep ratio each plan actually reached is averaged too
+(``grid`` rounds to a G x G grid, multi-stage plans compound, Bernoulli ``rl`` adapts per image).
+
+Data sources (:func:`load_data`):
+
+- ``"bundled"``: the labelled canvas test images shipped in ``assets/`` (the first images of the canvas test
+  set; ``fashion-vit`` only);
+- ``"fashion-mnist"``: the full, fixed 10,000-image canvas Fashion-MNIST test set (``fashion-vit`` only;
+  needs the Debian package ``dataset-fashion-mnist``);
+- a folder ``ROOT/<class>/<image>``: class folders named like the model's classes (exactly, ignoring case
+  and punctuation, by class index, or by ImageNet synset id for 1000-class models). Folders that match no
+  class are reported with their image counts, never guessed; unreadable files are reported and skipped.
+
+Everything returns dataclasses; :func:`write_outputs` writes CSV, JSON, a markdown table and a plotly plot.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from patchslim.errors import ImageError, PatchslimError, PlanError
+from patchslim.methods import get_method
+from patchslim.plan import SlimPlan
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DEFAULT_KEEP_RATIOS = (1.0, 0.9, 0.7, 0.5, 0.3)
+
+
+# --------------------------------------------------------------------------- data
+
+@dataclass
+class LabelledImages:
+    """Labelled images to evaluate on, loaded batch by batch.
+
+    Attributes:
+        name: where they came from, in words.
+        labels: ``[n]`` class indices.
+        loader: ``(start, stop) -> [stop - start, C, H, W]`` model input.
+        unknown_labels: folder name -> number of images in it that match none of the model's classes
+            (not evaluated).
+        unreadable: files that could not be read as images (not evaluated).
+    """
+
+    name: str
+    labels: np.ndarray
+    loader: Callable[[int, int], torch.Tensor]
+    unknown_labels: dict[str, int] = field(default_factory=dict)
+    unreadable: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yields ``(images [B, C, H, W], labels [B])`` in order."""
+        for start in range(0, len(self), batch_size):
+            stop = min(start + batch_size, len(self))
+            yield self.loader(start, stop), torch.from_numpy(self.labels[start:stop])
+
+    def subset(self, limit: int | None) -> "LabelledImages":
+        """The first ``limit`` images (all when None)."""
+        if limit is None or limit >= len(self):
+            return self
+        if limit < 1:
+            raise PatchslimError(f"--limit must be at least 1, got {limit}")
+        return LabelledImages(f"{self.name} (first {limit})", self.labels[:limit], self.loader,
+                              self.unknown_labels, self.unreadable)
+
+
+def canvas_images(canvases: np.ndarray, labels: np.ndarray, name: str) -> LabelledImages:
+    """Canvas Fashion-MNIST arrays (``[n, 48, 48]`` uint8) as evaluation data for ``fashion-vit``."""
+    from patchslim import bundled
+
+    return LabelledImages(name, np.asarray(labels, dtype=np.int64),
+                          lambda a, b: bundled.to_model_input(canvases[a:b]))
+
+
+def load_data(source: str, model: Any) -> LabelledImages:
+    """``"bundled"``, ``"fashion-mnist"`` or a folder of class subfolders, for ``model``.
+
+    Raises:
+        PatchslimError: a canvas data set asked for another model, or a folder without usable images.
+        FileNotFoundError: the folder or the Fashion-MNIST files are missing.
+    """
+    from patchslim import bundled
+
+    if source in ("bundled", "fashion-mnist"):
+        if model.name != bundled.BUNDLED_NAME:
+            raise PatchslimError(
+                f"--data {source} holds canvas Fashion-MNIST images labelled for {bundled.BUNDLED_NAME!r}; "
+                f"model {model.name!r} needs a folder ROOT/<class>/<image> named by its own classes"
+            )
+        if source == "bundled":
+            images, labels = bundled.load_bundled_sample()
+            return canvas_images(images, labels, f"bundled canvas test sample ({len(labels)} images)")
+        images, labels = bundled.canvas_test_set()
+        return canvas_images(images, labels, f"canvas Fashion-MNIST test set ({len(labels)} images)")
+    return folder_images(source, model)
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "", name.lower())
+
+
+def class_lookup(class_names: Sequence[str]) -> Callable[[str], int | None]:
+    """A function from a folder name to a class index (None: no class matches).
+
+    Matches, in order: the exact class name; the name ignoring case and punctuation (``t_shirt_top`` for
+    ``T-shirt/top``); the class index (``3``); for 1000-class ImageNet models the synset id (``n01440764``)
+    and the first comma-separated synonym.
+    """
+    exact = {name: i for i, name in enumerate(class_names)}
+    loose: dict[str, int] = {}
+    for i, name in enumerate(class_names):
+        loose.setdefault(_normalize(name), i)
+        loose.setdefault(_normalize(name.split(",")[0]), i)
+    synsets: dict[str, int] = {}
+    if len(class_names) == 1000:
+        try:
+            from timm.data import ImageNetInfo
+
+            info = ImageNetInfo()
+            synsets = {info.index_to_label_name(i): i for i in range(1000)}
+        except Exception:  # pragma: no cover - timm without ImageNet info
+            synsets = {}
+
+    def lookup(folder: str) -> int | None:
+        if folder in exact:
+            return exact[folder]
+        if folder in synsets:
+            return synsets[folder]
+        if folder.isdigit() and int(folder) < len(class_names):
+            return int(folder)
+        return loose.get(_normalize(folder)) if _normalize(folder) else None
+
+    return lookup
+
+
+def scan_folder(root: str | Path, class_names: Sequence[str]) -> tuple[list[Path], np.ndarray, dict[str, int]]:
+    """Image files of ``root/<class>/`` with their class indices, and the folders matching no class.
+
+    Images lying in ``root`` itself have no class and are reported under ``"(no class folder)"``.
+
+    Raises:
+        FileNotFoundError / PatchslimError: the root is missing or not a folder.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(2, "No such data folder (use bundled, fashion-mnist or a folder)", str(root))
+    if not root.is_dir():
+        raise PatchslimError(f"--data {root} is not a folder of class subfolders")
+    lookup = class_lookup(class_names)
+    paths: list[Path] = []
+    labels: list[int] = []
+    unknown: dict[str, int] = {}
+    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if loose:
+        unknown["(no class folder)"] = len(loose)
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        index = lookup(folder.name)
+        if index is None:
+            if files:
+                unknown[folder.name] = len(files)
+            continue
+        paths.extend(files)
+        labels.extend([index] * len(files))
+    return paths, np.asarray(labels, dtype=np.int64), unknown
+
+
+def folder_images(root: str | Path, model: Any) -> LabelledImages:
+    """A folder ``ROOT/<class>/<image>`` as evaluation data for ``model`` (images read when batched).
+
+    Raises:
+        PatchslimError: no image in any folder named after one of the model's classes.
+    """
+    from patchslim.images import open_image
+
+    paths, labels, unknown = scan_folder(root, model.class_names)
+    readable: list[Path] = []
+    kept_labels: list[int] = []
+    unreadable: list[str] = []
+    for path, label in zip(paths, labels):
+        try:
+            open_image(path)  # checks each file once, so a bad file is reported, not fatal mid-run
+        except ImageError as exc:
+            unreadable.append(f"{path}: {exc}")
+            continue
+        readable.append(path)
+        kept_labels.append(int(label))
+    if not readable:
+        examples = ", ".join(list(model.class_names)[:4])
+        found = f" (folders matching no class: {', '.join(sorted(unknown))})" if unknown else ""
+        raise PatchslimError(
+            f"no labelled images in {root}: expected ROOT/<class>/<image> with class folders named like "
+            f"{model.name}'s classes (e.g. {examples}, or the class index){found}"
+        )
+
+    def loader(a: int, b: int) -> torch.Tensor:
+        return model.preprocess([open_image(p) for p in readable[a:b]]).cpu()
+
+    return LabelledImages(f"folder {root} ({len(readable)} images)", np.asarray(kept_labels, dtype=np.int64),
+                          loader, unknown, unreadable)
+
+
+# --------------------------------------------------------------------------- what to evaluate
+
+@dataclass(frozen=True)
+class Variant:
+    """One method at one placement with its options, e.g. ``entropy@1`` (entropy acting before block 1).
+
+    Attributes:
+        label: the name in tables (``method`` or ``method@blocks``).
+        method: registered method name.
+        blocks: where it acts (None: the method's default).
+        options: method options.
+    """
+
+    label: str
+    method: str
+    blocks: tuple[int, ...] | None = None
+    options: dict = field(default_factory=dict)
+
+    def plan(self, keep_ratio: float, seed: int = 0) -> SlimPlan:
+        return SlimPlan.single(self.method, keep_ratio, self.blocks, seed=seed, **self.options)
+
+
+def parse_variants(methods: str | Sequence[str], options: dict[str, str] | None = None) -> list[Variant]:
+    """``"random,entropy@1,attention@3+6+9"`` plus options into variants.
+
+    ``method@B`` sets where the method acts (several blocks joined by ``+`` or ``;``). An option ``KEY=VALUE``
+    applies to every listed method that has an option KEY; ``METHOD.KEY=VALUE`` to that method only.
+
+    Raises:
+        UnknownMethodError: a method that is not registered (listing those that are).
+        PlanError: a bad placement, or an option no listed method has.
+    """
+    names = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
+    if not names:
+        raise PlanError("--methods must name at least one method")
+    options = dict(options or {})
+    variants: list[Variant] = []
+    used: set[str] = set()
+    for label in names:
+        method, _, where = label.partition("@")
+        slim = get_method(method)
+        blocks = None
+        if where:
+            try:
+                blocks = tuple(int(b) for b in re.split(r"[+;]", where) if b.strip())
+            except ValueError:
+                raise PlanError(f"{label!r}: blocks after '@' must be block indices joined by '+'") from None
+            if not blocks:
+                raise PlanError(f"{label!r}: no block after '@'")
+        own = {spec.name for spec in slim.options}
+        chosen = {}
+        for key, value in options.items():
+            scope, dot, name = key.rpartition(".")
+            if dot and scope == method and name in own:
+                chosen[name] = value
+                used.add(key)
+            elif not dot and key in own:
+                chosen[key] = value
+                used.add(key)
+        variants.append(Variant(label, method, blocks, chosen))
+    unused = sorted(set(options) - used)
+    if unused:
+        raise PlanError(f"option {unused[0]!r} belongs to none of the methods {', '.join(names)}")
+    if len({v.label for v in variants}) != len(variants):
+        raise PlanError("--methods lists a method twice")
+    return variants
+
+
+def parse_keep_ratios(text: str | Sequence[float]) -> list[float]:
+    """``"1.0,0.7,0.5"`` -> ``[1.0, 0.7, 0.5]``, each checked to be in (0, 1].
+
+    Raises:
+        PlanError: a value that is not a number in (0, 1].
+    """
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    ratios = []
+    for part in parts:
+        if isinstance(part, str) and not part.strip():
+            continue
+        try:
+            value = float(part)
+        except (TypeError, ValueError):
+            raise PlanError(f"--keep must be numbers in (0, 1] separated by commas, got {part!r}") from None
+        if not 0.0 < value <= 1.0 or math.isnan(value):
+            raise PlanError(f"--keep values must be in (0, 1], got {value:g}")
+        ratios.append(value)
+    if not ratios:
+        raise PlanError("--keep needs at least one keep ratio")
+    return ratios
+
+
+# --------------------------------------------------------------------------- results
+
+@dataclass(frozen=True)
+class AccuracyRow:
+    """One method at one keep ratio.
+
+    Attributes:
+        method: the variant's label (``entropy@1``).
+        base_method: the registered method.
+        blocks: where it acted (``"default"`` or ``"1"``, ``"3+6+9"``).
+        keep_ratio: rho requested.
+        keep_ratio_reached: non-prefix tokens after the last block / N, averaged over images.
+        mean_keep_ratio: non-prefix tokens averaged over all blocks / N (what the compute follows).
+        top1: top-1 accuracy.
+        agreement: share of images whose prediction equals the unslimmed model's.
+        n: images.
+        correct, agree: the counts behind top1 and agreement.
+        gmacs: analytic GMACs per image, when the cost model is available (else NaN).
+    """
+
+    method: str
+    base_method: str
+    blocks: str
+    keep_ratio: float
+    keep_ratio_reached: float
+    mean_keep_ratio: float
+    top1: float
+    agreement: float
+    n: int
+    correct: int
+    agree: int
+    gmacs: float = float("nan")
+
+
+@dataclass
+class EvaluationResult:
+    """What :func:`evaluate` measured.
+
+    Attributes:
+        model, weights: the model and where its weights came from.
+        data: the data's description.
+        n: images evaluated.
+        baseline_top1: the unslimmed model's top-1.
+        baseline_gmacs: the unslimmed model's GMACs per image (NaN when unknown).
+        rows: one per (method, keep ratio), in the order asked.
+        unknown_labels, unreadable: what was not evaluated and why.
+        seconds: wall time.
+        settings: batch size, seed, device, options.
+    """
+
+    model: str
+    weights: str
+    data: str
+    n: int
+    baseline_top1: float
+    rows: list[AccuracyRow]
+    baseline_gmacs: float = float("nan")
+    unknown_labels: dict[str, int] = field(default_factory=dict)
+    unreadable: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    settings: dict = field(default_factory=dict)
+
+    def row(self, method: str, keep_ratio: float) -> AccuracyRow:
+        for r in self.rows:
+            if r.method == method and abs(r.keep_ratio - keep_ratio) < 1e-9:
+                return r
+        raise KeyError((method, keep_ratio))
+
+    @property
+    def methods(self) -> list[str]:
+        return list(dict.fromkeys(r.method for r in self.rows))
+
+    @property
+    def keep_ratios(self) -> list[float]:
+        return list(dict.fromkeys(r.keep_ratio for r in self.rows))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rows"] = [_clean(asdict(r)) for r in self.rows]
+        return _clean(d)
+
+    def csv_text(self) -> str:
+        out = io.StringIO()
+        columns = list(AccuracyRow.__dataclass_fields__)
+        writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for r in self.rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in asdict(r).items()})
+        return out.getvalue()
+
+    def markdown(self) -> str:
+        """Pivot tables (top-1, agreement, rho reached) with the run's facts on top."""
+        ratios = self.keep_ratios
+        head = "| method | " + " | ".join(f"rho {r:g}" for r in ratios) + " |"
+        rule = "|---|" + "---:|" * len(ratios)
+
+        def table(cell: Callable[[AccuracyRow], str]) -> list[str]:
+            lines = [head, rule]
+            for m in self.methods:
+                cells = []
+                for r in ratios:
+                    try:
+                        cells.append(cell(self.row(m, r)))
+                    except KeyError:
+                        cells.append("")
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            return lines
+
+        lines = [
+            f"Model `{self.model}` ({self.weights}); data: {self.data}; n = {self.n}.",
+            f"Unslimmed top-1: **{100 * self.baseline_top1:.2f} %**"
+            + (f"; {self.baseline_gmacs:.4f} GMACs per image." if not math.isnan(self.baseline_gmacs) else "."),
+            "",
+            "Top-1 accuracy (%) by requested keep ratio rho:",
+            "",
+            *table(lambda r: f"{100 * r.top1:.2f}"),
+            "",
+            "Agreement with the unslimmed prediction (%):",
+            "",
+            *table(lambda r: f"{100 * r.agreement:.2f}"),
+            "",
+            "Keep ratio reached after the last block (mean over blocks, which the compute follows, in brackets):",
+            "",
+            *table(lambda r: f"{r.keep_ratio_reached:.3f} ({r.mean_keep_ratio:.3f})"),
+        ]
+        if any(not math.isnan(r.gmacs) for r in self.rows):
+            lines += ["", "GMACs per image:", "", *table(lambda r: f"{r.gmacs:.4f}")]
+        if self.unknown_labels:
+            lines += ["", "Not evaluated (folders matching no class): "
+                      + ", ".join(f"{k} ({v})" for k, v in sorted(self.unknown_labels.items()))]
+        if self.unreadable:
+            lines += ["", f"Unreadable files skipped: {len(self.unreadable)}"]
+        return "\n".join(lines) + "\n"
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN -> None, tuples -> lists."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else value
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def _gmacs_function() -> Callable | None:
+    try:
+        from patchslim.metrics.flops import gmacs
+    except Exception:  # the cost model is optional here
+        return None
+    return gmacs
+
+
+def evaluate(model: Any, data: LabelledImages, variants: Sequence[Variant], keep_ratios: Sequence[float],
+             batch_size: int = 256, seed: int = 0, progress: bool = True) -> EvaluationResult:
+    """Top-1 and agreement of every variant at every keep ratio on ``data``.
+
+    Args:
+        model: a :class:`~patchslim.models.LoadedModel`.
+        data: from :func:`load_data` (or :func:`canvas_images` / :func:`folder_images`).
+        variants: from :func:`parse_variants`.
+        keep_ratios: rho values (requested).
+        batch_size: images per forward.
+        seed: the plans' seed (``random`` and sampled decisions).
+        progress: show a tqdm bar (on stderr).
+
+    Raises:
+        PlanError: a plan that does not fit the model (checked before any image runs).
+    """
+    from tqdm.auto import tqdm
+
+    from patchslim.engine import run
+
+    if batch_size < 1:
+        raise PatchslimError(f"--batch-size must be at least 1, got {batch_size}")
+    plans = []
+    for variant in variants:
+        for ratio in keep_ratios:
+            plan = variant.plan(ratio, seed)
+            for action in plan.resolve(model.spec.depth):  # fail before any image runs
+                action.method.check(dict(action.stage.options), action.stage.keep_ratio, model)
+            plans.append((variant, ratio, plan))
+    gmacs_of = _gmacs_function()
+    n = len(data)
+    stats = {i: dict(correct=0, agree=0, reached=0.0, mean_ratio=0.0, gmacs=0.0) for i in range(len(plans))}
+    base_correct, base_gmacs = 0, 0.0
+    t0 = time.time()
+    bar = tqdm(total=n * (1 + len(plans)), disable=not progress, desc="evaluate", unit="img", unit_scale=True)
+    for images, labels in data.batches(batch_size):
+        images = images.to(model.device)
+        labels = labels.to(model.device)
+        b = len(labels)
+        base = run(model, images)
+        base_pred = base.logits.argmax(-1)
+        base_correct += int((base_pred == labels).sum())
+        if gmacs_of is not None:
+            base_gmacs += gmacs_of(base) * b
+        bar.update(b)
+        for i, (_, _, plan) in enumerate(plans):
+            trace = run(model, images, plan)
+            pred = trace.logits.argmax(-1)
+            s = stats[i]
+            s["correct"] += int((pred == labels).sum())
+            s["agree"] += int((pred == base_pred).sum())
+            s["reached"] += trace.keep_ratio * b
+            s["mean_ratio"] += trace.mean_keep_ratio * b
+            if gmacs_of is not None:
+                s["gmacs"] += gmacs_of(trace) * b
+            bar.update(b)
+    bar.close()
+    rows = []
+    for i, (variant, ratio, _) in enumerate(plans):
+        s = stats[i]
+        rows.append(AccuracyRow(
+            method=variant.label, base_method=variant.method,
+            blocks="default" if variant.blocks is None else "+".join(str(b) for b in variant.blocks),
+            keep_ratio=ratio, keep_ratio_reached=s["reached"] / n, mean_keep_ratio=s["mean_ratio"] / n,
+            top1=s["correct"] / n, agreement=s["agree"] / n, n=n, correct=s["correct"], agree=s["agree"],
+            gmacs=s["gmacs"] / n if gmacs_of is not None else float("nan"),
+        ))
+    return EvaluationResult(
+        model=model.name, weights=model.weights_source, data=data.name, n=n, baseline_top1=base_correct / n,
+        rows=rows, baseline_gmacs=base_gmacs / n if gmacs_of is not None else float("nan"),
+        unknown_labels=dict(data.unknown_labels), unreadable=list(data.unreadable),
+        seconds=time.time() - t0,
+        settings=dict(batch_size=batch_size, seed=seed, device=str(model.device), precision=model.precision,
+                      variants=[asdict(v) for v in variants]),
+    )
+
+
+# --------------------------------------------------------------------------- outputs
+
+def accuracy_figure(result: EvaluationResult):
+    """A plotly figure: top-1 vs requested rho, one line per method, the unslimmed top-1 dashed."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for method in result.methods:
+        rows = sorted((r for r in result.rows if r.method == method), key=lambda r: r.keep_ratio)
+        fig.add_trace(go.Scatter(
+            x=[r.keep_ratio for r in rows], y=[100 * r.top1 for r in rows], mode="lines+markers", name=method,
+            customdata=[[r.keep_ratio_reached, 100 * r.agreement] for r in rows],
+            hovertemplate=(f"{method}<br>rho %{{x:g}} (reached %{{customdata[0]:.3f}})<br>top-1 %{{y:.2f}} %"
+                           "<br>agreement %{customdata[1]:.2f} %<extra></extra>"),
+        ))
+    fig.add_hline(y=100 * result.baseline_top1, line_dash="dash", line_color="gray",
+                  annotation_text=f"unslimmed {100 * result.baseline_top1:.1f} %")
+    fig.update_layout(
+        title=f"Top-1 vs keep ratio: {result.model}, {result.data}",
+        xaxis_title="keep ratio rho (requested)", yaxis_title="top-1 accuracy (%)",
+        xaxis=dict(autorange="reversed"), template="plotly_white", width=900, height=560,
+        legend=dict(title="method"),
+    )
+    return fig
+
+
+def _write_png(result: EvaluationResult, fig, path: Path) -> str:
+    """PNG via kaleido (Chromium) if it works here, else matplotlib. Returns which one wrote it."""
+    import os
+    import shutil
+
+    if not os.environ.get("BROWSER_PATH"):
+        for candidate in ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"):
+            if shutil.which(candidate):
+                os.environ["BROWSER_PATH"] = candidate
+                break
+    try:
+        fig.write_image(str(path), scale=2)
+        return "kaleido"
+    except Exception:
+        pass
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(9, 5.6), dpi=120)
+    for method in result.methods:
+        rows = sorted((r for r in result.rows if r.method == method), key=lambda r: r.keep_ratio)
+        axes.plot([r.keep_ratio for r in rows], [100 * r.top1 for r in rows], marker="o", label=method)
+    axes.axhline(100 * result.baseline_top1, color="gray", linestyle="--", label="unslimmed")
+    axes.invert_xaxis()
+    axes.set_xlabel("keep ratio rho (requested)")
+    axes.set_ylabel("top-1 accuracy (%)")
+    axes.set_title(f"Top-1 vs keep ratio: {result.model}")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return "matplotlib"
+
+
+def write_outputs(result: EvaluationResult, out_dir: str | Path, stem: str = "accuracy", png: bool = True,
+                  command: str | None = None) -> dict[str, Path]:
+    """Writes ``<stem>.csv``, ``.json``, ``.md``, ``.html`` (plotly) and ``.png`` into ``out_dir``.
+
+    Returns:
+        kind -> path of what was written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {kind: out / f"{stem}.{kind}" for kind in ("csv", "json", "md", "html")}
+    paths["csv"].write_text(result.csv_text())
+    record = result.to_dict()
+    if command:
+        record["command"] = command
+    record["written"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    paths["json"].write_text(json.dumps(record, indent=1) + "\n")
+    header = f"# Accuracy vs keep ratio\n\n" + (f"Command: `{command}`\n\n" if command else "")
+    paths["md"].write_text(header + result.markdown())
+    fig = accuracy_figure(result)
+    fig.write_html(str(paths["html"]), include_plotlyjs="cdn")
+    if png:
+        paths["png"] = out / f"{stem}.png"
+        _write_png(result, fig, paths["png"])
+    return paths

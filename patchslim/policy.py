@@ -1,0 +1,636 @@
+"""The learned patch-selection policy of the ``rl`` method (survey section 3.2.2, eq. 14-15).
+
+A small network reads the tokens entering block ``b`` of a frozen ViT and gives one keep logit per patch
+token. It is trained with REINFORCE (Williams 1992; survey eq. 15)::
+
+    grad J = E_pi [ (R - baseline) * grad log pi(P' | I) ],   R = lambda * Accuracy - (1 - lambda) * Cost  (eq. 14)
+
+where Cost is the kept share of the patches. Two ways of drawing a selection P' are offered:
+
+- ``topk`` (default): k = round(rho * N) patches drawn *without replacement* from the softmax of the logits
+  (Plackett-Luce; drawn with the Gumbel-top-k trick). ``log pi`` is the log-probability of the ordered draw,
+  a valid REINFORCE estimator for a reward that only depends on the set. It trains exactly what inference
+  uses (top-k of the logits for a fixed rho). The cost term is the same for every draw of one step, so with a
+  baseline it cancels: lambda then only scales the step size. Several keep ratios can be trained at once
+  (one drawn per step), so one policy ranks patches well at every rho.
+- ``bernoulli``: every patch is kept with probability sigmoid(logit); the kept share varies per draw and the
+  cost term of eq. 14 is what keeps the policy from keeping everything (lambda sets the trade-off). Dropped
+  tokens are masked out of attention as keys, which for a CLS-token model gives exactly the logits of
+  dropping them.
+
+Variance reduction: several draws per image and a leave-one-out baseline (the mean reward of the image's
+other draws). The accuracy term is by default the probability the slimmed model gives the true class (a
+smooth surrogate of top-1 with far less variance than 0/1 correctness); ``accuracy_signal="correct"`` uses
+0/1 top-1 as printed in eq. 14.
+
+Policy files are one ``.safetensors`` file: the network's tensors plus a JSON metadata record (model name and
+shape, where the policy acts, how it was trained, a calibration table for the Bernoulli mode). They are read
+with safetensors only, so loading never runs code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from patchslim.errors import PatchslimError, PlanError
+from patchslim.tokens import target_count
+
+POLICY_DIR = Path(__file__).resolve().parent.parent / "assets" / "policies"
+FORMAT = "patchslim-policy/1"
+METADATA_KEY = "patchslim_policy"
+CALIBRATION_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+
+
+# --------------------------------------------------------------------------- the network
+
+class PolicyNet(nn.Module):
+    """Patch features -> one keep logit per patch token.
+
+    A 2-layer MLP applied to every patch token, on ``[LayerNorm(patch), LayerNorm(CLS)]``: the token's own
+    features and (optionally) the image summary the first prefix token holds at that depth.
+
+    Args:
+        embed_dim: C, the ViT's width.
+        hidden: width of the hidden layer.
+        use_cls: concatenate the first prefix token's features to every patch token's.
+    """
+
+    def __init__(self, embed_dim: int, hidden: int = 64, use_cls: bool = True) -> None:
+        super().__init__()
+        self.embed_dim, self.hidden, self.use_cls = embed_dim, hidden, use_cls
+        self.norm = nn.LayerNorm(embed_dim)
+        self.fc1 = nn.Linear(embed_dim * (2 if use_cls else 1), hidden)
+        self.fc2 = nn.Linear(hidden, 1)
+
+    def forward(self, patches: torch.Tensor, cls: torch.Tensor | None = None) -> torch.Tensor:
+        """Keep logits.
+
+        Args:
+            patches: ``[B, M, C]`` patch tokens entering the block.
+            cls: ``[B, C]`` the first prefix token there (needed when ``use_cls``).
+
+        Returns:
+            ``[B, M]`` logits (higher = keep first).
+        """
+        h = self.norm(patches.float())
+        if self.use_cls:
+            if cls is None:
+                raise ValueError("this policy reads the CLS token; pass cls")
+            c = self.norm(cls.float()).unsqueeze(1).expand(-1, h.shape[1], -1)
+            h = torch.cat([h, c], dim=-1)
+        return self.fc2(F.gelu(self.fc1(h))).squeeze(-1)
+
+    def macs_per_token(self) -> int:
+        """Multiply-adds the policy spends per patch token."""
+        return self.fc1.in_features * self.hidden + self.hidden
+
+
+# --------------------------------------------------------------------------- files
+
+@dataclass
+class PolicyMeta:
+    """What a policy file records besides its tensors.
+
+    Attributes:
+        model: name of the model it was trained for.
+        arch: that model's shape facts (embed_dim, depth, num_patches, num_prefix_tokens, grid_size).
+        block: it acts before this block, reading the tokens entering it (0 = the input).
+        hidden, use_cls: the network's shape.
+        training: how it was trained (keep ratios, lambda, sampler, steps, seed, data, ...).
+        calibration: ``{"keep_ratios": [...], "offsets": [...]}``: the logit threshold that keeps, on
+            average over calibration images, that share of patches (used by the Bernoulli mode).
+        validation: measurements on held-out training images (accuracy vs random per keep ratio).
+    """
+
+    model: str
+    arch: dict
+    block: int
+    hidden: int = 64
+    use_cls: bool = True
+    training: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)
+    format: str = FORMAT
+
+    def offset(self, keep_ratio: float) -> float:
+        """The calibrated logit threshold for an average kept share of ``keep_ratio`` (0 if uncalibrated)."""
+        ratios, offsets = self.calibration.get("keep_ratios"), self.calibration.get("offsets")
+        if not ratios or not offsets:
+            return 0.0
+        return float(np.interp(keep_ratio, ratios, offsets))
+
+
+def arch_of(model: Any) -> dict:
+    """The shape facts of a :class:`~patchslim.models.LoadedModel` a policy depends on."""
+    spec = model.spec
+    return dict(embed_dim=spec.embed_dim, depth=spec.depth, num_patches=spec.num_patches,
+                num_prefix_tokens=spec.num_prefix_tokens, grid_size=list(spec.grid_size))
+
+
+def default_policy_path(model_name: str) -> Path:
+    """``assets/policies/<model>.safetensors``."""
+    safe = model_name.replace("/", "_")
+    return POLICY_DIR / f"{safe}.safetensors"
+
+
+def train_command(model_name: str, block: int = 1) -> str:
+    """The command line that trains a policy for ``model_name``."""
+    data = "fashion-mnist" if model_name == "fashion-vit" else "FOLDER"
+    return (f"python -m patchslim train-policy --model {model_name} --data {data} --keep 0.3,0.5,0.7 "
+            f"--blocks {block} --out {default_policy_path(model_name).relative_to(POLICY_DIR.parent.parent)}")
+
+
+def save_policy(path: str | Path, net: PolicyNet, meta: PolicyMeta) -> Path:
+    """Writes a policy file (tensors + JSON metadata) atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(asdict(meta))})
+    tmp.replace(path)
+    return path
+
+
+def read_policy(path: str | Path) -> tuple[PolicyNet, PolicyMeta]:
+    """Reads a policy file with safetensors (no code runs).
+
+    Raises:
+        PlanError: missing, unreadable, or not a patchslim policy.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise PlanError(f"policy file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises several types for corrupt files
+        raise PlanError(f"policy file {path} cannot be read: {str(exc).splitlines()[0]}") from None
+    if raw is None:
+        raise PlanError(f"{path} is not a patchslim policy file (no {METADATA_KEY!r} metadata)")
+    try:
+        record = json.loads(raw)
+        if record.get("format") != FORMAT:
+            raise ValueError(f"format {record.get('format')!r}, expected {FORMAT!r}")
+        meta = PolicyMeta(**record)
+        net = PolicyNet(int(meta.arch["embed_dim"]), int(meta.hidden), bool(meta.use_cls))
+        net.load_state_dict(tensors, strict=True)
+    except Exception as exc:
+        raise PlanError(f"policy file {path} is not a valid patchslim policy: {str(exc).splitlines()[0]}") from None
+    net.eval().requires_grad_(False)
+    return net, meta
+
+
+_CACHE: dict[tuple, tuple[PolicyNet, PolicyMeta]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_policy(path: str | Path, device: torch.device | str = "cpu") -> tuple[PolicyNet, PolicyMeta]:
+    """:func:`read_policy`, cached per file version and device (policies are read only after loading)."""
+    path = Path(path).resolve()
+    stat = path.stat() if path.exists() else None
+    key = (str(path), None if stat is None else (stat.st_mtime_ns, stat.st_size), str(device))
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+    net, meta = read_policy(path)
+    net = net.to(device)
+    with _CACHE_LOCK:
+        if len(_CACHE) > 16:
+            _CACHE.clear()
+        _CACHE[key] = (net, meta)
+    return net, meta
+
+
+def resolve_policy(model: Any, policy: str | None) -> tuple[PolicyNet, PolicyMeta, Path]:
+    """The policy for ``model``: the file ``policy`` or the default path; checked against the model.
+
+    Raises:
+        PlanError: no policy (with the command that trains one), or one trained for another model.
+    """
+    path = Path(policy) if policy else default_policy_path(model.name)
+    if not path.exists():
+        if policy:
+            raise PlanError(f"option 'policy' of method 'rl': file {path} does not exist")
+        raise PlanError(
+            f"method 'rl' needs a policy trained for model {model.name!r} and there is none at {path}. "
+            f"Train one with: {train_command(model.name)}  (or pass --opt policy=PATH)"
+        )
+    net, meta = load_policy(path, model.device)
+    if meta.model != model.name or meta.arch != arch_of(model):
+        raise PlanError(
+            f"policy {path} was trained for model {meta.model!r} ({_arch_words(meta.arch)}), not for "
+            f"{model.name!r} ({_arch_words(arch_of(model))}); train one with: {train_command(model.name)}"
+        )
+    return net, meta, path
+
+
+def _arch_words(arch: dict) -> str:
+    return (f"width {arch.get('embed_dim')}, depth {arch.get('depth')}, {arch.get('num_patches')} patches, "
+            f"{arch.get('num_prefix_tokens')} prefix tokens")
+
+
+# --------------------------------------------------------------------------- pieces of the frozen forward
+
+def tokens_before(vit: nn.Module, images: torch.Tensor, block: int) -> torch.Tensor:
+    """``[B, P + N, C]``: the tokens entering ``vit.blocks[block]`` (what the engine's ``pre`` point sees)."""
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+    for blk in vit.blocks[:block]:
+        x = blk(x)
+    return x
+
+
+def logits_after(vit: nn.Module, tokens: torch.Tensor, block: int, num_prefix: int,
+                 keep_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Runs blocks ``block..`` and the head on ``tokens``.
+
+    Args:
+        tokens: ``[B, T, C]`` prefix tokens first.
+        keep_mask: ``[B, T - P]`` bool; False patches are masked out of attention as keys (for a CLS-token
+            model the logits equal those of dropping them; average pooling skips them too).
+    """
+    attn_mask = None
+    if keep_mask is not None:
+        full = torch.cat([keep_mask.new_ones(keep_mask.shape[0], num_prefix), keep_mask], dim=1)
+        attn_mask = full[:, None, None, :]
+    x = tokens
+    for blk in vit.blocks[block:]:
+        x = blk(x, attn_mask=attn_mask)
+    x = vit.norm(x)
+    if keep_mask is not None and getattr(vit, "global_pool", None) == "avg" and vit.attn_pool is None:
+        w = keep_mask.to(x.dtype).unsqueeze(-1)
+        pooled = (x[:, num_prefix:] * w).sum(1) / w.sum(1).clamp_min(1)
+        return vit.head(vit.head_drop(vit.fc_norm(pooled)))
+    return vit.forward_head(x)
+
+
+def split_tokens(tokens: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(patch tokens ``[B, M, C]``, first prefix token ``[B, C]``)."""
+    return tokens[:, num_prefix:], tokens[:, 0]
+
+
+# --------------------------------------------------------------------------- sampling and log-probabilities
+
+def gumbel_topk(logits: torch.Tensor, k: int, samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Plackett-Luce draws of ``k`` of the M items without replacement (Gumbel-top-k).
+
+    Args:
+        logits: ``[B, M]``.
+    Returns:
+        ``[S, B, k]`` item indices in draw order.
+    """
+    u = torch.rand((samples, *logits.shape), generator=generator, device="cpu").to(logits.device)
+    gumbel = -torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-10)))
+    return torch.topk(logits.detach().unsqueeze(0) + gumbel, k, dim=-1).indices
+
+
+def plackett_luce_log_prob(logits: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """log-probability of drawing ``order`` (``[S, B, k]``) without replacement from softmax(``logits`` ``[B, M]``).
+
+    ``sum_j [ s_{o_j} - logsumexp(s over items not drawn before step j) ]``. Returns ``[S, B]``.
+    """
+    s, b, k = order.shape
+    m = logits.shape[1]
+    expanded = logits.unsqueeze(0).expand(s, -1, -1)
+    picked = expanded.gather(2, order)  # [S, B, k]
+    rank = torch.full((s, b, m), k, dtype=torch.long, device=logits.device)
+    rank.scatter_(2, order, torch.arange(k, device=logits.device).expand(s, b, -1))
+    steps = torch.arange(k, device=logits.device).view(1, 1, k, 1)
+    available = rank.unsqueeze(2) >= steps  # [S, B, k, M]
+    masked = expanded.unsqueeze(2).masked_fill(~available, float("-inf"))
+    return (picked - torch.logsumexp(masked, dim=-1)).sum(-1)
+
+
+def bernoulli_sample(logits: torch.Tensor, samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[S, B, M]`` bool keep decisions drawn with probability sigmoid(logits); at least one kept per draw."""
+    u = torch.rand((samples, *logits.shape), generator=generator, device="cpu").to(logits.device)
+    keep = u < torch.sigmoid(logits.detach()).unsqueeze(0)
+    none = ~keep.any(-1)
+    if none.any():
+        best = logits.detach().argmax(-1).unsqueeze(0).expand(samples, -1)
+        keep[none] = F.one_hot(best[none], logits.shape[1]).bool()
+    return keep
+
+
+def bernoulli_log_prob(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """log-probability of the decisions ``keep`` (``[S, B, M]``) under Bernoulli(sigmoid(logits)): ``[S, B]``."""
+    lp = torch.where(keep, F.logsigmoid(logits).unsqueeze(0), F.logsigmoid(-logits).unsqueeze(0))
+    return lp.sum(-1)
+
+
+def reinforce_loss(log_prob: torch.Tensor, reward: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The REINFORCE surrogate loss of eq. 15 with a leave-one-out baseline.
+
+    Args:
+        log_prob: ``[S, B]`` log pi of each draw (with gradient).
+        reward: ``[S, B]`` rewards (no gradient); S >= 2 draws per image.
+
+    Returns:
+        (loss whose gradient is ``-mean((R - baseline) grad log pi)``, advantages ``[S, B]``)
+    """
+    s = reward.shape[0]
+    if s < 2:
+        baseline = reward.mean(dim=1, keepdim=True).expand_as(reward)  # batch mean
+    else:
+        baseline = (reward.sum(0, keepdim=True) - reward) / (s - 1)
+    advantage = (reward - baseline).detach()
+    return -(advantage * log_prob).mean(), advantage
+
+
+# --------------------------------------------------------------------------- inference helpers
+
+def policy_logits(net: PolicyNet, tokens: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """``[B, M]`` keep logits for the tokens ``[B, P + M, C]`` entering the block the policy acts at."""
+    patches, cls = split_tokens(tokens, num_prefix)
+    return net(patches, cls if net.use_cls else None)
+
+
+@torch.no_grad()
+def calibrate(net: PolicyNet, features: list[tuple[torch.Tensor, int]]) -> dict:
+    """The Bernoulli-mode thresholds: for each keep ratio, the mean logit halfway between the k-th and
+    (k+1)-th largest logit of an image, over calibration images.
+
+    Args:
+        features: batches of (tokens entering the block ``[B, P + M, C]``, P).
+    """
+    all_logits = torch.cat([policy_logits(net, t, p).float().cpu() for t, p in features])
+    sorted_logits = all_logits.sort(dim=1, descending=True).values
+    m = sorted_logits.shape[1]
+    offsets = []
+    for ratio in CALIBRATION_RATIOS:
+        k = target_count(ratio, m)
+        if k >= m:
+            offsets.append(float(sorted_logits[:, -1].mean() - 1.0))
+        else:
+            offsets.append(float(((sorted_logits[:, k - 1] + sorted_logits[:, k]) / 2).mean()))
+    # A threshold must not grow as the keep ratio grows.
+    offsets = np.minimum.accumulate(np.asarray(offsets)).tolist()
+    return dict(keep_ratios=list(CALIBRATION_RATIOS), offsets=offsets)
+
+
+# --------------------------------------------------------------------------- training
+
+@dataclass
+class TrainConfig:
+    """Settings of one policy training run (everything that must match to resume a checkpoint)."""
+
+    model: str
+    block: int = 1
+    keep_ratios: tuple[float, ...] = (0.5,)
+    lam: float = 0.9
+    sampler: str = "topk"
+    accuracy_signal: str = "prob"
+    steps: int = 1000
+    batch_size: int = 64
+    samples: int = 4
+    lr: float = 2e-3
+    hidden: int = 64
+    use_cls: bool = True
+    seed: int = 0
+    data: str = "fashion-mnist"
+
+    def __post_init__(self) -> None:
+        self.keep_ratios = tuple(float(r) for r in self.keep_ratios)
+        for r in self.keep_ratios:
+            if not 0.0 < r <= 1.0:
+                raise PatchslimError(f"--keep must be in (0, 1], got {r}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise PatchslimError(f"--lambda must be in [0, 1], got {self.lam}")
+        if self.sampler not in ("topk", "bernoulli"):
+            raise PatchslimError(f"--sampler must be topk or bernoulli, got {self.sampler!r}")
+        if self.accuracy_signal not in ("prob", "correct"):
+            raise PatchslimError(f"--accuracy-signal must be prob or correct, got {self.accuracy_signal!r}")
+        if self.samples < 2:
+            raise PatchslimError(f"--samples must be at least 2 (the baseline needs other draws), got {self.samples}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise PatchslimError("--steps and --batch-size must be at least 1")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["keep_ratios"] = list(self.keep_ratios)
+        return d
+
+
+BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds: the network, the optimizer and the step reached."""
+
+    net: PolicyNet
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def new_train_state(config: TrainConfig, model: Any) -> TrainState:
+    torch.manual_seed(config.seed)
+    net = PolicyNet(model.spec.embed_dim, config.hidden, config.use_cls).to(model.device)
+    if config.sampler == "bernoulli":  # start near the mean keep ratio asked for
+        rho = min(max(float(np.mean(config.keep_ratios)), 0.02), 0.98)
+        with torch.no_grad():
+            net.fc2.bias.fill_(math.log(rho / (1 - rho)))
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    return TrainState(net, optimizer)
+
+
+def save_checkpoint(path: str | Path, state: TrainState, config: TrainConfig) -> None:
+    """Writes a resumable checkpoint (tensors and plain data only, so it loads with ``weights_only``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(dict(net=state.net.state_dict(), optimizer=state.optimizer.state_dict(), step=state.step,
+                    config=json.dumps(config.to_dict()), history=json.dumps(state.history)), tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path, config: TrainConfig, model: Any) -> TrainState:
+    """Resumes from a checkpoint written by the same configuration.
+
+    Raises:
+        PatchslimError: the checkpoint belongs to a different configuration (says which setting differs).
+    """
+    record = torch.load(Path(path), map_location="cpu", weights_only=True)
+    saved = json.loads(record["config"])
+    current = config.to_dict()
+    differ = [k for k in current if k != "steps" and saved.get(k) != current[k]]
+    if differ:
+        key = differ[0]
+        raise PatchslimError(
+            f"checkpoint {path} was written by a run with {key}={saved.get(key)!r} (now {current[key]!r}); "
+            "rerun with the same settings to resume, or pass --restart to start over"
+        )
+    state = new_train_state(config, model)
+    state.net.load_state_dict(record["net"])
+    state.optimizer.load_state_dict(record["optimizer"])
+    state.step = int(record["step"])
+    state.history = json.loads(record["history"])
+    return state
+
+
+def train_step(state: TrainState, config: TrainConfig, model: Any, images: torch.Tensor, labels: torch.Tensor,
+               step: int) -> dict:
+    """One REINFORCE update on a batch. Returns the step's statistics."""
+    vit, p = model.model, model.spec.num_prefix_tokens
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    images, labels = images.to(model.device), labels.to(model.device)
+    with torch.no_grad():
+        tokens = tokens_before(vit, images, config.block)
+    logits = policy_logits(state.net, tokens, p)  # [B, M] with gradient
+    b, m = logits.shape
+    s = config.samples
+    rho = config.keep_ratios[step % len(config.keep_ratios)]
+    with torch.no_grad():
+        rep = tokens.unsqueeze(0).expand(s, -1, -1, -1).reshape(s * b, *tokens.shape[1:])
+        if config.sampler == "topk":
+            k = target_count(rho, m)
+            order = gumbel_topk(logits, k, s, generator)  # [S, B, k]
+            idx = order.sort(-1).values.reshape(s * b, k) + p
+            kept = rep.gather(1, idx.unsqueeze(-1).expand(-1, -1, rep.shape[-1]))
+            out = logits_after(vit, torch.cat([rep[:, :p], kept], 1), config.block, p)
+            cost = torch.full((s, b), k / m, device=logits.device)
+        else:
+            keep = bernoulli_sample(logits, s, generator)  # [S, B, M]
+            out = logits_after(vit, rep, config.block, p, keep_mask=keep.reshape(s * b, m))
+            cost = keep.float().mean(-1)
+        y = labels.repeat(s)
+        correct = (out.argmax(-1) == y).float()
+        if config.accuracy_signal == "prob":
+            accuracy = out.float().softmax(-1).gather(1, y[:, None]).squeeze(1)
+        else:
+            accuracy = correct
+        reward = config.lam * accuracy.view(s, b) - (1 - config.lam) * cost
+    log_prob = (plackett_luce_log_prob(logits, order) if config.sampler == "topk"
+                else bernoulli_log_prob(logits, keep))
+    loss, _ = reinforce_loss(log_prob, reward)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    return dict(step=step + 1, rho=rho, reward=float(reward.mean()), top1=float(correct.mean()),
+                kept=float(cost.mean()))
+
+
+@torch.no_grad()
+def validate(net: PolicyNet | None, model: Any, block: int, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+             keep_ratios: tuple[float, ...], seed: int = 0) -> dict:
+    """Top-1 of top-k selection by the policy, and by a seeded random choice at the same block.
+
+    Returns:
+        ``{"n": ..., "policy": {rho: acc}, "random": {rho: acc}, "unslimmed": acc}`` (rho as strings).
+    """
+    vit, p = model.model, model.spec.num_prefix_tokens
+    generator = torch.Generator().manual_seed(seed)
+    hits = {"policy": {r: 0 for r in keep_ratios}, "random": {r: 0 for r in keep_ratios}}
+    full, n = 0, 0
+    for images, labels in batches:
+        images, labels = images.to(model.device), labels.to(model.device)
+        tokens = tokens_before(vit, images, block)
+        full += int((logits_after(vit, tokens, block, p).argmax(-1) == labels).sum())
+        m = tokens.shape[1] - p
+        scores = {"policy": policy_logits(net, tokens, p) if net is not None else None,
+                  "random": torch.rand(tokens.shape[0], m, generator=generator).to(tokens.device)}
+        for name, sc in scores.items():
+            if sc is None:
+                continue
+            for r in keep_ratios:
+                k = target_count(r, m)
+                idx = torch.topk(sc, k, dim=1).indices.sort(1).values + p
+                kept = tokens.gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+                out = logits_after(vit, torch.cat([tokens[:, :p], kept], 1), block, p)
+                hits[name][r] += int((out.argmax(-1) == labels).sum())
+        n += len(labels)
+    return dict(n=n, unslimmed=full / max(n, 1),
+                **{name: {f"{r:g}": h / max(n, 1) for r, h in d.items()} for name, d in hits.items()})
+
+
+def train_policy(model: Any, config: TrainConfig, batch_fn: BatchFn, out: str | Path,
+                 checkpoint: str | Path | None = None, restart: bool = False,
+                 validation: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+                 calibration: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+                 checkpoint_every: int = 50, progress: bool = True, log: Callable[[str], None] | None = None,
+                 ) -> tuple[PolicyNet, PolicyMeta]:
+    """Trains a policy with REINFORCE, resumably, and writes the policy file.
+
+    Args:
+        model: the frozen :class:`~patchslim.models.LoadedModel`.
+        config: the run's settings.
+        batch_fn: ``step -> (images [B, C, H, W], labels [B])``, deterministic in ``step`` so a resumed run
+            sees the same data.
+        out: where the policy file goes.
+        checkpoint: resumable checkpoint path (default: ``out`` + ``.ckpt.pt``).
+        restart: ignore an existing checkpoint.
+        validation: yields held-out (images, labels) batches; measured at the end (policy vs random).
+        calibration: yields (images, labels) batches for the Bernoulli-mode thresholds (default: validation).
+    """
+    from tqdm.auto import tqdm
+
+    if not 0 <= config.block < model.spec.depth:
+        raise PatchslimError(f"--blocks must be a block index in 0..{model.spec.depth - 1}, got {config.block}")
+    out = Path(out)
+    checkpoint = Path(checkpoint) if checkpoint else out.with_name(out.name + ".ckpt.pt")
+    if checkpoint.exists() and not restart:
+        state = load_checkpoint(checkpoint, config, model)
+        if log:
+            log(f"resumed from {checkpoint} at step {state.step}")
+    else:
+        state = new_train_state(config, model)
+    state.net.train()
+    t0 = time.time()
+    bar = tqdm(total=config.steps, initial=min(state.step, config.steps), disable=not progress,
+               desc="train-policy", unit="step")
+    running: dict[str, float] = {}
+    while state.step < config.steps:
+        images, labels = batch_fn(state.step)
+        stats = train_step(state, config, model, images, labels, state.step)
+        state.step += 1
+        for key in ("reward", "top1", "kept"):
+            running[key] = stats[key] if key not in running else 0.95 * running[key] + 0.05 * stats[key]
+        bar.update(1)
+        bar.set_postfix(reward=f"{running['reward']:.3f}", top1=f"{running['top1']:.3f}",
+                        kept=f"{running['kept']:.2f}")
+        if state.step % 25 == 0:
+            state.history.append(dict(step=state.step, **{k: round(v, 4) for k, v in running.items()}))
+            if log:
+                log(json.dumps(state.history[-1]))
+        if state.step % checkpoint_every == 0 or state.step == config.steps:
+            save_checkpoint(checkpoint, state, config)
+    bar.close()
+    net = state.net.eval()
+
+    validation_record: dict = {}
+    if validation is not None:
+        ratios = tuple(sorted(set(config.keep_ratios) | {0.3, 0.5, 0.7}))
+        validation_record = validate(net, model, config.block, validation(), ratios, seed=config.seed)
+        if log:
+            log("validation (held-out training images): " + json.dumps(validation_record))
+    calib_source = calibration or validation
+    calib: dict = {}
+    if calib_source is not None:
+        with torch.no_grad():
+            feats = [(tokens_before(model.model, x.to(model.device), config.block), model.spec.num_prefix_tokens)
+                     for x, _ in calib_source()]
+        calib = calibrate(net, feats)
+    meta = PolicyMeta(
+        model=model.name, arch=arch_of(model), block=config.block, hidden=config.hidden, use_cls=config.use_cls,
+        training=dict(config.to_dict(), seconds_this_run=round(time.time() - t0, 1),
+                      weights=model.weights_source, history=state.history[-8:], torch=torch.__version__),
+        calibration=calib, validation=validation_record,
+    )
+    save_policy(out, net, meta)
+    return net, meta

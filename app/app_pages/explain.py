@@ -1,0 +1,52 @@
+"""Explain: which patches the prediction rests on, before and after slimming, and how much of it was kept."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from patchslim.errors import PatchslimError
+
+from app import compute, sidebar, state, views, widgets
+
+settings = sidebar.current()
+model = settings.choice.model
+
+st.title("Explain")
+st.caption("Captum attributions of the unslimmed and the slimmed model for the same class, and the share of "
+           "the unslimmed model's evidence that slimming kept.")
+explain = compute.optional("patchslim.explain")
+if explain is None or not hasattr(explain, "explain"):
+    widgets.not_available("Attributions", "patchslim.explain")
+    st.stop()
+
+picked = widgets.image_picker(model)
+if picked is None:
+    st.stop()
+
+how_col, share_col, run_col = st.columns([2, 2, 1], vertical_alignment="bottom")
+how = how_col.radio("Attribution", list(compute.ATTRIBUTIONS), key="explain_attribution", horizontal=True,
+                    format_func=lambda k: compute.ATTRIBUTIONS[k])
+share = share_col.slider("Evidence = the top share of patches", 0.05, 0.5, 0.1, 0.05, key="explain_share",
+                         format="%.2f")
+key = (settings.choice.key, picked.key, settings.method, settings.keep_ratio, settings.options_key, how, share)
+result = state.remembered(key)
+if run_col.button("Explain", type="primary", width="stretch") or result is not None:
+    if result is None:
+        bar = st.progress(0.0, text="Attributing the unslimmed model…")
+
+        def progress(done: int, total: int) -> None:
+            part = "unslimmed" if done <= total // 2 else "slimmed"
+            bar.progress(min(done / total, 1.0), text=f"Attributing the {part} model: {done}/{total} forwards")
+
+        try:
+            result = compute.explanation(model, picked.image, settings.method, settings.keep_ratio,
+                                         settings.options, how, share, progress)
+        except PatchslimError as exc:
+            bar.empty()
+            st.error(f"This plan cannot run: {exc}")
+            st.stop()
+        bar.empty()
+        state.remember(key, result)
+    views.explanation(result, picked.image, model, share)
+else:
+    st.info("Attributions take a few seconds to a minute (each is dozens of forwards): press **Explain**.")

@@ -1,0 +1,53 @@
+"""Explore one image: pick an image, slim it, and see what was kept, what it cost and what changed."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from patchslim.errors import PatchslimError
+
+from app import compute, sidebar, state, views, widgets
+
+settings = sidebar.current()
+model = settings.choice.model
+
+st.title("Explore one image")
+picked = widgets.image_picker(model)
+if picked is None:
+    st.stop()
+
+base = state.baseline(settings.choice.key, picked.key, model, picked.image)
+try:
+    slim = state.slimmed(settings.choice.key, picked.key, settings.method, settings.keep_ratio,
+                         settings.options_key, model, picked.image)
+except PatchslimError as exc:
+    st.error(f"This plan cannot run: {exc}")
+    st.stop()
+readouts = compute.readouts(base, slim)
+
+# --- the numbers, in one row a projector can show
+views.readout_row(readouts, model)
+
+# --- what was kept, and what the model now says
+left, right = st.columns([1, 1], gap="large")
+with left:
+    st.subheader("Patches kept, dropped, merged")
+    depth = model.spec.depth
+    block = st.slider("Watch tokens layer by layer: tokens entering block", 0, depth, depth, key="explore_block",
+                      format="%d", help=f"{depth} means after the last block.")
+    overlay = views.overlay(picked.image, model, slim.trace, None if block == depth else block)
+    caption = f"{picked.name}" + (f" · true label: **{picked.label}**" if picked.label else "")
+    st.caption(caption + f" · {picked.credit}")
+with right:
+    st.subheader("Top-5 before and after")
+    views.prediction_change(readouts, picked.label)
+
+views.tokens_chart(readouts)
+
+st.subheader("Attention: unslimmed vs slimmed")
+views.attention_side_by_side(picked.image, model, base.trace, slim.trace, key="explore")
+
+widgets.method_card(settings.method)
+
+st.subheader("Downloads")
+views.downloads(overlay, readouts, settings, picked)

@@ -1,0 +1,398 @@
+"""What the pages compute, as plain functions of the engine (no Streamlit here, no math of our own).
+
+Each page asks this module for data and draws it. Keeping the computing apart from the drawing lets
+``benchmarks/app_latency.py`` time exactly what a page does on a slider change, and lets the tests
+compare the page's readouts with direct calls to :func:`patchslim.run`.
+
+Parts of the engine that other issues deliver (metrics, explanations, visualization, evaluation) are
+looked up with :func:`optional`: while a module is missing, the page says that part is not available
+yet instead of showing made-up numbers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field, replace
+from types import ModuleType
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from PIL import Image
+
+import patchslim
+from patchslim import bundled
+from patchslim.device import synchronize
+
+# CC0 / public-domain photos shipped inside the scikit-image wheel, with the credit scikit-image gives.
+PHOTOS = (
+    ("chelsea", "Chelsea the cat", "Stefan van der Walt, CC0"),
+    ("coffee", "A cup of coffee", "Rachel Michetti, CC0"),
+    ("rocket", "SpaceX DSCOVR launch", "SpaceX, public domain"),
+    ("astronaut", "Astronaut Eileen Collins", "NASA, public domain"),
+    ("camera", "Man with a camera", "Lav Varshney, CC0"),
+)
+BUNDLED_GALLERY_SIZE = 12
+
+
+def optional(module: str) -> ModuleType | None:
+    """Imports a part of the engine that may not exist yet; None when it is missing or broken."""
+    try:
+        return importlib.import_module(module)
+    except Exception:  # a module still being written may fail in any way; the page says "not yet"
+        return None
+
+
+# --------------------------------------------------------------------------- galleries
+
+def bundled_gallery():
+    """Canvas Fashion-MNIST test images with their true labels (for the bundled model)."""
+    from app.state import GalleryItem
+
+    try:
+        images, labels = bundled.load_bundled_sample()
+        credit = "Fashion-MNIST test set on a 48x48 canvas (MIT licence), shipped in assets/"
+    except FileNotFoundError:
+        images, labels = bundled.canvas_test_set()
+        credit = "Fashion-MNIST test set on a 48x48 canvas (MIT licence)"
+    items = []
+    seen: dict[int, int] = {}
+    for index in range(len(images)):  # one or two of each class, in test-set order
+        label = int(labels[index])
+        if seen.get(label, 0) >= 2 or len(items) >= BUNDLED_GALLERY_SIZE:
+            continue
+        seen[label] = seen.get(label, 0) + 1
+        name = bundled.CLASS_NAMES[label]
+        items.append(GalleryItem(f"test image {index}: {name}", Image.fromarray(images[index], "L"), name, credit))
+    return items
+
+
+def photo_gallery():
+    """scikit-image's CC0 / public-domain sample photos (no ImageNet label of their own)."""
+    from skimage import data
+
+    from app.state import GalleryItem
+
+    items = []
+    for func, title, credit in PHOTOS:
+        array = getattr(data, func)()
+        image = Image.fromarray(array).convert("RGB")
+        items.append(GalleryItem(title, image, None, f"scikit-image sample `{func}` ({credit})"))
+    return items
+
+
+# --------------------------------------------------------------------------- forwards
+
+@dataclass(frozen=True)
+class Timed:
+    """A trace and the wall time of the forward that made it (seconds, one run)."""
+
+    trace: patchslim.Trace
+    seconds: float
+
+
+def plan_for(method: str, keep_ratio: float, options: dict[str, Any] | None = None) -> patchslim.SlimPlan:
+    """The one-stage plan the sidebar describes, keeping attention in every block for maps and rollout."""
+    return patchslim.SlimPlan.from_options(method, keep_ratio, options, seed=0, attention_blocks="all")
+
+
+def _timed_run(model: patchslim.LoadedModel, image: Image.Image, plan: patchslim.SlimPlan) -> Timed:
+    batch = model.preprocess(image)
+    synchronize(model.device)
+    start = time.perf_counter()
+    trace = patchslim.run(model, batch, plan)
+    synchronize(model.device)
+    return Timed(trace, time.perf_counter() - start)
+
+
+def baseline(model: patchslim.LoadedModel, image: Image.Image) -> Timed:
+    """The unslimmed forward, attention kept in every block."""
+    return _timed_run(model, image, patchslim.SlimPlan(attention_blocks="all"))
+
+
+def slimmed(model: patchslim.LoadedModel, image: Image.Image, method: str, keep_ratio: float,
+            options: dict[str, Any] | None = None) -> Timed:
+    """The forward under the sidebar's plan.
+
+    Raises:
+        PlanError: options or blocks that do not fit the method or the model.
+    """
+    return _timed_run(model, image, plan_for(method, keep_ratio, options))
+
+
+# --------------------------------------------------------------------------- readouts
+
+@dataclass
+class Readouts:
+    """The numbers the Explore page shows for one image and plan (None: not available yet).
+
+    Attributes:
+        gmacs_before, gmacs_after: analytic GMACs per image (patchslim.metrics.flops).
+        latency_before, latency_after: measured seconds of one forward each.
+        memory_before, memory_after: activation memory in MB (patchslim.metrics.memory).
+        keep_ratio_reached: ``Trace.keep_ratio``.
+        tokens_before, tokens_after: tokens (prefix included) per block.
+        top5_before, top5_after: ``(label, probability)`` lists.
+        flipped: whether the top-1 label changed.
+        top1_confidence_before, top1_confidence_after: probability of the unslimmed top-1 class.
+        extra: further fields for the metrics download.
+    """
+
+    gmacs_before: float | None
+    gmacs_after: float | None
+    latency_before: float
+    latency_after: float
+    memory_before: float | None
+    memory_after: float | None
+    keep_ratio_reached: float
+    tokens_before: list[int]
+    tokens_after: list[int]
+    top5_before: list[tuple[str, float]]
+    top5_after: list[tuple[str, float]]
+    flipped: bool
+    top1_confidence_before: float
+    top1_confidence_after: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def gmacs_reduction(self) -> float | None:
+        if self.gmacs_before is None or self.gmacs_after is None:
+            return None
+        return 1.0 - self.gmacs_after / self.gmacs_before
+
+
+def activation_mb(memory: ModuleType, trace: patchslim.Trace) -> float:
+    """The analytic peak activation memory of the plan itself, per image, in MB.
+
+    The app's forwards keep every block's attention for the maps; the estimate is taken for the same
+    plan without those kept maps (``plan.with_attention(())``), i.e. what the slimmed model needs.
+    """
+    plain = replace(trace, plan=trace.plan.with_attention(()))
+    bytes_per_element = 2 if trace.logits.dtype != torch.float32 else 4
+    return memory.estimate_activation_memory(plain, bytes_per_element).peak_mb
+
+
+@dataclass(frozen=True)
+class AttentionView:
+    """One way to look at attention: a function ``(trace, block) -> [rows, cols]`` grid with NaN at dropped
+    patches, whether it depends on the block, and a caption for the page."""
+
+    grid: Callable[[patchslim.Trace, int], np.ndarray]
+    per_block: bool
+    caption: str
+
+
+def attention_views(attention: ModuleType) -> dict[str, AttentionView]:
+    """The attention pictures patchslim.explain.attention offers, by the name the page shows."""
+    return {
+        "CLS attention": AttentionView(
+            lambda trace, block: attention.cls_attention(trace, block),
+            True,
+            "CLS attention: how much the class token looks at each patch in the chosen block (mean over heads). "
+            "Hatched patches had no token in that block.",
+        ),
+        "Rollout": AttentionView(
+            lambda trace, block: attention.rollout(trace),
+            False,
+            "Attention rollout (Abnar & Zuidema 2020): attention multiplied through all blocks, following "
+            "tokens through pruning and merging. Hatched patches never entered the model.",
+        ),
+    }
+
+
+def readouts(base: Timed, slim: Timed) -> Readouts:
+    """Everything the Explore page shows as numbers, from the two forwards."""
+    flops = optional("patchslim.metrics.flops")
+    memory = optional("patchslim.metrics.memory")
+    gmacs_before = gmacs_after = None
+    if flops is not None:
+        comparison = flops.compare_macs(slim.trace, base.trace)
+        gmacs_before, gmacs_after = comparison.baseline_gmacs, comparison.gmacs
+    memory_before = memory_after = None
+    if memory is not None:
+        memory_before, memory_after = (activation_mb(memory, t.trace) for t in (base, slim))
+    before, after = base.trace.top_k(5), slim.trace.top_k(5)
+    probs_before, probs_after = base.trace.probabilities[0], slim.trace.probabilities[0]
+    top1 = int(probs_before.argmax())
+    return Readouts(
+        gmacs_before=gmacs_before,
+        gmacs_after=gmacs_after,
+        latency_before=base.seconds,
+        latency_after=slim.seconds,
+        memory_before=memory_before,
+        memory_after=memory_after,
+        keep_ratio_reached=slim.trace.keep_ratio,
+        tokens_before=base.trace.tokens_per_block,
+        tokens_after=slim.trace.tokens_per_block,
+        top5_before=before,
+        top5_after=after,
+        flipped=int(probs_after.argmax()) != top1,
+        top1_confidence_before=float(probs_before[top1]),
+        top1_confidence_after=float(probs_after[top1]),
+    )
+
+
+# --------------------------------------------------------------------------- compare
+
+@dataclass(frozen=True)
+class MethodResult:
+    """One method on the Compare page: its forward, or why it could not run."""
+
+    method: str
+    timed: Timed | None
+    error: str = ""
+
+
+CURVE_KEEP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def flops_curve(model: patchslim.LoadedModel, image: Image.Image, method: str,
+                keep_ratios: tuple[float, ...] = CURVE_KEEP_RATIOS) -> list[dict]:
+    """GMACs and rho reached of one method (default options) across keep ratios, on this image.
+
+    Returns:
+        one dict per keep ratio that could run: ``keep_ratio``, ``keep_ratio_reached``, ``gmacs``.
+    """
+    flops = optional("patchslim.metrics.flops")
+    if flops is None:
+        return []
+    batch = model.preprocess(image)
+    points = []
+    for rho in keep_ratios:
+        try:
+            trace = patchslim.run(model, batch, patchslim.SlimPlan.from_options(method, rho, {}, seed=0))
+        except patchslim.PatchslimError:
+            continue
+        points.append(dict(method=method, keep_ratio=rho, keep_ratio_reached=trace.keep_ratio,
+                           gmacs=flops.gmacs(trace)))
+    return points
+
+
+# --------------------------------------------------------------------------- explain
+
+ATTRIBUTIONS = {"ig": "Integrated Gradients", "occlusion": "Occlusion (one patch at a time)"}
+
+
+def explanation(model: patchslim.LoadedModel, image: Image.Image, method: str, keep_ratio: float,
+                options: dict[str, Any], attribution: str, share: float,
+                progress: Callable[[int, int], None] | None = None):
+    """Attributions before / after slimming and the kept evidence (patchslim.explain.explain).
+
+    Raises:
+        PlanError: the plan does not fit the model.
+    """
+    explain = importlib.import_module("patchslim.explain")
+    plan = patchslim.SlimPlan.from_options(method, keep_ratio, options, seed=0)
+    return explain.explain(model, image, plan, attribution=attribution, share=share, progress=progress)
+
+
+# --------------------------------------------------------------------------- benchmark
+
+BENCHMARK_KEEP_RATIOS = (0.9, 0.7, 0.5, 0.3)
+
+
+def benchmark(model: patchslim.LoadedModel, image: Image.Image, methods: list[str], keep_ratios: list[float],
+              repeats: int = 10, progress: Callable[[int, int, str], None] | None = None) -> list[dict]:
+    """Latency (patchslim.metrics.latency, interleaved with the unslimmed forward) and GMACs per plan.
+
+    Returns:
+        one row per (method, rho): the plan, GMACs, medians, measured and ideal speed-ups; a row with an
+        ``error`` for plans that do not fit the model.
+    """
+    latency = importlib.import_module("patchslim.metrics.latency")
+    flops = optional("patchslim.metrics.flops")
+    rows = []
+    total = len(methods) * len(keep_ratios)
+    for i, (method, rho) in enumerate((m, r) for m in methods for r in keep_ratios):
+        if progress is not None:
+            progress(i, total, f"{method} at ρ = {rho:g}")
+        try:
+            plan = patchslim.SlimPlan.from_options(method, rho, {}, seed=0)
+            trace = patchslim.run(model, image, plan)
+        except patchslim.PatchslimError as exc:
+            rows.append(dict(method=method, keep_ratio=rho, error=str(exc)))
+            continue
+        timing = latency.compare_latency(model, image, plan, warmup=2, repeats=repeats)
+        row = dict(method=method, keep_ratio=rho, keep_ratio_reached=trace.keep_ratio,
+                   latency_ms=timing.slimmed.median_ms, latency_iqr_ms=timing.slimmed.iqr_ms,
+                   baseline_ms=timing.baseline.median_ms, speedup=timing.speedup)
+        if flops is not None:
+            macs = flops.compare_macs(trace)
+            row.update(gmacs=macs.gmacs, baseline_gmacs=macs.baseline_gmacs, gmacs_reduction=macs.reduction,
+                       ideal_speedup=macs.ideal_speedup, efficiency=timing.efficiency(macs.ideal_speedup))
+        rows.append(row)
+    if progress is not None:
+        progress(total, total, "done")
+    return rows
+
+
+# --------------------------------------------------------------------------- audit (accuracy evaluation)
+
+MAX_ZIP_FILES = 20_000
+MAX_ZIP_BYTES = 2_000_000_000
+
+
+def extract_zip(data: bytes, folder: str) -> None:
+    """Unpacks an uploaded zip of ``<class>/<image>`` folders into ``folder``, refusing unsafe archives.
+
+    Raises:
+        PatchslimError: not a zip, too many or too large files, or paths leaving the folder.
+    """
+    import io as _io
+    import zipfile
+    from pathlib import Path, PurePosixPath
+
+    try:
+        archive = zipfile.ZipFile(_io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise patchslim.PatchslimError("the upload is not a zip file") from None
+    members = [m for m in archive.infolist() if not m.is_dir()]
+    if len(members) > MAX_ZIP_FILES:
+        raise patchslim.PatchslimError(f"the zip holds {len(members)} files; at most {MAX_ZIP_FILES} are accepted")
+    if sum(m.file_size for m in members) > MAX_ZIP_BYTES:
+        raise patchslim.PatchslimError(f"the zip unpacks to more than {MAX_ZIP_BYTES / 1e9:.0f} GB")
+    root = Path(folder).resolve()
+    for member in members:
+        parts = PurePosixPath(member.filename).parts
+        if member.filename.startswith("/") or ".." in parts or "__MACOSX" in parts:
+            continue  # never write outside the folder; skip macOS resource forks
+        target = root.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(archive.read(member))
+
+
+def data_root(folder: str) -> str:
+    """The folder holding the class folders: a zip often wraps them in one top folder."""
+    from pathlib import Path
+
+    path = Path(folder)
+    entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+    if len(entries) == 1 and entries[0].is_dir() and any(q.is_dir() for q in entries[0].iterdir()):
+        return str(entries[0])
+    return str(path)
+
+
+def accuracy_evaluation(model: patchslim.LoadedModel, data, methods: list[str], keep_ratios: list[float],
+                        progress: Callable[[int, int, str], None] | None = None):
+    """Top-1 and agreement of each method across keep ratios (patchslim.evaluate), method by method.
+
+    Running one method at a time lets the page show progress; the rows are those of one
+    ``evaluate.evaluate`` call over all methods.
+    """
+    evaluate = importlib.import_module("patchslim.evaluate")
+    result = None
+    for i, method in enumerate(methods):
+        if progress is not None:
+            progress(i, len(methods), method)
+        part = evaluate.evaluate(model, data, evaluate.parse_variants([method]), keep_ratios, batch_size=64,
+                                 progress=False)
+        if result is None:
+            result = part
+        else:
+            result.rows.extend(part.rows)
+            result.seconds += part.seconds
+    if progress is not None:
+        progress(len(methods), len(methods), "done")
+    return result

@@ -1,0 +1,177 @@
+"""The shared sidebar: model, device, precision, method, rho and the method's options.
+
+Option widgets are drawn generically from each method's ``OptionSpec`` list (kind, bounds, choices),
+never by method name, so a method added to the registry shows up here with its options and no app change.
+The choices are stored in ``st.session_state["settings"]`` for the pages to read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import streamlit as st
+
+import patchslim
+from patchslim import bundled
+from patchslim.device import available_devices
+from patchslim.errors import PatchslimError
+from patchslim.methods import OptionSpec
+
+from app import state
+
+FRIENDLY = {
+    "deit_small_patch16_224": "DeiT-S (ImageNet)",
+    "deit_tiny_patch16_224": "DeiT-Ti (ImageNet)",
+    "deit_base_patch16_224": "DeiT-B (ImageNet)",
+    "vit_base_patch16_224": "ViT-B/16 (ImageNet)",
+    "deit_small_distilled_patch16_224": "DeiT-S distilled (ImageNet)",
+    bundled.BUNDLED_NAME: "fashion-vit (bundled, Fashion-MNIST)",
+}
+
+
+@dataclass
+class Settings:
+    """What the sidebar chose, for the pages.
+
+    Attributes:
+        choice: the loaded model (None when loading failed; ``error`` says why).
+        method: slimming method name.
+        keep_ratio: rho.
+        options: the method's options as the plan takes them (unset options left out).
+        error: a message to show instead of results.
+    """
+
+    choice: state.ModelChoice | None
+    method: str
+    keep_ratio: float
+    options: dict = field(default_factory=dict)
+    error: str = ""
+
+    @property
+    def options_key(self) -> tuple:
+        """The options as a hashable, sorted tuple (a cache key)."""
+        return tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in self.options.items()))
+
+
+def draw() -> Settings:
+    """Draws the sidebar and stores the result in ``st.session_state["settings"]``."""
+    with st.sidebar:
+        st.header("Model")
+        names = state.model_names()
+        name = st.selectbox("Model", names, key="model_name", format_func=lambda n: FRIENDLY.get(n, n))
+        if name != bundled.BUNDLED_NAME:
+            st.radio("Weights", [state.PRETRAINED, state.RANDOM_WEIGHTS], key="weights_mode",
+                     help="Random weights give meaningless predictions but true timings and GMACs.")
+        devices = ["auto"] + [d for d in available_devices()]
+        col_device, col_precision = st.columns(2)
+        device = col_device.selectbox("Device", devices, key="device",
+                                      format_func=lambda d: {"cuda": "GPU (CUDA)", "mps": "GPU (MPS)"}.get(d, d.upper() if d == "cpu" else d))
+        precisions = ["fp32", "bf16"] + (["fp16"] if any(d in devices for d in ("cuda", "mps")) else [])
+        if st.session_state.get("precision") not in precisions:
+            st.session_state["precision"] = "fp32"
+        precision = col_precision.selectbox("Precision", precisions, key="precision")
+
+        choice, error = None, ""
+        try:
+            choice = state.choose_model(name, st.session_state.get("weights_mode", state.PRETRAINED),
+                                        device, precision)
+        except PatchslimError as exc:
+            error = str(exc)
+        if choice is not None:
+            st.caption(f"Running **{choice.model.name}** on {choice.model.device.type.upper()}"
+                       f"{' · random weights' if choice.random_weights else ''}")
+
+        st.header("Slimming")
+        methods = patchslim.method_names()
+        if st.session_state.get("method") not in methods:
+            st.session_state["method"] = methods[0]
+        method = st.selectbox("Method", methods, key="method")
+        slim = patchslim.get_method(method)
+        st.caption(slim.summary)
+        keep_ratio = st.slider("Keep ratio ρ = N′/N", min_value=0.05, max_value=1.0, step=0.05, key="keep_ratio",
+                               help="The share of patch tokens each slimming step keeps.")
+        options = {}
+        if choice is not None:
+            options = _option_widgets(slim, choice.model.spec.depth)
+
+    settings = Settings(choice, method, float(keep_ratio), options, error)
+    st.session_state["settings"] = settings
+    return settings
+
+
+def _option_widgets(slim: patchslim.methods.SlimMethod, depth: int) -> dict:
+    """One widget per option of the method, plus where it acts; returns the options that are set."""
+    options: dict = {}
+    with st.expander("Method options", expanded=bool(slim.options)):
+        default_blocks = list(slim.default_blocks(depth))
+        blocks = st.multiselect(
+            "Acts at blocks", list(range(depth)), default=default_blocks, key=f"blocks::{slim.name}::{depth}",
+            help=f"0 is the input; the model has blocks 0..{depth - 1}. Default: {default_blocks}.",
+        )
+        if blocks and sorted(blocks) != default_blocks:
+            options["blocks"] = tuple(sorted(blocks))
+        for spec in slim.options:
+            value = _option_widget(spec, slim.name, depth)
+            if value is not None:
+                options[spec.name] = value
+    return options
+
+
+def _option_widget(spec: OptionSpec, method: str, depth: int):
+    """Draws one option by its kind and bounds; returns its value (None: leave it to the method)."""
+    key = f"opt::{method}::{spec.name}::{depth}"
+    label = spec.name.replace("_", " ")
+    help_text = f"{spec.help} ({spec.describe()})".strip()
+    if spec.kind == "bool":
+        return st.checkbox(label, value=bool(spec.default), key=key, help=help_text)
+    if spec.kind == "str":
+        if spec.choices:
+            index = spec.choices.index(spec.default) if spec.default in spec.choices else 0
+            return st.selectbox(label, spec.choices, index=index, key=key, help=help_text)
+        value = st.text_input(label, value=spec.default or "", key=key, help=help_text)
+        return value or None
+    if spec.kind == "blocks":
+        default = list(spec.default) if spec.default is not None else []
+        chosen = st.multiselect(label, list(range(depth)), default=[b for b in default if b < depth], key=key,
+                                help=help_text)
+        return tuple(chosen) or None
+    if spec.kind in ("int", "float"):
+        is_int = spec.kind == "int"
+        cast = int if is_int else float
+        bounded = spec.minimum is not None and spec.maximum is not None
+        if bounded and spec.default is not None:
+            lo, hi = cast(spec.minimum), cast(spec.maximum)
+            step = 1 if is_int else (hi - lo) / 100 or 0.01
+            return st.slider(label, lo, hi, cast(spec.default), step=cast(step), key=key, help=help_text)
+        value = st.number_input(
+            label, min_value=None if spec.minimum is None else cast(spec.minimum),
+            max_value=None if spec.maximum is None else cast(spec.maximum),
+            value=None if spec.default is None else cast(spec.default),
+            step=1 if is_int else None, key=key, help=help_text, placeholder="method decides",
+        )
+        return None if value is None else cast(value)
+    return None  # an unknown kind: leave the option at the method's default
+
+
+def current() -> Settings:
+    """The sidebar's settings for a page; stops the page with the reason when no model could be loaded."""
+    settings: Settings = st.session_state["settings"]
+    if settings.choice is None:
+        st.error(settings.error or "No model is loaded.")
+        st.stop()
+    return settings
+
+
+def notices(settings: Settings) -> None:
+    """Above every page: what the app runs when it is not what was asked (one clear sentence each)."""
+    choice = settings.choice
+    if choice is None:
+        return
+    if choice.notice:
+        st.warning(choice.notice, icon=":material/warning:")
+        if choice.model.name != choice.requested:
+            with st.expander(f"How to provide weights for {choice.requested}"):
+                st.markdown(state.weights_help(choice.requested))
+    elif choice.random_weights:
+        st.info(f"{choice.model.name} runs with **random weights (for timing only)**: GMACs and latency are "
+                "real, predictions are meaningless.", icon=":material/timer:")

@@ -1,0 +1,253 @@
+"""Session defaults and every Streamlit cache of the app, in one place.
+
+Nothing else in ``app/`` decorates a function with ``st.cache_resource`` or ``st.cache_data``. The caches
+are bounded (``max_entries``) so that a long demo with many uploads cannot grow the server's memory
+without limit:
+
+- models: one per (name, device, precision, weights) and process, shared by every session;
+- the unslimmed forward of an image (with attention in every block): computed once per model and image;
+- slimmed forwards: one per (model, image, plan), so moving rho back and forth is instant.
+
+Traces are kept with ``st.cache_resource`` (no copy on every hit); the app never mutates them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+from PIL import Image
+
+import patchslim
+from patchslim import bundled
+from patchslim.models import DEFAULT_MODEL, SUPPORTED_MODELS, WEIGHTS_DIR_ENV, weights_status
+
+from app import compute
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ACCURACY_CSV = REPO_ROOT / "benchmarks" / "results" / "accuracy.csv"
+
+DEFAULT_METHOD = "random"
+DEFAULT_KEEP_RATIO = 0.5
+PRETRAINED = "pretrained"
+RANDOM_WEIGHTS = "random weights (for timing only)"
+
+SESSION_DEFAULTS = {
+    "model_name": DEFAULT_MODEL,
+    "weights_mode": PRETRAINED,
+    "device": "auto",
+    "precision": "fp32",
+    "keep_ratio": DEFAULT_KEEP_RATIO,
+    "image_source": "Gallery",
+}
+
+
+def init_session() -> None:
+    """Fills in session defaults once per session (widgets keyed by these names pick them up)."""
+    for key, value in SESSION_DEFAULTS.items():
+        st.session_state.setdefault(key, value)
+    if "method" not in st.session_state:
+        names = patchslim.method_names()
+        st.session_state["method"] = DEFAULT_METHOD if DEFAULT_METHOD in names else names[0]
+
+
+# --------------------------------------------------------------------------- models
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What the sidebar asked for and what the app actually runs.
+
+    Attributes:
+        key: a string naming the loaded model uniquely (cache key of everything computed with it).
+        model: the loaded model.
+        requested: the model name the person chose.
+        notice: one sentence when the app runs something other than what was asked (else "").
+        random_weights: True when the weights are a random initialization.
+    """
+
+    key: str
+    model: patchslim.LoadedModel
+    requested: str
+    notice: str
+    random_weights: bool
+
+
+@st.cache_data(max_entries=32, ttl=600, show_spinner=False)
+def weights_available(name: str) -> tuple[bool, str]:
+    """Whether pretrained weights for ``name`` can be had now, without waiting on the network."""
+    status = weights_status(name)
+    return status.startswith(("ready", "downloadable")), status
+
+
+@st.cache_resource(max_entries=3, show_spinner="Loading the model (once per server)…")
+def _load(name: str, device: str, precision: str, random_weights: bool) -> patchslim.LoadedModel:
+    return patchslim.load_model(name, device=device, precision=precision, pretrained=not random_weights)
+
+
+def choose_model(name: str, weights_mode: str, device: str, precision: str) -> ModelChoice:
+    """Loads the model the sidebar asks for, falling back to the bundled model when weights are missing.
+
+    Never waits on the network: :func:`patchslim.models.weights_status` answers from the local cache and a
+    one-second reachability check that is remembered for the process.
+
+    Raises:
+        PatchslimError: device, precision or weights problems, with a message for the person.
+    """
+    random_weights = weights_mode == RANDOM_WEIGHTS and name != bundled.BUNDLED_NAME
+    notice = ""
+    if name == bundled.BUNDLED_NAME:
+        if not bundled.CHECKPOINT_PATH.exists():
+            random_weights = True
+            notice = (f"The bundled checkpoint is missing from {bundled.CHECKPOINT_PATH.parent.name}/ "
+                      "(`python -m patchslim.train_bundled` recreates it): running random weights, so "
+                      "predictions mean nothing.")
+    elif not random_weights:
+        ok, _ = weights_available(name)
+        if not ok:
+            notice = (f"Pretrained weights for {name} are not available on this machine (not cached, and the "
+                      f"model hub cannot be reached), so the app shows the bundled model "
+                      f"{bundled.BUNDLED_NAME} instead.")
+            return _bundled_fallback(name, device, precision, notice)
+    model = _load(name, device, precision, random_weights)
+    key = f"{name}|{model.device}|{precision}|{'random' if random_weights else 'pretrained'}"
+    return ModelChoice(key, model, name, notice, random_weights)
+
+
+def _bundled_fallback(requested: str, device: str, precision: str, notice: str) -> ModelChoice:
+    random_weights = not bundled.CHECKPOINT_PATH.exists()
+    model = _load(bundled.BUNDLED_NAME, device, precision, random_weights)
+    key = f"{bundled.BUNDLED_NAME}|{model.device}|{precision}|{'random' if random_weights else 'pretrained'}"
+    return ModelChoice(key, model, requested, notice, random_weights)
+
+
+def weights_help(name: str) -> str:
+    """How to provide pretrained weights, as Markdown."""
+    return (
+        f"- put the weights file at `${WEIGHTS_DIR_ENV}/{name}.safetensors` (or `.pth`) and restart the app, "
+        f"e.g. `{WEIGHTS_DIR_ENV}=/path/to/weights streamlit run app/main.py`;\n"
+        f"- or download them once on a machine with internet into the Hugging Face cache "
+        f"(`python -c \"import timm; timm.create_model('{name}', pretrained=True)\"`) and copy "
+        f"`~/.cache/huggingface/hub` here;\n"
+        f"- or choose **{RANDOM_WEIGHTS}** in the sidebar to measure speed with an untrained model."
+    )
+
+
+def model_names() -> list[str]:
+    """Models offered in the sidebar, the default first."""
+    names = [DEFAULT_MODEL] + [n for n in SUPPORTED_MODELS if n != DEFAULT_MODEL]
+    return names
+
+
+# --------------------------------------------------------------------------- images
+
+@dataclass(frozen=True)
+class GalleryItem:
+    """One gallery image: its name, the image and its true label (None when it has none)."""
+
+    name: str
+    image: Image.Image
+    label: str | None
+    credit: str
+
+
+@st.cache_resource(max_entries=2, show_spinner=False)
+def gallery(bundled_model: bool) -> list[GalleryItem]:
+    """The gallery for the bundled model (canvas samples) or for ImageNet models (CC0 photos)."""
+    return compute.bundled_gallery() if bundled_model else compute.photo_gallery()
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def decoded_upload(key: str, _data: bytes) -> Image.Image:
+    """An uploaded file decoded once (``patchslim.images.open_image``: EXIF rotation, first GIF frame).
+
+    Raises:
+        ImageError: the file is not a readable image (the message says why).
+    """
+    from patchslim.images import open_image
+
+    return open_image(_data)
+
+
+def image_key(image_bytes: bytes) -> str:
+    """A short content hash naming an image in cache keys."""
+    return hashlib.sha1(image_bytes).hexdigest()[:16]
+
+
+def image_bytes(image: Image.Image) -> bytes:
+    """PNG bytes of an image (for hashing gallery images and for downloads)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- forwards
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def baseline(model_key: str, image_key: str, _model: patchslim.LoadedModel, _image: Image.Image) -> compute.Timed:
+    """The unslimmed forward of an image, with attention kept in every block (maps and rollout)."""
+    return compute.baseline(_model, _image)
+
+
+@st.cache_resource(max_entries=48, show_spinner=False)
+def slimmed(model_key: str, image_key: str, method: str, keep_ratio: float, options: tuple,
+            _model: patchslim.LoadedModel, _image: Image.Image) -> compute.Timed:
+    """The slimmed forward of an image under one plan (options as sorted ``(name, value)`` pairs)."""
+    return compute.slimmed(_model, _image, method, keep_ratio, dict(options))
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def accuracy_table(mtime: float):
+    """``benchmarks/results/accuracy.csv`` as a DataFrame (keyed by its modification time)."""
+    import pandas as pd
+
+    return pd.read_csv(ACCURACY_CSV)
+
+
+def load_accuracy_table():
+    """The accuracy-vs-rho table if the benchmark has written it, else None."""
+    if not ACCURACY_CSV.exists():
+        return None
+    return accuracy_table(ACCURACY_CSV.stat().st_mtime)
+
+
+@st.cache_data(max_entries=128, show_spinner=False)
+def flops_curve(model_key: str, image_key: str, method: str, _model: patchslim.LoadedModel,
+                _image: Image.Image) -> list[dict]:
+    """GMACs across keep ratios for one method on one image (see :func:`compute.flops_curve`)."""
+    return compute.flops_curve(_model, _image, method)
+
+
+def accuracy_source() -> str | None:
+    """The model ``accuracy.csv`` was measured on, from the JSON written next to it (None: unknown)."""
+    meta = ACCURACY_CSV.with_suffix(".json")
+    if not meta.exists():
+        return None
+    import json
+
+    try:
+        return json.loads(meta.read_text()).get("model")
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- long runs kept per session
+
+_RESULTS_KEY = "_results"
+_RESULTS_MAX = 8
+
+
+def remembered(key: tuple):
+    """A long computation's result this session already has (attributions, benchmarks), or None."""
+    return st.session_state.get(_RESULTS_KEY, {}).get(key)
+
+
+def remember(key: tuple, value) -> None:
+    """Keeps a long computation's result for this session (at most the last eight)."""
+    results = st.session_state.setdefault(_RESULTS_KEY, {})
+    results.pop(key, None)
+    results[key] = value
+    while len(results) > _RESULTS_MAX:
+        results.pop(next(iter(results)))

@@ -1,0 +1,406 @@
+"""Drawing the results: readouts, overlays, predictions, charts and downloads.
+
+Everything here draws what the engine computed; values come from :mod:`app.compute` and the engine's
+``vis`` / ``explain`` / ``metrics`` modules. When one of those has not landed yet, the part says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import streamlit as st
+from PIL import Image
+
+import patchslim
+
+from app import compute, widgets
+
+FONT = dict(size=16)  # readable on a projector
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+def readout_row(r: compute.Readouts, model: patchslim.LoadedModel) -> None:
+    """GMACs, latency, memory, rho reached and tokens, each before -> after."""
+    cols = st.columns(5)
+    if r.gmacs_after is not None:
+        cols[0].metric("GMACs per image", f"{r.gmacs_after:.3g}",
+                       delta=f"{-r.gmacs_reduction:+.0%} (from {r.gmacs_before:.3g})", delta_color="inverse",
+                       help="Analytic multiply-adds of the slimmed forward (patchslim.metrics.flops), "
+                            "selection cost included; the delta compares with the unslimmed model.", border=True)
+    else:
+        cols[0].metric("GMACs per image", "—", help="patchslim.metrics.flops is not available yet", border=True)
+    cols[1].metric("Latency (one forward)", _ms(r.latency_after),
+                   delta=f"{r.latency_after / r.latency_before - 1:+.0%} (from {_ms(r.latency_before)})",
+                   delta_color="inverse", border=True,
+                   help=f"Measured wall time of this image's forward on {model.device.type.upper()} (one run, "
+                        "attention maps kept). The Benchmark page measures medians over many runs.")
+    if r.memory_after is not None:
+        cols[2].metric("Activation memory", f"{r.memory_after:.3g} MB",
+                       delta=f"{r.memory_after / r.memory_before - 1:+.0%} (from {r.memory_before:.3g} MB)",
+                       delta_color="inverse", border=True,
+                       help="Analytic peak of activation memory per image for this plan "
+                            "(patchslim.metrics.memory), without the attention maps kept for display.")
+    else:
+        cols[2].metric("Activation memory", "—", help="patchslim.metrics.memory is not available yet", border=True)
+    cols[3].metric("ρ reached", f"{r.keep_ratio_reached:.2f}", border=True,
+                   help="Patch tokens left after the last block / patches of the image (N′/N).")
+    cols[4].metric("Tokens in last block", f"{r.tokens_after[-1]}", delta=f"of {r.tokens_before[-1]}",
+                   delta_color="off", delta_arrow="off", chart_data=r.tokens_after, chart_type="bar", border=True,
+                   help="Tokens (CLS included) the last block ran on; the bars show every block.")
+
+
+def overlay(image: Image.Image, model: patchslim.LoadedModel, trace: patchslim.Trace,
+            block: int | None) -> Image.Image | None:
+    """Draws the kept / dropped / merged overlay (patchslim.vis) and returns it for download."""
+    vis = compute.optional("patchslim.vis")
+    if vis is None or not hasattr(vis, "patch_overlay"):
+        st.image(image, width="stretch")
+        widgets.not_available("Kept / dropped / merged overlay", "patchslim.vis")
+        return None
+    picture = vis.patch_overlay(image, model, trace, block=block, index=0)
+    st.image(picture, width="stretch")
+    return picture
+
+
+def prediction_change(r: compute.Readouts, true_label: str | None) -> None:
+    """The label flip (or not) and the confidence change, then the two top-5 lists."""
+    before_label, before_p = r.top5_before[0]
+    after_label, after_p = r.top5_after[0]
+    if r.flipped:
+        st.error(f"**Label flipped:** {before_label} ({before_p:.0%}) → **{after_label}** ({after_p:.0%})")
+    else:
+        change = r.top1_confidence_after - r.top1_confidence_before
+        st.success(f"**Same prediction:** {before_label}, confidence {r.top1_confidence_before:.0%} → "
+                   f"{r.top1_confidence_after:.0%} ({change * 100:+.1f} points)")
+    if true_label is not None:
+        marks = [":green[**right**]" if label == true_label else ":red[**wrong**]" for label in (before_label, after_label)]
+        st.caption(f"True label **{true_label}** · unslimmed {marks[0]} · slimmed {marks[1]}")
+    st.markdown("**Unslimmed model**")
+    widgets.predictions_table(r.top5_before, highlight=before_label)
+    st.markdown("**Slimmed model**")
+    widgets.predictions_table(r.top5_after, highlight=before_label)
+    st.caption("➜ marks the unslimmed model's top-1 class in both lists.")
+
+
+def tokens_chart(r: compute.Readouts) -> None:
+    """Tokens per block, unslimmed vs slimmed."""
+    import plotly.graph_objects as go
+
+    blocks = list(range(len(r.tokens_before)))
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=blocks, y=r.tokens_before, name="unslimmed", mode="lines+markers",
+                             line=dict(color="#888888", dash="dash")))
+    fig.add_trace(go.Bar(x=blocks, y=r.tokens_after, name="slimmed", marker_color="#1f77b4"))
+    fig.update_layout(height=260, margin=dict(l=10, r=10, t=40, b=10), font=FONT,
+                      title=dict(text="Tokens per block (CLS included)", font=FONT),
+                      xaxis=dict(title="block", dtick=1), yaxis=dict(title="tokens", rangemode="tozero"),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1))
+    st.plotly_chart(fig, width="stretch", config={"displayModeBar": False})
+
+
+def attention_side_by_side(image: Image.Image, model: patchslim.LoadedModel, before: patchslim.Trace,
+                           after: patchslim.Trace, key: str) -> None:
+    """Attention map (or rollout) of the unslimmed and the slimmed forward, next to each other."""
+    attention = compute.optional("patchslim.explain.attention")
+    if attention is None:
+        widgets.not_available("Attention maps and rollout", "patchslim.explain.attention")
+        return
+    views_available = compute.attention_views(attention)
+    kind_col, block_col = st.columns([2, 3])
+    kind = kind_col.radio("Show", list(views_available), horizontal=True, key=f"{key}_attention_kind")
+    depth = model.spec.depth
+    block = block_col.slider("Block", 0, depth - 1, depth - 1, key=f"{key}_attention_block",
+                             disabled=not views_available[kind].per_block)
+    grids = [views_available[kind].grid(trace, block) for trace in (before, after)]
+    vis = compute.optional("patchslim.vis")
+    lo = min(float(np.nanmin(g)) for g in grids)  # one colour scale for both maps
+    hi = max(float(np.nanmax(g)) for g in grids)
+    cols = st.columns(2)
+    for col, grid, title in zip(cols, grids, ("unslimmed", "slimmed")):
+        with col:
+            if vis is None or not hasattr(vis, "heatmap_overlay"):
+                widgets.not_available("Heatmap drawing", "patchslim.vis")
+                continue
+            st.image(vis.heatmap_overlay(image, grid, vmin=lo, vmax=hi, legend=True, title=f"{kind}, {title}",
+                                         model=model), width="stretch")
+    st.caption(views_available[kind].caption + " Both maps share one colour scale.")
+
+
+def metrics_record(r: compute.Readouts, settings, picked) -> dict:
+    """The run's numbers as one flat dict (for the JSON / CSV downloads)."""
+    return dict(
+        model=settings.choice.model.name,
+        weights=settings.choice.model.weights_source,
+        device=str(settings.choice.model.device),
+        precision=settings.choice.model.precision,
+        image=picked.name,
+        true_label=picked.label,
+        method=settings.method,
+        keep_ratio=settings.keep_ratio,
+        options=json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in settings.options.items()}),
+        keep_ratio_reached=r.keep_ratio_reached,
+        gmacs_before=r.gmacs_before,
+        gmacs_after=r.gmacs_after,
+        gmacs_reduction=r.gmacs_reduction,
+        latency_ms_before=r.latency_before * 1000,
+        latency_ms_after=r.latency_after * 1000,
+        memory_mb_before=r.memory_before,
+        memory_mb_after=r.memory_after,
+        tokens_per_block_before=" ".join(map(str, r.tokens_before)),
+        tokens_per_block_after=" ".join(map(str, r.tokens_after)),
+        top1_before=r.top5_before[0][0],
+        top1_after=r.top5_after[0][0],
+        label_flipped=r.flipped,
+        top1_confidence_before=r.top1_confidence_before,
+        top1_confidence_after=r.top1_confidence_after,
+        **r.extra,
+    )
+
+
+def downloads(overlay_image: Image.Image | None, r: compute.Readouts, settings, picked) -> None:
+    """Overlay PNG, metrics JSON and CSV."""
+    record = metrics_record(r, settings, picked)
+    stem = f"patchslim_{settings.method}_rho{settings.keep_ratio:.2f}"
+    cols = st.columns(3)
+    if overlay_image is not None:
+        buffer = io.BytesIO()
+        overlay_image.save(buffer, format="PNG")
+        cols[0].download_button("Overlay (PNG)", buffer.getvalue(), f"{stem}_overlay.png", "image/png",
+                                width="stretch")
+    else:
+        cols[0].button("Overlay (PNG)", disabled=True, help="patchslim.vis is not available yet", width="stretch")
+    cols[1].download_button("Metrics (JSON)", json.dumps(record, indent=2), f"{stem}_metrics.json",
+                            "application/json", width="stretch")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(record))
+    writer.writeheader()
+    writer.writerow(record)
+    cols[2].download_button("Metrics (CSV)", text.getvalue(), f"{stem}_metrics.csv", "text/csv", width="stretch")
+
+
+# --------------------------------------------------------------------------- compare
+
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000",
+           "#999999", "#8C564B", "#7F7F7F", "#BCBD22")
+
+
+def method_colour(method: str) -> str:
+    """A stable colour per method (Okabe-Ito first), the same in every chart."""
+    names = patchslim.method_names()
+    return PALETTE[names.index(method) % len(PALETTE)] if method in names else "#333333"
+
+
+def method_grid(results: list[compute.MethodResult], base: compute.Timed, picked, model: patchslim.LoadedModel,
+                columns: int = 4) -> None:
+    """One card per method: overlay, top-1 (flip marked), GMACs and rho reached."""
+    vis = compute.optional("patchslim.vis")
+    flops = compute.optional("patchslim.metrics.flops")
+    base_label, _ = base.trace.top_k(1)[0]
+    for start in range(0, len(results), columns):
+        cols = st.columns(columns)
+        for col, result in zip(cols, results[start:start + columns]):
+            with col.container(border=True):
+                st.markdown(f"#### {result.method}")
+                if result.timed is None:
+                    st.warning(result.error)
+                    continue
+                trace = result.timed.trace
+                if vis is not None:
+                    st.image(vis.patch_overlay(picked.image, model, trace, legend=True, min_side=288),
+                             width="stretch")
+                else:
+                    widgets.not_available("Overlay", "patchslim.vis")
+                label, prob = trace.top_k(1)[0]
+                flip = ":red[**label flipped**]" if label != base_label else "same as unslimmed"
+                st.markdown(f"**{label}** {prob:.0%} · {flip}")
+                if flops is not None:
+                    comparison = flops.compare_macs(trace, base.trace)
+                    st.markdown(f"{comparison.gmacs:.3g} GMACs ({-comparison.reduction:+.0%}) · "
+                                f"ρ reached {trace.keep_ratio:.2f}")
+                else:
+                    st.markdown(f"ρ reached {trace.keep_ratio:.2f}")
+
+
+def _layout(fig, title: str, x_title: str, y_title: str, height: int = 420) -> None:
+    fig.update_layout(height=height, font=FONT, title=dict(text=title, font=dict(size=18)),
+                      margin=dict(l=10, r=10, t=60, b=10), hovermode="closest",
+                      legend=dict(font=dict(size=14), title=dict(text="method")))
+    fig.update_xaxes(title=x_title, range=[0, 1.05], dtick=0.1)
+    fig.update_yaxes(title=y_title, rangemode="tozero")
+
+
+def flops_curve_chart(curves: list[dict], results: list[compute.MethodResult], base: compute.Timed) -> None:
+    """GMACs vs rho per method, this image's points at the chosen rho marked with stars."""
+    import plotly.graph_objects as go
+
+    flops = compute.optional("patchslim.metrics.flops")
+    if flops is None or not curves:
+        widgets.not_available("GMACs across ρ", "patchslim.metrics.flops")
+        return
+    fig = go.Figure()
+    for method in dict.fromkeys(p["method"] for p in curves):
+        points = [p for p in curves if p["method"] == method]
+        fig.add_trace(go.Scatter(x=[p["keep_ratio"] for p in points], y=[p["gmacs"] for p in points],
+                                 mode="lines+markers", name=method, legendgroup=method,
+                                 line=dict(color=method_colour(method), width=3)))
+    here = [r for r in results if r.timed is not None]
+    fig.add_trace(go.Scatter(
+        x=[r.timed.trace.plan.stages[0].keep_ratio for r in here],
+        y=[flops.gmacs(r.timed.trace) for r in here], mode="markers", name="this image, chosen ρ",
+        marker=dict(symbol="star", size=18, color=[method_colour(r.method) for r in here],
+                    line=dict(color="black", width=1.5)),
+        text=[r.method for r in here], hovertemplate="%{text}: %{y:.3g} GMACs<extra>this image</extra>",
+    ))
+    base_gmacs = flops.gmacs(base.trace)
+    fig.add_hline(y=base_gmacs, line=dict(color="#555555", dash="dot"),
+                  annotation_text=f"unslimmed {base_gmacs:.3g}", annotation_position="top left")
+    _layout(fig, "GMACs per image vs keep ratio ρ", "keep ratio ρ (requested)", "GMACs per image")
+    st.plotly_chart(fig, width="stretch", config={"displayModeBar": False})
+    st.caption("Analytic GMACs (patchslim.metrics.flops) of each method with its default placement, on this "
+               "image; stars mark the chosen ρ.")
+
+
+def accuracy_curve_chart(table, source_model: str | None, model_name: str, keep_ratio: float,
+                         results: list[compute.MethodResult]) -> None:
+    """Top-1 vs rho from benchmarks/results/accuracy.csv, the chosen rho marked."""
+    import plotly.graph_objects as go
+
+    if table is None:
+        st.info("Accuracy across ρ: `benchmarks/results/accuracy.csv` has not been written yet "
+                "(`python -m patchslim evaluate` writes it).", icon=":material/hourglass_empty:")
+        return
+    if source_model is not None and source_model != model_name:
+        st.info(f"Accuracy across ρ was measured on {source_model}; the app is running {model_name}, "
+                "so the curve is not shown for it.", icon=":material/info:")
+        return
+    fig = go.Figure()
+    for method in dict.fromkeys(table["method"]):
+        rows = table[table["method"] == method].sort_values("keep_ratio")
+        base = rows["base_method"].iloc[0] if "base_method" in rows else method
+        fig.add_trace(go.Scatter(x=rows["keep_ratio"], y=rows["top1"], mode="lines+markers", name=method,
+                                 line=dict(color=method_colour(base), width=3)))
+    fig.add_vline(x=keep_ratio, line=dict(color="black", dash="dash", width=2),
+                  annotation_text=f"chosen ρ = {keep_ratio:.2f}", annotation_position="top")
+    _layout(fig, "Top-1 accuracy vs keep ratio ρ", "keep ratio ρ (requested)", "top-1 accuracy")
+    fig.update_yaxes(tickformat=".0%")
+    st.plotly_chart(fig, width="stretch", config={"displayModeBar": False})
+    n = int(table["n"].iloc[0]) if "n" in table else None
+    st.caption(f"From benchmarks/results/accuracy.csv ({source_model or 'model not recorded'}"
+               f"{f', {n} images' if n else ''}); the dashed line marks the ρ this image is shown at.")
+
+
+# --------------------------------------------------------------------------- explain
+
+def explanation(result, image: Image.Image, model: patchslim.LoadedModel, share: float) -> None:
+    """Kept evidence and the two attribution maps on one symmetric colour scale."""
+    evidence = result.evidence
+    before, after = result.attribution_before, result.attribution_after
+    cols = st.columns(4)
+    cols[0].metric("Kept evidence", f"{evidence.kept_evidence:.0%}", border=True,
+                   delta=f"{evidence.top_kept} of {evidence.top_count} top patches", delta_color="off",
+                   delta_arrow="off",
+                   help=f"Share of the unslimmed model's top {share:.0%} patches (by attribution) that the "
+                        "slimmed model still sees after its last block.")
+    cols[1].metric("Rank agreement", "—" if np.isnan(evidence.spearman) else f"{evidence.spearman:.2f}",
+                   border=True, help="Spearman correlation of the per-patch attributions before and after.")
+    cols[2].metric("Class explained", result.target_label, border=True,
+                   help="The unslimmed model's prediction; both maps explain this same class.")
+    seconds = sum(a.seconds for a in (before, after) if a is not None)
+    cols[3].metric("Attribution time", f"{seconds:.1f} s", border=True,
+                   delta=f"{sum(a.evaluations for a in (before, after) if a is not None)} forwards",
+                   delta_color="off", delta_arrow="off")
+    vis = compute.optional("patchslim.vis")
+    if vis is None:
+        widgets.not_available("Attribution maps", "patchslim.vis")
+        return
+    grids = [a.grid for a in (before, after)]
+    limit = max(float(np.nanmax(np.abs(g))) for g in grids) or 1.0
+    left, right = st.columns(2)
+    for col, grid, title in zip((left, right), grids, ("unslimmed", "slimmed")):
+        col.image(vis.heatmap_overlay(image, grid, vmin=-limit, vmax=limit, cmap="RdBu_r", legend=True,
+                                      title=f"{before.method.replace('_', ' ')}, {title}",
+                                      label="attribution", model=model), width="stretch")
+    st.caption("Red: patches that push the prediction towards the class; blue: away from it. Both maps share "
+               "one colour scale centred on zero; hatched patches were dropped.")
+    if evidence.dropped_top_patch_ids:
+        st.markdown(f"Top patches the slimmed model dropped (raster ids): "
+                    f"`{', '.join(map(str, evidence.dropped_top_patch_ids))}`")
+
+
+# --------------------------------------------------------------------------- benchmark
+
+def benchmark_results(rows: list[dict], model: patchslim.LoadedModel) -> None:
+    """The table (with a CSV download) and measured vs ideal speed-up per plan."""
+    import pandas as pd
+    import plotly.graph_objects as go
+
+    frame = pd.DataFrame(rows)
+    failed = frame[frame["error"].notna()] if "error" in frame else frame.iloc[0:0]
+    ok = frame[frame["error"].isna()] if "error" in frame else frame
+    for _, row in failed.iterrows():
+        st.warning(f"{row['method']} at ρ = {row['keep_ratio']:g}: {row['error']}")
+    if ok.empty:
+        return
+    columns = {
+        "method": st.column_config.TextColumn("Method"),
+        "keep_ratio": st.column_config.NumberColumn("ρ", format="%.2f"),
+        "keep_ratio_reached": st.column_config.NumberColumn("ρ reached", format="%.2f"),
+        "gmacs": st.column_config.NumberColumn("GMACs", format="%.3g"),
+        "gmacs_reduction": st.column_config.NumberColumn("GMACs saved", format="percent"),
+        "latency_ms": st.column_config.NumberColumn("Latency (ms)", format="%.1f"),
+        "latency_iqr_ms": st.column_config.NumberColumn("IQR (ms)", format="%.1f"),
+        "baseline_ms": st.column_config.NumberColumn("Unslimmed (ms)", format="%.1f"),
+        "speedup": st.column_config.NumberColumn("Speed-up", format="%.2f×"),
+        "ideal_speedup": st.column_config.NumberColumn("Ideal (GMACs)", format="%.2f×"),
+        "efficiency": st.column_config.NumberColumn("Share of ideal", format="percent"),
+    }
+    shown = [c for c in columns if c in ok]
+    st.dataframe(ok[shown], hide_index=True, width="stretch", column_config=columns)
+    fig = go.Figure()
+    labels = [f"{m} ρ={r:g}" for m, r in zip(ok["method"], ok["keep_ratio"])]
+    fig.add_trace(go.Bar(x=labels, y=ok["speedup"], name="measured speed-up",
+                         marker_color=[method_colour(m) for m in ok["method"]]))
+    if "ideal_speedup" in ok:
+        fig.add_trace(go.Scatter(x=labels, y=ok["ideal_speedup"], name="ideal (GMAC ratio)", mode="markers",
+                                 marker=dict(symbol="line-ew-open", size=26, line=dict(width=3, color="black"))))
+    fig.add_hline(y=1.0, line=dict(color="#555555", dash="dot"))
+    fig.update_layout(height=440, font=FONT, title=dict(text=f"Speed-up over the unslimmed {model.name}",
+                                                        font=dict(size=18)),
+                      yaxis_title="× faster", margin=dict(l=10, r=10, t=60, b=10),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1))
+    st.plotly_chart(fig, width="stretch", config={"displayModeBar": False})
+    st.download_button("Table (CSV)", frame.to_csv(index=False), f"patchslim_benchmark_{model.name}.csv",
+                       "text/csv")
+
+
+# --------------------------------------------------------------------------- audit
+
+def evaluation_results(result) -> None:
+    """patchslim.evaluate's result: headline numbers, its plot, its tables and downloads."""
+    evaluate = compute.optional("patchslim.evaluate")
+    cols = st.columns(3)
+    cols[0].metric("Images evaluated", f"{result.n}", border=True, help=result.data)
+    cols[1].metric("Unslimmed top-1", f"{result.baseline_top1:.1%}", border=True)
+    cols[2].metric("Time", f"{result.seconds:.1f} s", border=True)
+    if result.unknown_labels:
+        st.warning("Not evaluated (folders matching no class): "
+                   + ", ".join(f"{k} ({v} images)" for k, v in sorted(result.unknown_labels.items())))
+    if result.unreadable:
+        with st.expander(f"{len(result.unreadable)} unreadable files were skipped"):
+            st.code("\n".join(result.unreadable[:200]))
+    fig = evaluate.accuracy_figure(result)
+    fig.update_layout(width=None, font=FONT, title=dict(font=dict(size=18)))
+    st.plotly_chart(fig, width="stretch", config={"displayModeBar": False})
+    st.markdown(result.markdown())
+    stem = f"patchslim_accuracy_{result.model}"
+    c1, c2, c3 = st.columns(3)
+    c1.download_button("Results (CSV)", result.csv_text(), f"{stem}.csv", "text/csv", width="stretch")
+    c2.download_button("Results (JSON)", json.dumps(result.to_dict(), indent=2), f"{stem}.json",
+                       "application/json", width="stretch")
+    c3.download_button("Report (Markdown)", result.markdown(), f"{stem}.md", "text/markdown", width="stretch")

@@ -1,0 +1,115 @@
+"""Drawing helpers the pages share: the image picker, predictions, method card, "not available yet" notes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import streamlit as st
+from PIL import Image
+
+import patchslim
+from patchslim import bundled
+from patchslim.errors import ImageError
+
+from app import state
+
+UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
+
+
+@dataclass(frozen=True)
+class PickedImage:
+    """The image a page works on.
+
+    Attributes:
+        name: what to call it.
+        image: upright RGB or L image, any size.
+        key: content hash (cache key).
+        label: the true label when known (gallery images of the bundled model), else None.
+        credit: where it comes from.
+    """
+
+    name: str
+    image: Image.Image
+    key: str
+    label: str | None
+    credit: str
+
+
+def _remember_upload() -> None:
+    """Keeps the uploaded file in the session, so it survives switching pages."""
+    uploaded = st.session_state.get("uploader")
+    st.session_state["upload"] = None if uploaded is None else (uploaded.name, uploaded.getvalue())
+
+
+def image_picker(model: patchslim.LoadedModel) -> PickedImage | None:
+    """Gallery or upload, in one row; returns the chosen image or None (after showing why)."""
+    is_bundled = model.name == bundled.BUNDLED_NAME
+    items = state.gallery(is_bundled)
+    source_col, pick_col = st.columns([1, 3], vertical_alignment="bottom")
+    source = source_col.radio("Image", ["Gallery", "Upload"], key="image_source", horizontal=True)
+    if source == "Upload":
+        pick_col.file_uploader(
+            "Upload an image (JPEG, PNG, WebP, BMP, GIF; first frame of an animation)", type=UPLOAD_TYPES,
+            key="uploader", on_change=_remember_upload,
+        )
+        upload = st.session_state.get("upload")
+        if upload is None:
+            st.info("Upload an image to start, or switch to the gallery.")
+            return None
+        filename, data = upload
+        key = state.image_key(data)
+        try:
+            image = state.decoded_upload(key, data)
+        except ImageError as exc:
+            st.error(f"This file cannot be used: {exc}")
+            return None
+        return PickedImage(filename, image, key, None, "your upload")
+    gallery_key = f"gallery_pick::{'bundled' if is_bundled else 'photos'}"
+    names = [item.name for item in items]
+    index = pick_col.selectbox("Gallery image", range(len(items)), format_func=lambda i: names[i], key=gallery_key)
+    item = items[index]
+    return PickedImage(item.name, item.image, f"{gallery_key}:{index}", item.label, item.credit)
+
+
+def not_available(what: str, module: str) -> None:
+    """The honest placeholder for a part whose engine module has not landed yet."""
+    st.info(f"{what}: not available yet (`{module}` is not part of this installation yet).", icon=":material/hourglass_empty:")
+
+
+def method_card(method: str) -> None:
+    """The method's equation and one paragraph on how it works, for teaching."""
+    slim = patchslim.get_method(method)
+    st.subheader(f"How `{method}` works")
+    if slim.equation:
+        st.latex(slim.equation)
+    if slim.explanation:
+        st.markdown(slim.explanation)
+    facts = []
+    if slim.reference:
+        facts.append(f"reference: {slim.reference}")
+    facts.append("merges tokens" if slim.merges else "prunes tokens")
+    if slim.needs_attention:
+        facts.append("reads attention")
+    if slim.learned:
+        facts.append("learned")
+    if slim.adaptive_count:
+        facts.append("adaptive count per image")
+    st.caption(" · ".join(facts))
+
+
+def predictions_table(top5: list[tuple[str, float]], highlight: str | None = None) -> None:
+    """Top-5 as a table with probability bars; ``highlight`` marks one label (the unslimmed top-1)."""
+    import pandas as pd
+
+    frame = pd.DataFrame({
+        "class": [("➜ " if label == highlight else "") + label for label, _ in top5],
+        "probability": [p for _, p in top5],
+    })
+    st.dataframe(
+        frame, hide_index=True, width="stretch",
+        column_config={
+            "class": st.column_config.TextColumn("Class", width="medium"),
+            "probability": st.column_config.ProgressColumn("Probability", format="percent", min_value=0.0,
+                                                           max_value=1.0),
+        },
+    )

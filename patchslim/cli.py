@@ -17,6 +17,7 @@ COMMANDS = (
     "patchslim.commands.run",
     "patchslim.commands.train_policy",
     "patchslim.commands.evaluate",
+    "patchslim.commands.explain",
 )
 
 

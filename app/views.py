@@ -212,7 +212,7 @@ def method_grid(results: list[compute.MethodResult], base: compute.Timed, picked
                     continue
                 trace = result.timed.trace
                 if vis is not None:
-                    st.image(vis.patch_overlay(picked.image, model, trace, legend=True, min_side=288),
+                    st.image(vis.patch_overlay(picked.image, model, trace, legend=True),
                              width="stretch")
                 else:
                     widgets.not_available("Overlay", "patchslim.vis")
@@ -230,7 +230,7 @@ def method_grid(results: list[compute.MethodResult], base: compute.Timed, picked
 def _layout(fig, title: str, x_title: str, y_title: str, height: int = 420) -> None:
     fig.update_layout(height=height, font=FONT, title=dict(text=title, font=dict(size=18)),
                       margin=dict(l=10, r=10, t=60, b=10), hovermode="closest",
-                      legend=dict(font=dict(size=14), title=dict(text="method")))
+                      legend=dict(font=dict(size=14), orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0))
     fig.update_xaxes(title=x_title, range=[0, 1.05], dtick=0.1)
     fig.update_yaxes(title=y_title, rangemode="tozero")
 
@@ -260,7 +260,7 @@ def flops_curve_chart(curves: list[dict], results: list[compute.MethodResult], b
     base_gmacs = flops.gmacs(base.trace)
     fig.add_hline(y=base_gmacs, line=dict(color="#555555", dash="dot"),
                   annotation_text=f"unslimmed {base_gmacs:.3g}", annotation_position="top left")
-    _layout(fig, "GMACs per image vs keep ratio ρ", "keep ratio ρ (requested)", "GMACs per image")
+    _layout(fig, "GMACs per image vs keep ratio ρ", "keep ratio ρ (requested)", "GMACs per image", height=560)
     st.plotly_chart(fig, width="stretch", config={"displayModeBar": False})
     st.caption("Analytic GMACs (patchslim.metrics.flops) of each method with its default placement, on this "
                "image; stars mark the chosen ρ.")
@@ -287,7 +287,7 @@ def accuracy_curve_chart(table, source_model: str | None, model_name: str, keep_
                                  line=dict(color=method_colour(base), width=3)))
     fig.add_vline(x=keep_ratio, line=dict(color="black", dash="dash", width=2),
                   annotation_text=f"chosen ρ = {keep_ratio:.2f}", annotation_position="top")
-    _layout(fig, "Top-1 accuracy vs keep ratio ρ", "keep ratio ρ (requested)", "top-1 accuracy")
+    _layout(fig, "Top-1 accuracy vs keep ratio ρ", "keep ratio ρ (requested)", "top-1 accuracy", height=560)
     fig.update_yaxes(tickformat=".0%")
     st.plotly_chart(fig, width="stretch", config={"displayModeBar": False})
     n = int(table["n"].iloc[0]) if "n" in table else None

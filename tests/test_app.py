@@ -1,0 +1,182 @@
+"""The app's pages, headless with ``streamlit.testing.v1.AppTest``, on the bundled model.
+
+Every page runs without an exception, and the readouts follow the engine: after moving the method and rho
+widgets, the page shows exactly what ``patchslim.run`` gives for the same image and plan.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+import patchslim  # noqa: E402
+from patchslim import bundled  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+MAIN = REPO / "app" / "main.py"
+TIMEOUT = 120
+
+
+def _exceptions(at: AppTest) -> list[str]:
+    return [e.value for e in at.exception]
+
+
+def _metric(at: AppTest, label: str):
+    found = [m for m in at.metric if m.label == label]
+    assert found, f"no metric {label!r}; metrics: {[m.label for m in at.metric]}"
+    return found[0]
+
+
+@pytest.fixture()
+def app() -> AppTest:
+    """The app on the bundled model (the person's choice in the sidebar), first run done."""
+    at = AppTest.from_file(str(MAIN), default_timeout=TIMEOUT).run()
+    at.selectbox(key="model_name").set_value(bundled.BUNDLED_NAME).run()
+    assert not _exceptions(at)
+    return at
+
+
+@pytest.fixture(scope="module")
+def engine_model():
+    """The model exactly as the app loads it (random weights only while the checkpoint is missing)."""
+    return patchslim.load_model(bundled.BUNDLED_NAME, device="auto", pretrained=bundled.CHECKPOINT_PATH.exists())
+
+
+@pytest.fixture(scope="module")
+def first_gallery_image():
+    from app import compute
+
+    return compute.bundled_gallery()[0].image
+
+
+def test_first_screen_falls_back_to_the_bundled_model_without_weights():
+    from patchslim.models import DEFAULT_MODEL, weights_status
+
+    at = AppTest.from_file(str(MAIN), default_timeout=TIMEOUT).run()
+    assert not _exceptions(at)
+    assert at.title[0].value == "Explore one image"
+    if weights_status(DEFAULT_MODEL).startswith("ready"):
+        pytest.skip("pretrained DeiT-S weights are available on this machine")
+    notices = " ".join(w.value for w in at.warning)
+    assert "not available" in notices and bundled.BUNDLED_NAME in notices
+    assert _metric(at, "Tokens in last block").value  # results shown with the bundled model
+
+
+@pytest.mark.parametrize("method,keep_ratio", [("uniform", 0.3), ("tome", 0.5), ("attention", 0.7)])
+def test_method_and_rho_widgets_drive_the_readouts_like_the_engine(app, engine_model, first_gallery_image,
+                                                                   method, keep_ratio):
+    from patchslim.metrics.flops import compare_macs
+
+    app.selectbox(key="method").set_value(method)
+    app.slider(key="keep_ratio").set_value(keep_ratio)
+    app.run()
+    assert not _exceptions(app)
+
+    trace = patchslim.run(engine_model, first_gallery_image, patchslim.SlimPlan.from_options(method, keep_ratio))
+    base = patchslim.run(engine_model, first_gallery_image)
+    assert _metric(app, "ρ reached").value == f"{trace.keep_ratio:.2f}"
+    tokens = _metric(app, "Tokens in last block")
+    assert tokens.value == str(trace.tokens_per_block[-1])
+    assert tokens.delta == f"of {base.tokens_per_block[-1]}"
+    assert _metric(app, "GMACs per image").value == f"{compare_macs(trace, base).gmacs:.3g}"
+    top1 = trace.top_k(1)[0][0]
+    banner = " ".join(s.value for s in app.success) + " ".join(e.value for e in app.error)
+    assert top1 in banner
+
+
+def test_moving_rho_changes_tokens_and_gmacs(app):
+    app.selectbox(key="method").set_value("random").run()
+    app.slider(key="keep_ratio").set_value(0.9).run()
+    high = (_metric(app, "Tokens in last block").value, _metric(app, "GMACs per image").value)
+    app.slider(key="keep_ratio").set_value(0.2).run()
+    low = (_metric(app, "Tokens in last block").value, _metric(app, "GMACs per image").value)
+    assert int(low[0]) < int(high[0]) and float(low[1]) < float(high[1])
+
+
+def test_every_method_option_gets_a_widget(app):
+    depth = 6  # the bundled model
+    for method in patchslim.method_names():
+        app.selectbox(key="method").set_value(method).run()
+        assert not _exceptions(app), method
+        keys = {w.key for w in app.sidebar if getattr(w, "key", None)}
+        for spec in patchslim.get_method(method).options:
+            assert f"opt::{method}::{spec.name}::{depth}" in _widget_keys(app), (method, spec.name, keys)
+
+
+def _widget_keys(at: AppTest) -> set[str]:
+    keys = set()
+    for kind in ("selectbox", "slider", "checkbox", "number_input", "text_input", "multiselect", "radio"):
+        keys.update(w.key for w in getattr(at, kind) if w.key)
+    return keys
+
+
+def test_bad_upload_shows_an_error_and_the_app_stays_usable(app):
+    app.radio(key="image_source").set_value("Upload").run()
+    app.file_uploader(key="uploader").upload("broken.png", b"this is not an image", "image/png").run()
+    assert not _exceptions(app)
+    assert any("cannot be used" in e.value for e in app.error)
+    app.radio(key="image_source").set_value("Gallery").run()
+    assert not _exceptions(app)
+    assert _metric(app, "ρ reached").value
+
+
+def test_uploaded_photo_is_explored(app):
+    buffer = io.BytesIO()
+    Image.new("RGB", (120, 90), (200, 30, 30)).save(buffer, format="JPEG")
+    app.radio(key="image_source").set_value("Upload").run()
+    app.file_uploader(key="uploader").upload("red.jpg", buffer.getvalue(), "image/jpeg").run()
+    assert not _exceptions(app)
+    assert not app.error
+    assert _metric(app, "Tokens in last block").value
+
+
+def test_compare_page(app):
+    app.switch_page("app_pages/compare.py").run()
+    assert not _exceptions(app)
+    assert app.title[0].value == "Compare methods"
+    titles = {m.value for m in app.markdown}
+    for method in patchslim.method_names():
+        assert f"#### {method}" in titles
+
+
+def test_explain_page_runs_attributions(app):
+    app.switch_page("app_pages/explain.py").run()
+    assert not _exceptions(app)
+    app.radio(key="explain_attribution").set_value("occlusion").run()
+    app.button[0].click().run()
+    assert not _exceptions(app)
+    kept = _metric(app, "Kept evidence").value
+    assert kept.endswith("%")
+
+
+def test_benchmark_page_runs_on_demand(app):
+    app.switch_page("app_pages/benchmark.py").run()
+    assert not _exceptions(app)
+    app.multiselect(key="bench_methods").set_value(["random"])
+    app.multiselect(key="bench_ratios").set_value([0.5])
+    app.number_input(key="bench_repeats").set_value(3)
+    app.run()
+    app.button[0].click().run()
+    assert not _exceptions(app)
+    assert len(app.dataframe) == 1
+    table = app.dataframe[0].value
+    assert list(table["method"]) == ["random"]
+    assert table["speedup"].iloc[0] > 0
+
+
+def test_audit_page_evaluates_the_bundled_sample(app):
+    app.switch_page("app_pages/audit.py").run()
+    assert not _exceptions(app)
+    app.multiselect(key="audit_methods").set_value(["uniform"])
+    app.multiselect(key="audit_ratios").set_value([0.5])
+    app.number_input(key="audit_limit").set_value(40)
+    app.run()
+    app.button[0].click().run()
+    assert not _exceptions(app)
+    assert _metric(app, "Images evaluated").value == "40"

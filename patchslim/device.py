@@ -72,3 +72,27 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def supports_peak_memory(device: torch.device) -> bool:
+    """Whether the device's allocator keeps a resettable peak of allocated memory (CUDA does)."""
+    return device.type == "cuda"
+
+
+def reset_peak_memory(device: torch.device) -> int:
+    """Starts a new peak-memory window; returns the bytes allocated now (weights, inputs).
+
+    Raises:
+        PatchslimError: the device keeps no peak (see :func:`supports_peak_memory`).
+    """
+    if not supports_peak_memory(device):
+        raise PatchslimError(f"{device} keeps no peak-memory statistics")
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return int(torch.cuda.memory_allocated(device))
+
+
+def peak_memory_allocated(device: torch.device) -> int:
+    """Peak bytes allocated since the last :func:`reset_peak_memory`."""
+    synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device))

@@ -16,17 +16,23 @@ Input pruning happens after ``_pos_embed``, so kept tokens keep their own positi
 
 from __future__ import annotations
 
+import time
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from patchslim.device import autocast
+from patchslim.device import autocast, synchronize
 from patchslim.methods import Reduction, StageContext
 from patchslim.models import LoadedModel
 from patchslim.plan import Action, SlimPlan
 from patchslim.tokens import Provenance, TokenState, target_count
 from patchslim.trace import BlockRecord, StageRecord, Trace
+
+# Set by ``patchslim.metrics.latency.selection_clock()`` to a list that receives (method, block, seconds)
+# for every method call; None (the default) reads no clock at all.
+SELECTION_CLOCK: ContextVar[list | None] = ContextVar("patchslim_selection_clock", default=None)
 
 
 def run(model: LoadedModel, images: Any, plan: SlimPlan | None = None) -> Trace:
@@ -96,7 +102,14 @@ def _forward(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: 
                 depth=spec.depth,
             )
             before = state
+            clock = SELECTION_CLOCK.get()
+            if clock is not None:
+                synchronize(state.tokens.device)
+                started = time.perf_counter()
             reduction: Reduction = action.method.reduce(state, ctx)
+            if clock is not None:
+                synchronize(state.tokens.device)
+                clock.append((action.stage.method, action.block, time.perf_counter() - started))
             state = reduction.state
             stage_records.append(StageRecord(
                 method=action.stage.method, stage_index=action.stage_index, block=action.block,

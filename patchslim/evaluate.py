@@ -389,6 +389,18 @@ class EvaluationResult:
         d["rows"] = [_clean(asdict(r)) for r in self.rows]
         return _clean(d)
 
+    @staticmethod
+    def from_dict(record: dict) -> "EvaluationResult":
+        """Rebuilds a result from :meth:`to_dict` (or an ``accuracy.json`` file)."""
+        fields = set(EvaluationResult.__dataclass_fields__)
+        values = {k: v for k, v in record.items() if k in fields}
+        nan = float("nan")
+        values["rows"] = [AccuracyRow(**{k: (nan if v is None else v) for k, v in row.items()})
+                          for row in record["rows"]]
+        if values.get("baseline_gmacs") is None:
+            values["baseline_gmacs"] = nan
+        return EvaluationResult(**values)
+
     def csv_text(self) -> str:
         out = io.StringIO()
         columns = list(AccuracyRow.__dataclass_fields__)
@@ -452,6 +464,42 @@ def _clean(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_clean(v) for v in value]
     return value
+
+
+def merge_results(results: Sequence[EvaluationResult], order: Sequence[str] | None = None) -> EvaluationResult:
+    """One table from runs on the same model and data (e.g. methods evaluated in separate processes).
+
+    Args:
+        results: results of :func:`evaluate`; later ones replace rows of earlier ones for the same
+            (method, keep ratio).
+        order: method labels in the order the table should list them (others follow).
+
+    Raises:
+        PatchslimError: the runs differ in model, weights, data or images.
+    """
+    first = results[0]
+    for other in results[1:]:
+        for key in ("model", "weights", "data", "n"):
+            if getattr(other, key) != getattr(first, key):
+                raise PatchslimError(f"cannot merge results with different {key}: "
+                                     f"{getattr(first, key)!r} vs {getattr(other, key)!r}")
+        if abs(other.baseline_top1 - first.baseline_top1) > 1e-12:
+            raise PatchslimError("cannot merge results whose unslimmed top-1 differs (different images?)")
+    rows: dict[tuple[str, float], AccuracyRow] = {}
+    for result in results:
+        for row in result.rows:
+            rows[(row.method, row.keep_ratio)] = row
+    rank = {m: i for i, m in enumerate(order or ())}
+    first_seen = {m: i for i, m in enumerate(dict.fromkeys(m for m, _ in rows))}
+    methods = sorted(first_seen, key=lambda m: rank.get(m, len(rank) + first_seen[m]))
+    ratios = list(dict.fromkeys(r for result in results for r in result.keep_ratios))
+    merged = [rows[(m, r)] for m in methods for r in ratios if (m, r) in rows]
+    return EvaluationResult(
+        model=first.model, weights=first.weights, data=first.data, n=first.n, baseline_top1=first.baseline_top1,
+        rows=merged, baseline_gmacs=first.baseline_gmacs, unknown_labels=first.unknown_labels,
+        unreadable=first.unreadable, seconds=sum(r.seconds for r in results),
+        settings=dict(first.settings, merged_from=len(results)),
+    )
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -567,6 +615,34 @@ def accuracy_figure(result: EvaluationResult):
     return fig
 
 
+def compute_figure(result: EvaluationResult):
+    """A plotly figure: top-1 vs compute (GMACs per image when known, else the mean keep ratio over blocks).
+
+    Methods that act later or gradually keep more tokens on average at the same final rho; this view
+    compares them at equal cost rather than at equal requested rho.
+    """
+    import plotly.graph_objects as go
+
+    use_gmacs = all(not math.isnan(r.gmacs) for r in result.rows) and result.rows
+    fig = go.Figure()
+    for method in result.methods:
+        rows = sorted((r for r in result.rows if r.method == method), key=lambda r: r.keep_ratio)
+        fig.add_trace(go.Scatter(
+            x=[r.gmacs if use_gmacs else r.mean_keep_ratio for r in rows], y=[100 * r.top1 for r in rows],
+            mode="lines+markers", name=method, customdata=[[r.keep_ratio] for r in rows],
+            hovertemplate=f"{method}<br>rho %{{customdata[0]:g}}<br>%{{x:.4g}}<br>top-1 %{{y:.2f}} %<extra></extra>",
+        ))
+    fig.add_hline(y=100 * result.baseline_top1, line_dash="dash", line_color="gray",
+                  annotation_text=f"unslimmed {100 * result.baseline_top1:.1f} %")
+    fig.update_layout(
+        title=f"Top-1 vs compute: {result.model}, {result.data}",
+        xaxis_title="GMACs per image" if use_gmacs else "mean keep ratio over blocks",
+        yaxis_title="top-1 accuracy (%)", template="plotly_white", width=900, height=560,
+        legend=dict(title="method"),
+    )
+    return fig
+
+
 def _write_png(result: EvaluationResult, fig, path: Path) -> str:
     """PNG via kaleido (Chromium) if it works here, else matplotlib. Returns which one wrote it."""
     import os
@@ -606,7 +682,8 @@ def _write_png(result: EvaluationResult, fig, path: Path) -> str:
 
 def write_outputs(result: EvaluationResult, out_dir: str | Path, stem: str = "accuracy", png: bool = True,
                   command: str | None = None) -> dict[str, Path]:
-    """Writes ``<stem>.csv``, ``.json``, ``.md``, ``.html`` (plotly) and ``.png`` into ``out_dir``.
+    """Writes ``<stem>.csv``, ``.json``, ``.md``, ``.html`` and ``.png`` (top-1 vs rho) and
+    ``<stem>_vs_compute.html`` / ``.png`` (top-1 vs GMACs) into ``out_dir``.
 
     Returns:
         kind -> path of what was written.
@@ -624,7 +701,15 @@ def write_outputs(result: EvaluationResult, out_dir: str | Path, stem: str = "ac
     paths["md"].write_text(header + result.markdown())
     fig = accuracy_figure(result)
     fig.write_html(str(paths["html"]), include_plotlyjs="cdn")
+    compute = compute_figure(result)
+    paths["compute_html"] = out / f"{stem}_vs_compute.html"
+    compute.write_html(str(paths["compute_html"]), include_plotlyjs="cdn")
     if png:
         paths["png"] = out / f"{stem}.png"
         _write_png(result, fig, paths["png"])
+        paths["compute_png"] = out / f"{stem}_vs_compute.png"
+        try:
+            compute.write_image(str(paths["compute_png"]), scale=2)
+        except Exception:  # no Chromium for kaleido: the HTML plot is there
+            del paths["compute_png"]
     return paths

@@ -132,3 +132,15 @@ def test_canvas_data_is_refused_for_other_models(capsys):
                  "--methods", "random", "--no-progress"])
     err = capsys.readouterr().err
     assert code != 0 and "folder" in err
+
+
+def test_results_round_trip_and_merge(model, sample_data):
+    from patchslim.evaluate import EvaluationResult, merge_results
+
+    a = evaluate(model, sample_data, parse_variants("random"), [1.0, 0.5], batch_size=24, progress=False)
+    b = evaluate(model, sample_data, parse_variants("random@1"), [1.0, 0.5], batch_size=24, progress=False)
+    again = EvaluationResult.from_dict(json.loads(json.dumps(a.to_dict())))
+    assert [(r.method, r.keep_ratio, r.top1, r.correct) for r in again.rows] == \
+        [(r.method, r.keep_ratio, r.top1, r.correct) for r in a.rows]
+    merged = merge_results([again, b], order=["random@1", "random"])
+    assert merged.methods == ["random@1", "random"] and len(merged.rows) == 4

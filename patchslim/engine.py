@@ -75,6 +75,10 @@ def _forward(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: 
     batch = x.shape[0]
     state = TokenState(x, spec.num_prefix_tokens, Provenance.identity(batch, spec.num_patches, x.device))
 
+    stage_blocks: dict[int, tuple[int, ...]] = {}
+    for action in actions:
+        stage_blocks[action.stage_index] = stage_blocks.get(action.stage_index, ()) + (action.block,)
+    stage_start: dict[int, int] = {}  # non-prefix tokens when each stage first acted
     by_place: dict[tuple[int, str], list[Action]] = {}
     for action in actions:
         by_place.setdefault((action.block, action.point), []).append(action)
@@ -87,6 +91,7 @@ def _forward(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: 
 
     def apply(place: tuple[int, str], state: TokenState) -> TokenState:
         for action in by_place.get(place, ()):
+            stage_start.setdefault(action.stage_index, state.count)
             ctx = StageContext(
                 block=action.block,
                 point=action.point,
@@ -100,6 +105,8 @@ def _forward(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: 
                 num_patches=spec.num_patches,
                 grid_size=spec.grid_size,
                 depth=spec.depth,
+                stage_blocks=stage_blocks[action.stage_index],
+                stage_start_count=stage_start[action.stage_index],
             )
             before = state
             clock = SELECTION_CLOCK.get()

@@ -15,3 +15,10 @@ from patchslim.methods.base import (  # noqa: F401
 )
 from patchslim.methods import random  # noqa: F401,E402
 from patchslim.methods import rl  # noqa: F401,E402
+from patchslim.methods import uniform  # noqa: F401,E402
+from patchslim.methods import grid  # noqa: F401,E402
+from patchslim.methods import lowrank  # noqa: F401,E402
+from patchslim.methods import entropy  # noqa: F401,E402
+from patchslim.methods import attention  # noqa: F401,E402
+from patchslim.methods import tome  # noqa: F401,E402
+from patchslim.methods import evit  # noqa: F401,E402

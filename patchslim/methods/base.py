@@ -122,6 +122,10 @@ class StageContext:
         num_patches: N of the unslimmed image.
         grid_size: (rows, cols) of the patch grid.
         depth: number of blocks.
+        stage_blocks: every block where this action's stage acts (resolved), in forward order; a method
+            that spreads a budget over its stage (``tome`` deriving r from rho) reads it.
+        stage_start_count: non-prefix tokens when this action's stage first acted (the M its keep ratio
+            refers to for such methods).
     """
 
     block: int
@@ -136,6 +140,8 @@ class StageContext:
     num_patches: int = 0
     grid_size: tuple[int, int] = (0, 0)
     depth: int = 0
+    stage_blocks: tuple[int, ...] = ()
+    stage_start_count: int = 0
 
 
 @dataclass
@@ -170,6 +176,10 @@ class SlimMethod:
     merges: ClassVar[bool] = False
     adaptive_count: ClassVar[bool] = False
     input_dependent: ClassVar[bool] = False
+    # True when one action leaves ``ctx.target`` tokens (within one, from rounding) at its default options;
+    # False when the count follows the method's own rule (grid: G x G; evit: ceil(rho M) + a fused token).
+    # The Trace reports the rho reached either way.
+    exact_count: ClassVar[bool] = True
     options: ClassVar[tuple[OptionSpec, ...]] = ()
 
     def default_blocks(self, depth: int) -> tuple[int, ...]:
@@ -204,6 +214,7 @@ class SlimMethod:
             name=self.name, summary=self.summary, reference=self.reference, point=self.point,
             needs_attention=self.needs_attention, needs_keys=self.needs_keys, learned=self.learned,
             merges=self.merges, adaptive_count=self.adaptive_count, input_dependent=self.input_dependent,
+            exact_count=self.exact_count,
             options=[dict(name=o.name, kind=o.kind, default=o.default, help=o.help, allowed=o.describe())
                      for o in self.options],
         )

@@ -51,8 +51,8 @@ def readout_row(r: compute.Readouts, model: patchslim.LoadedModel) -> None:
     cols[3].metric("ρ reached", f"{r.keep_ratio_reached:.2f}", border=True,
                    help="Patch tokens left after the last block / patches of the image (N′/N).")
     cols[4].metric("Tokens in last block", f"{r.tokens_after[-1]}", delta=f"of {r.tokens_before[-1]}",
-                   delta_color="off", delta_arrow="off", chart_data=r.tokens_after, chart_type="bar", border=True,
-                   help="Tokens (CLS included) the last block ran on; the bars show every block.")
+                   delta_color="off", delta_arrow="off", border=True,
+                   help="Tokens (CLS included) the last block ran on; the chart below shows every block.")
 
 
 def overlay(image: Image.Image, model: patchslim.LoadedModel, trace: patchslim.Trace,
@@ -73,11 +73,11 @@ def prediction_change(r: compute.Readouts, true_label: str | None) -> None:
     before_label, before_p = r.top5_before[0]
     after_label, after_p = r.top5_after[0]
     if r.flipped:
-        st.error(f"**Label flipped:** {before_label} ({before_p:.0%}) → **{after_label}** ({after_p:.0%})")
+        st.error(f"**Label flipped:** {before_label} ({before_p:.1%}) → **{after_label}** ({after_p:.1%})")
     else:
         change = r.top1_confidence_after - r.top1_confidence_before
-        st.success(f"**Same prediction:** {before_label}, confidence {r.top1_confidence_before:.0%} → "
-                   f"{r.top1_confidence_after:.0%} ({change * 100:+.1f} points)")
+        st.success(f"**Same prediction:** {before_label}, confidence {r.top1_confidence_before:.1%} → "
+                   f"{r.top1_confidence_after:.1%} ({change * 100:+.1f} points)")
     if true_label is not None:
         marks = [":green[**right**]" if label == true_label else ":red[**wrong**]" for label in (before_label, after_label)]
         st.caption(f"True label **{true_label}** · unslimmed {marks[0]} · slimmed {marks[1]}")
@@ -164,24 +164,32 @@ def metrics_record(r: compute.Readouts, settings, picked) -> dict:
 
 
 def downloads(overlay_image: Image.Image | None, r: compute.Readouts, settings, picked) -> None:
-    """Overlay PNG, metrics JSON and CSV."""
+    """Overlay PNG, metrics JSON and CSV; the files are made only when a button is clicked."""
     record = metrics_record(r, settings, picked)
     stem = f"patchslim_{settings.method}_rho{settings.keep_ratio:.2f}"
     cols = st.columns(3)
-    if overlay_image is not None:
+
+    def png() -> bytes:
         buffer = io.BytesIO()
         overlay_image.save(buffer, format="PNG")
-        cols[0].download_button("Overlay (PNG)", buffer.getvalue(), f"{stem}_overlay.png", "image/png",
-                                width="stretch")
+        return buffer.getvalue()
+
+    def csv_text() -> str:
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(record))
+        writer.writeheader()
+        writer.writerow(record)
+        return text.getvalue()
+
+    if overlay_image is not None:
+        cols[0].download_button("Overlay (PNG)", png, f"{stem}_overlay.png", "image/png", width="stretch",
+                                on_click="ignore")
     else:
         cols[0].button("Overlay (PNG)", disabled=True, help="patchslim.vis is not available yet", width="stretch")
-    cols[1].download_button("Metrics (JSON)", json.dumps(record, indent=2), f"{stem}_metrics.json",
-                            "application/json", width="stretch")
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(record))
-    writer.writeheader()
-    writer.writerow(record)
-    cols[2].download_button("Metrics (CSV)", text.getvalue(), f"{stem}_metrics.csv", "text/csv", width="stretch")
+    cols[1].download_button("Metrics (JSON)", lambda: json.dumps(record, indent=2), f"{stem}_metrics.json",
+                            "application/json", width="stretch", on_click="ignore")
+    cols[2].download_button("Metrics (CSV)", csv_text, f"{stem}_metrics.csv", "text/csv", width="stretch",
+                            on_click="ignore")
 
 
 # --------------------------------------------------------------------------- compare

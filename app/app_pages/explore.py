@@ -33,8 +33,10 @@ left, right = st.columns([1, 1], gap="large")
 with left:
     st.subheader("Patches kept, dropped, merged")
     depth = model.spec.depth
-    block = st.slider("Watch tokens layer by layer: tokens entering block", 0, depth, depth, key="explore_block",
-                      format="%d", help=f"{depth} means after the last block.")
+    block = st.select_slider(
+        "Watch the tokens layer by layer", list(range(depth + 1)), value=depth, key="explore_block",
+        format_func=lambda b: "after the last block" if b == depth else f"entering block {b}",
+        help="Block 0 is the input: what the model sees after input pruning.")
     overlay = views.overlay(picked.image, model, slim.trace, None if block == depth else block)
     caption = f"{picked.name}" + (f" · true label: **{picked.label}**" if picked.label else "")
     st.caption(caption + f" · {picked.credit}")

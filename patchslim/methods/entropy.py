@@ -8,7 +8,7 @@ ones with ``S_i > tau`` (eq. 13, an adaptive count per image).
 Which features: ``z_i`` is the token as it flows into the block where the method acts (the residual
 stream, prefix tokens excluded). At the input (block 0) that is the patch embedding plus its position
 embedding, i.e. pixel content only. The default is *before block 1*, after one block has run: while
-planning, pruning the bundled model at the input by pixel content alone collapsed accuracy (49 % / 27 %
+planning, pruning a ViT like the bundled one at the input by pixel content alone collapsed accuracy (49 % / 27 %
 at rho 0.5 / 0.3) while the same selection after one block kept 82.8 % / 78.9 %, because the first block
 needs the background's context. ``blocks=0`` gives the survey's literal input-level reading.
 

@@ -60,7 +60,8 @@ class GridSelection(SlimMethod):
         "columns alike, so what remains is spread evenly over the image. Only square numbers of patches are "
         "possible (G x G), so the rho reached is the nearest one, and it is shown next to the rho asked for."
     )
-    equation = r"\mathcal{P}' = \{\mathbf{x}_{i,j} \mid i = mP,\ j = nP,\ 0 \le m, n < G\},\quad G = \mathrm{round}\sqrt{\rho N}"
+    equation = (r"\mathcal{P}' = \{\mathbf{x}_{i,j} \mid i = mP,\ j = nP,\ 0 \le m, n < G\},"
+                r"\quad G = \mathrm{round}\sqrt{\rho N}")
     reference = "Survey section 3.1.2, eq. (10)"
     exact_count = False  # G x G patches: the nearest square count
     options = (

@@ -38,6 +38,9 @@ def lowrank_tokens(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tens
         ``[B, min(M, C)]``), float32.
     """
     x32 = x.float()
+    if x32.device.type == "mps":  # no SVD kernel on Apple GPUs: decompose on the CPU
+        tokens, loadings, singular = lowrank_tokens(x32.cpu(), rank)
+        return tokens.to(x.device), loadings.to(x.device), singular.to(x.device)
     u, s, _ = torch.linalg.svd(x32, full_matrices=True)
     u_r = u[..., :rank]  # [B, M, r]
     sign = torch.where(u_r.sum(1, keepdim=True) < 0, -1.0, 1.0)
@@ -69,7 +72,8 @@ class LowRankApproximation(SlimMethod):
         "the picture to look at is its loading map |U_r|. The network was trained on patches, not on such "
         "blends, which is why this summary costs accuracy."
     )
-    equation = r"\mathbf{X} \approx \mathbf{U}_r \mathbf{\Sigma}_r \mathbf{V}_r^\top,\qquad \mathbf{X}' = \mathbf{U}_r^\top \mathbf{X} = \mathbf{\Sigma}_r \mathbf{V}_r^\top \in \mathbb{R}^{r \times C}"
+    equation = (r"\mathbf{X} \approx \mathbf{U}_r \mathbf{\Sigma}_r \mathbf{V}_r^\top,\qquad "
+                r"\mathbf{X}' = \mathbf{U}_r^\top \mathbf{X} = \mathbf{\Sigma}_r \mathbf{V}_r^\top \in \mathbb{R}^{r \times C}")
     reference = "Survey section 3.1.3, eq. (11)"
     merges = True  # tokens stand for combinations of patches (signed loadings), not single patches
     input_dependent = True

@@ -66,7 +66,8 @@ class UniformDownsampling(SlimMethod):
         "kept columns is simply not seen. On a square grid, k = 2 keeps every other column (stripes), "
         "because the row length is even; compare with `grid`, which thins rows and columns alike."
     )
-    equation = r"\mathcal{P}' = \{\mathbf{x}_i \mid i \equiv 0 \pmod{k},\ \mathbf{x}_i \in \mathcal{P}\},\quad k = 1/\rho"
+    equation = (r"\mathcal{P}' = \{\mathbf{x}_i \mid i \equiv 0 \pmod{k},\ \mathbf{x}_i \in \mathcal{P}\},"
+                r"\quad k = 1/\rho")
     reference = "Survey section 3.1.1, eq. (9)"
     options = (
         OptionSpec("indexing", "str", "survey",

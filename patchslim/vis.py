@@ -324,7 +324,7 @@ def patch_overlay(image: Any, model: Any, trace: Any, block: int | None = None, 
 
     Args:
         image: a PIL image (put through the model's transform) or the model's input tensor
-            ``[C, H, W]`` / ``[1, C, H, W]``; see :func:`model_view`.
+            ``[C, H, W]`` / ``[B, C, H, W]`` (image ``index`` is drawn); see :func:`model_view`.
         model: the :class:`~patchslim.models.LoadedModel` the trace came from.
         trace: a :class:`~patchslim.trace.Trace`.
         block: None for the tokens after the last block, ``i`` for the tokens entering block ``i``.
@@ -338,6 +338,8 @@ def patch_overlay(image: Any, model: Any, trace: Any, block: int | None = None, 
         (``grid_cols * cell`` by ``grid_rows * cell`` pixels, ``cell`` a whole number of pixels per patch).
     """
     rows, cols = model.spec.grid_size
+    if isinstance(image, torch.Tensor) and image.dim() == 4:
+        image = image[index]
     status = patch_status(trace.provenance_at(block), (rows, cols), index)
     where = "after the last block" if block is None else f"entering block {block}"
     heading = title if title is not None else f"{where}: {status.summary()}"

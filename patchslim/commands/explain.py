@@ -25,7 +25,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="folder for the PNG files (created if missing)")
     parser.add_argument("--attribution", default="ig", choices=("ig", "occlusion", "none"),
                         help="Integrated Gradients, per-patch occlusion, or none (attention only; fast)")
-    parser.add_argument("--steps", type=int, default=24, help="Integrated Gradients path steps")
+    parser.add_argument("--steps", type=int, default=16, help="Integrated Gradients path steps")
     parser.add_argument("--share", type=float, default=0.1,
                         help="top share of patches by attribution that counts as the evidence")
     parser.add_argument("--block", type=int, default=-1, help="block of the attention maps (-1: the last)")

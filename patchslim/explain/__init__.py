@@ -114,7 +114,7 @@ def explain(model, image, plan=None, attribution: str | None = "ig", share: floa
     rollout_before = rollout(baseline_trace, head_fusion=head_fusion, prefix_row=prefix_row)
     rollout_after = rollout(trace, head_fusion=head_fusion, prefix_row=prefix_row)
     importance_before = before.grid if before is not None else rollout_before
-    importance_after = after.grid if after is not None else np.nan_to_num(rollout_after, nan=0.0)
+    importance_after = after.grid if after is not None else rollout_after
     names = model.class_names
     return Explanation(
         target=target,

@@ -263,8 +263,9 @@ def rollout(trace, index: int = 0, head_fusion: str = "mean", prefix_row: int = 
     if dropped == "unseen":
         mask = trace.blocks[start_block].provenance.patch_mask()[index].cpu().numpy()
     elif dropped == "end":
-        last = end_block if end_block is not None else trace.spec.depth - 1
-        prov = trace.final_provenance if last in (-1, trace.spec.depth - 1) else trace.blocks[last + 1].provenance
+        depth = trace.spec.depth
+        last = (depth - 1 if end_block is None else end_block) % depth
+        prov = trace.final_provenance if last == depth - 1 else trace.blocks[last + 1].provenance
         mask = prov.patch_mask()[index].cpu().numpy()
     elif dropped == "none":
         mask = np.ones_like(values, dtype=bool)

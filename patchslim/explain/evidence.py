@@ -113,7 +113,8 @@ def evidence_report(before: np.ndarray, after: np.ndarray | None, trace, share: 
 
     Args:
         before: ``[rows, cols]`` patch importance of the unslimmed model (e.g. an attribution grid).
-        after: ``[rows, cols]`` patch importance of the slimmed model, or None.
+        after: ``[rows, cols]`` patch importance of the slimmed model, or None. NaN (a patch the slimmed
+            model never saw) counts as 0: the rank agreement includes what slimming took away.
         trace: the slimmed model's :class:`~patchslim.trace.Trace` (which patches it kept).
         share: the top share of patches that counts as "the evidence".
         block: read "kept" entering this block (None: after the last block).
@@ -125,7 +126,7 @@ def evidence_report(before: np.ndarray, after: np.ndarray | None, trace, share: 
     lost = ids[~kept.ravel()[ids]]
     return EvidenceReport(
         kept_evidence=kept_evidence(before, kept, share),
-        spearman=spearman(before, after) if after is not None else float("nan"),
+        spearman=spearman(before, np.nan_to_num(after, nan=0.0)) if after is not None else float("nan"),
         share=float(share),
         top_count=int(ids.size),
         top_kept=int(ids.size - lost.size),

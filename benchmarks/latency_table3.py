@@ -1,0 +1,17 @@
+"""Table 3 analogue: latency with and without slimming, measured speed-up beside the ideal (GMAC ratio).
+
+    python benchmarks/latency_table3.py [OPTIONS]     # = python -m patchslim benchmark --which table3 [OPTIONS]
+
+A thin entry point: the logic lives in ``patchslim/benchmarks/table3.py`` so that the installed command
+runs it too. Options: ``python -m patchslim benchmark --help``. Writes under ``benchmarks/results/``.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from patchslim.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["benchmark", "--which", "table3", *sys.argv[1:]]))

@@ -1,0 +1,17 @@
+"""Table 1 analogue: input dependence, selection overhead and accuracy loss per method.
+
+    python benchmarks/overhead_table1.py [OPTIONS]     # = python -m patchslim benchmark --which table1 [OPTIONS]
+
+A thin entry point: the logic lives in ``patchslim/benchmarks/table1.py`` so that the installed command
+runs it too. Options: ``python -m patchslim benchmark --help``. Writes under ``benchmarks/results/``.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from patchslim.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["benchmark", "--which", "table1", *sys.argv[1:]]))

@@ -1,0 +1,235 @@
+"""What the cost benchmarks share: variants and placements, results as tables (CSV + markdown), figures,
+the machine's facts and load.
+
+Not a benchmark itself; ``table3.py``, ``figure1.py``, ``table1.py``, ``table2.py`` and ``target.py`` beside
+it are.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+DEFAULT_OUT = Path("benchmarks") / "results"
+
+# The survey's Table 1 "Computational Overhead" (asserted, not measured), printed beside what we measure.
+SURVEY_OVERHEAD = {"uniform": "None", "grid": "None", "lowrank": "Low", "entropy": "Moderate", "rl": "High",
+                   "attention": "Moderate"}
+
+Tick = Callable[[str], None]  # called once per finished job with a short description
+
+
+@dataclass
+class BenchmarkResult:
+    """One benchmark's rows and its markdown, before and after writing.
+
+    Attributes:
+        name: the benchmark (``table3``, ``figure1``...).
+        stem: file name stem of its outputs.
+        title: the markdown heading.
+        rows: one dict per row (the CSV).
+        body: the markdown body (tables), without the heading and facts.
+        notes: bullet points after the body (skipped rows, definitions).
+        load: the 1-minute load average before and after the measurement.
+        figure: a plotly figure to save beside the tables, if any.
+        figure_fallback: draws the figure's PNG with matplotlib when kaleido cannot.
+        files: what was written, kind -> path (filled by :func:`write_result`).
+    """
+
+    name: str
+    stem: str
+    title: str
+    rows: list[dict]
+    body: str
+    notes: list[str] = field(default_factory=list)
+    load: tuple[float | None, float | None] = (None, None)
+    figure: Any = None
+    figure_fallback: Callable[[Path], None] | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def markdown(self, command: str | None = None) -> str:
+        """The whole markdown file: heading, command, machine and load, body, notes."""
+        facts = machine()
+        before, after = self.load
+        lines = [f"# {self.title}", ""]
+        if command:
+            lines += [f"Command: `{command}`", ""]
+        lines += [f"Machine: {facts['cpu']} ({facts['cores']} cores; torch {facts['torch']}, "
+                  f"{facts['torch_threads']} threads{'; GPU ' + facts['gpu'] if facts['gpu'] else ''}); "
+                  f"written {facts['date']}. Load average (1 min) before / after: {fmt(before, 2)} / "
+                  f"{fmt(after, 2)}.", ""]
+        text = "\n".join(lines) + "\n" + self.body
+        if self.notes:
+            text += "\n" + "\n".join(f"- {note}" for note in self.notes) + "\n"
+        return text
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS does not say)."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return None
+
+
+def machine() -> dict:
+    """Facts that make a timing table readable later."""
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return dict(cpu=cpu or "unknown CPU", cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                torch=torch.__version__, gpu=gpu, python=platform.python_version(),
+                date=time.strftime("%Y-%m-%d %H:%M %Z"))
+
+
+# --------------------------------------------------------------------------- what runs where
+
+def variants(labels: Sequence[str] | str):
+    """Method labels (``evit``, ``random@0``, ``attention@3+6+9``) as :class:`patchslim.evaluate.Variant`."""
+    from patchslim.evaluate import parse_variants
+
+    return parse_variants(labels)
+
+
+def variant_plan(model, variant, keep_ratio: float):
+    """``(plan, None)`` for a variant at ``keep_ratio``, or ``(None, reason)`` when it cannot run on ``model``
+    (e.g. ``rl`` without a trained policy), so that a table can say why a row is missing."""
+    from patchslim.errors import PatchslimError
+
+    try:
+        plan = variant.plan(keep_ratio)
+        for action in plan.resolve(model.spec.depth):
+            action.method.check(dict(action.stage.options), action.stage.keep_ratio, model)
+    except PatchslimError as exc:
+        return None, str(exc).split(". ")[0].split(";")[0]
+    return plan, None
+
+
+def placement(model, variant) -> str:
+    """Where a variant acts, in words: ``input``, ``before 3``, ``in 3+6+9``, ``in every block``."""
+    from patchslim.methods import get_method
+
+    slim = get_method(variant.method)
+    blocks = variant.blocks if variant.blocks is not None else slim.default_blocks(model.spec.depth)
+    if slim.point == "mid":
+        return "in every block" if len(blocks) == model.spec.depth else "in " + "+".join(map(str, blocks))
+    return "input" if tuple(blocks) == (0,) else "before " + "+".join(map(str, blocks))
+
+
+def parse_list(text: str | Sequence, kind: Callable = str) -> list:
+    """``"1, 32"`` -> ``[1, 32]`` with ``kind``; a sequence is converted item by item."""
+    parts = str(text).split(",") if isinstance(text, str) else list(text)
+    return [kind(str(part).strip()) for part in parts if str(part).strip()]
+
+
+def random_images(model, batch: int, seed: int = 0):
+    """``[batch, C, H, W]`` standard-normal input of the model's size (timing does not depend on content)."""
+    import torch
+
+    return torch.randn(batch, *model.input_size, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- tables and figures
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A table cell: floats rounded, None/NaN as ``n/a``, booleans as yes/no."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "n/a"
+        if abs(value) >= 1000:
+            return f"{value:.0f}"
+        if 0 < abs(value) < 0.01:
+            return f"{value:.2g}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]], digits: int = 3) -> str:
+    """A markdown table of ``rows``; ``columns`` are (key, header) pairs."""
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(k), digits) for k, _ in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(rows: Sequence[dict]) -> str:
+    """Rows as CSV, the union of their keys as columns (in first-seen order), floats to 6 digits."""
+    keys: list[str] = []
+    for row in rows:
+        keys.extend(k for k in row if k not in keys)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return out.getvalue()
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_result(result: BenchmarkResult, out: str | Path, command: str | None = None,
+                 png: bool = True) -> dict[str, Path]:
+    """Writes ``<stem>.csv`` and ``<stem>.md`` (and ``.html`` / ``.png`` when the result has a figure)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"csv": out / f"{result.stem}.csv", "md": out / f"{result.stem}.md"}
+    files["csv"].write_text(csv_text(result.rows))
+    if result.figure is not None:
+        files.update(save_figure(result.figure, out / result.stem, result.figure_fallback, png))
+        how = files.pop("png_writer", None)
+        if how == "matplotlib":
+            result.notes.append("the PNG was drawn with matplotlib: kaleido could not export it here")
+    files["md"].write_text(result.markdown(command))
+    result.files = files
+    return files
+
+
+def save_figure(fig, path_stem: Path, fallback: Callable[[Path], None] | None, png: bool = True) -> dict:
+    """``<stem>.html`` (plotly, plotly.js from its CDN) and ``<stem>.png``: kaleido with the system's
+    Chromium when it works, else ``fallback(png_path)`` (matplotlib). ``png_writer`` says which."""
+    path_stem.parent.mkdir(parents=True, exist_ok=True)
+    html, image = path_stem.with_suffix(".html"), path_stem.with_suffix(".png")
+    fig.write_html(str(html), include_plotlyjs="cdn")
+    written: dict[str, Any] = {"html": html}
+    if not png:
+        return written
+    if not os.environ.get("BROWSER_PATH"):
+        for candidate in ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"):
+            if shutil.which(candidate):
+                os.environ["BROWSER_PATH"] = candidate
+                break
+    try:
+        fig.write_image(str(image), scale=2)
+        written.update(png=image, png_writer="kaleido")
+    except Exception as exc:  # no Chromium, or kaleido missing: say so, draw it with matplotlib
+        if fallback is None:
+            print(f"kaleido could not export {image.name} ({type(exc).__name__}); HTML only", file=sys.stderr)
+            return written
+        print(f"kaleido could not export {image.name} ({type(exc).__name__}); drawing it with matplotlib",
+              file=sys.stderr)
+        fallback(image)
+        written.update(png=image, png_writer="matplotlib")
+    return written

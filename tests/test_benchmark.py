@@ -1,0 +1,140 @@
+"""``python -m patchslim benchmark`` on a tiny configuration: the files it writes and what is in them.
+
+The bundled model with random weights, batch 2, two repeats: the numbers are not benchmarks, but the
+columns, the ideal speed-up (the GMAC ratio of the engine's own count), the efficiency (measured / ideal)
+and the join with an accuracy table must be right.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+import patchslim
+from patchslim import SlimPlan, metrics
+from patchslim.benchmarks import common
+from patchslim.benchmarks.accuracy_table import NOT_MEASURED
+from patchslim.cli import main
+
+METHODS = ("random", "evit")
+BATCH = 2
+
+
+def read(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return patchslim.load_model("fashion-vit", device="cpu", pretrained=False)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    code = main(["benchmark", "--which", "table3,figure1,table1,table2,target", "--out", str(out),
+                 "--models", "fashion-vit", "--model", "fashion-vit", "--memory-model", "fashion-vit",
+                 "--no-pretrained", "--methods", ",".join(METHODS), "--target-methods", "random@0,evit",
+                 "--batch-sizes", str(BATCH), "--batch", str(BATCH), "--repeats", "2", "--warmup", "0",
+                 "--ratios", "1.0,0.5", "--no-png", "--no-progress"])
+    assert code == 0
+    return out
+
+
+def test_every_benchmark_writes_csv_and_markdown(written):
+    for stem in ("table3_latency", "figure1_flops", "table1_overhead", "table2_costs", "target"):
+        assert (written / f"{stem}.csv").stat().st_size > 0
+        text = (written / f"{stem}.md").read_text()
+        assert text.startswith("# ") and "Command: `python -m patchslim benchmark" in text
+        assert "Load average" in text and "| method |" in text
+    assert (written / "figure1_flops.html").stat().st_size > 0
+    assert not (written / "figure1_flops.png").exists()  # --no-png
+
+
+def test_table3_ideal_speedup_is_the_engines_gmac_ratio(written, tiny_model):
+    rows = read(written / "table3_latency.csv")
+    assert [r["method"] for r in rows] == list(METHODS)
+    for column in ("baseline_ms", "slimmed_ms", "speedup", "ideal_speedup", "efficiency", "baseline_gmacs", "gmacs",
+                   "mean_keep_ratio", "placement", "repeats"):
+        assert column in rows[0]
+    images = common.random_images(tiny_model, BATCH)
+    for row in rows:
+        trace = patchslim.run(tiny_model, images, SlimPlan.single(row["method"], 0.5))
+        expected = metrics.baseline_macs(tiny_model.spec).total / metrics.count_macs(trace).total
+        assert float(row["ideal_speedup"]) == pytest.approx(expected, rel=1e-4)
+        assert float(row["ideal_speedup"]) > 1.5  # rho 0.5 removes well over a third of the work
+        assert float(row["efficiency"]) == pytest.approx(float(row["speedup"]) / float(row["ideal_speedup"]),
+                                                         rel=1e-4)
+        assert float(row["baseline_ms"]) > 0 and float(row["slimmed_ms"]) > 0
+        assert int(row["batch"]) == BATCH and int(row["repeats"]) == 2
+    assert rows[0]["placement"] == "input" and rows[1]["placement"].startswith("in ")
+
+
+def test_figure1_reduction_follows_the_token_counts(written, tiny_model):
+    rows = read(written / "figure1_flops.csv")
+    assert {(r["method"], float(r["keep_ratio"])) for r in rows} == {(m, k) for m in METHODS for k in (1.0, 0.5)}
+    base = metrics.baseline_macs(tiny_model.spec).gmacs
+    for row in rows:
+        trace = patchslim.run(tiny_model, common.random_images(tiny_model, 1),
+                              SlimPlan.single(row["method"], float(row["keep_ratio"])))
+        assert float(row["flops_reduction_pct"]) == pytest.approx(100 * (1 - metrics.gmacs(trace) / base), abs=1e-3)
+    half = {r["method"]: float(r["flops_reduction_pct"]) for r in rows if float(r["keep_ratio"]) == 0.5}
+    assert all(value > 30 for value in half.values())
+
+
+def test_table1_flags_overhead_and_missing_accuracy(written):
+    rows = {r["method"]: r for r in read(written / "table1_overhead.csv")}
+    assert rows["random"]["input_dependent"] == "False" and rows["evit"]["input_dependent"] == "True"
+    for row in rows.values():
+        assert 0 <= float(row[f"selection_pct_b{BATCH}"]) < 100
+        assert 0 <= float(row[f"selection_ms_b{BATCH}"]) < float(row[f"forward_ms_b{BATCH}"])
+        assert row["accuracy_loss_pp_rho0.5"] == NOT_MEASURED
+    assert NOT_MEASURED in (written / "table1_overhead.md").read_text()
+
+
+def test_target_marks_each_method(written):
+    rows = {r["method"]: r for r in read(written / "target.csv")}
+    assert set(rows) == {"random@0", "evit"}
+    for row in rows.values():
+        met = float(row["efficiency"]) >= 0.9 and float(row["selection_pct"]) < 5
+        assert row["met"] == str(met)
+
+
+def test_table2_memory_columns(written):
+    rows = read(written / "table2_costs.csv")
+    assert len(rows) == len(METHODS) * 2
+    for row in rows:
+        for column in ("flops_reduction_pct", "memory_reduction_pct_b1", f"memory_reduction_pct_b{BATCH}",
+                       f"estimated_memory_reduction_pct_b{BATCH}"):
+            assert column in row and row[column] != ""
+    pruned = next(r for r in rows if r["method"] == "random" and float(r["keep_ratio"]) == 0.5)
+    assert float(pruned["memory_reduction_pct_b1"]) > 20  # half the tokens, well under the unslimmed peak
+
+
+def test_accuracy_table_is_joined(tmp_path):
+    code = main(["evaluate", "--model", "fashion-vit", "--no-pretrained", "--data", "bundled", "--limit", "16",
+                 "--methods", "random", "--keep", "1.0,0.5", "--out", str(tmp_path), "--no-png", "--no-progress"])
+    assert code == 0
+    record = json.loads((tmp_path / "accuracy.json").read_text())
+    half = next(r for r in record["rows"] if r["keep_ratio"] == 0.5)
+    expected = 100 * (record["baseline_top1"] - half["top1"])
+    code = main(["benchmark", "--which", "table1,table2", "--out", str(tmp_path), "--model", "fashion-vit",
+                 "--no-pretrained", "--methods", "random", "--batch-sizes", "1", "--batch", "1", "--repeats", "1",
+                 "--no-progress"])
+    assert code == 0
+    table1 = read(tmp_path / "table1_overhead.csv")[0]
+    assert float(table1["accuracy_loss_pp_rho0.5"]) == pytest.approx(expected, abs=1e-3)
+    table2 = {float(r["keep_ratio"]): r for r in read(tmp_path / "table2_costs.csv")}
+    assert set(table2) == {1.0, 0.5}  # the accuracy table's ratios
+    assert float(table2[0.5]["top1_loss_pp"]) == pytest.approx(expected, abs=1e-3)
+    assert float(table2[1.0]["top1_pct"]) == pytest.approx(100 * record["baseline_top1"], abs=1e-3)
+
+
+def test_unknown_benchmark_is_one_error_line(capsys):
+    assert main(["benchmark", "--which", "table9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --which") and "table3" in err and "Traceback" not in err

@@ -396,3 +396,11 @@ def accuracy_evaluation(model: patchslim.LoadedModel, data, methods: list[str], 
     if progress is not None:
         progress(len(methods), len(methods), "done")
     return result
+
+
+def latency_comparison(model: patchslim.LoadedModel, image: Image.Image, method: str, keep_ratio: float,
+                       options: dict[str, Any], repeats: int = 10):
+    """The plan timed against the unslimmed forward, interleaved (patchslim.metrics.latency), no maps kept."""
+    latency = importlib.import_module("patchslim.metrics.latency")
+    plan = patchslim.SlimPlan.from_options(method, keep_ratio, options, seed=0)
+    return latency.compare_latency(model, image, plan, warmup=2, repeats=repeats)

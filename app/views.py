@@ -115,7 +115,7 @@ def attention_side_by_side(image: Image.Image, model: patchslim.LoadedModel, bef
     kind_col, block_col = st.columns([2, 3])
     kind = kind_col.radio("Show", list(views_available), horizontal=True, key=f"{key}_attention_kind")
     depth = model.spec.depth
-    block = block_col.slider("Block", 0, depth - 1, depth - 1, key=f"{key}_attention_block",
+    block = block_col.slider("Block", 0, depth - 1, depth - 1, key=f"{key}_attention_block::{depth}",
                              disabled=not views_available[kind].per_block)
     grids = [views_available[kind].grid(trace, block) for trace in (before, after)]
     vis = compute.optional("patchslim.vis")
@@ -351,8 +351,9 @@ def benchmark_results(rows: list[dict], model: patchslim.LoadedModel) -> None:
     frame = pd.DataFrame(rows)
     failed = frame[frame["error"].notna()] if "error" in frame else frame.iloc[0:0]
     ok = frame[frame["error"].isna()] if "error" in frame else frame
-    for _, row in failed.iterrows():
-        st.warning(f"{row['method']} at ρ = {row['keep_ratio']:g}: {row['error']}")
+    for method, group in failed.groupby("method", sort=False):
+        ratios = ", ".join(f"{r:g}" for r in group["keep_ratio"])
+        st.warning(f"**{method}** (ρ = {ratios}) could not run: {group['error'].iloc[0]}")
     if ok.empty:
         return
     columns = {
@@ -412,3 +413,17 @@ def evaluation_results(result) -> None:
     c2.download_button("Results (JSON)", json.dumps(result.to_dict(), indent=2), f"{stem}.json",
                        "application/json", width="stretch")
     c3.download_button("Report (Markdown)", result.markdown(), f"{stem}.md", "text/markdown", width="stretch")
+
+
+def latency_comparison(timing, r: compute.Readouts) -> None:
+    """Medians of the interleaved measurement, and the measured vs the ideal speed-up."""
+    cols = st.columns(4)
+    cols[0].metric("Unslimmed (median)", f"{timing.baseline.median_ms:.1f} ms",
+                   delta=f"IQR {timing.baseline.iqr_ms:.1f} ms", delta_color="off", delta_arrow="off")
+    cols[1].metric("Slimmed (median)", f"{timing.slimmed.median_ms:.1f} ms",
+                   delta=f"IQR {timing.slimmed.iqr_ms:.1f} ms", delta_color="off", delta_arrow="off")
+    cols[2].metric("Measured speed-up", f"{timing.speedup:.2f}×")
+    if r.gmacs_after:
+        ideal = r.gmacs_before / r.gmacs_after
+        cols[3].metric("Ideal speed-up (GMACs)", f"{ideal:.2f}×", delta=f"{timing.efficiency(ideal):.0%} reached",
+                       delta_color="off", delta_arrow="off")

@@ -66,6 +66,8 @@ def _forward(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: 
     needed = {a.attention_block for a in actions if a.attention_block is not None}
     explicit = keep_attention | {b for b in needed if _needs_probs(actions, b)}
     keys_needed = {a.attention_block for a in actions if a.method.needs_keys}
+    # blocks whose attention an action before the next block reads (else it is dropped after the block's own)
+    read_by_next = {a.attention_block for a in actions if a.point == "pre" and a.attention_block is not None}
     generator = torch.Generator().manual_seed(plan.seed)
 
     x = vit.patch_embed(images)
@@ -74,6 +76,7 @@ def _forward(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: 
     x = vit.norm_pre(x)
     batch = x.shape[0]
     state = TokenState(x, spec.num_prefix_tokens, Provenance.identity(batch, spec.num_patches, x.device))
+    del x  # the state holds the tokens; no second reference keeps the unslimmed input alive
 
     stage_blocks: dict[int, tuple[int, ...]] = {}
     for action in actions:
@@ -128,6 +131,7 @@ def _forward(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: 
 
     for index, block in enumerate(vit.blocks):
         state = apply((index, "pre"), state)
+        last_attention = last_keys = None  # every reader of earlier blocks' attention has run
         provenance_in, tokens_in = state.provenance, state.tokens.shape[1]
         sizes_in = state.sizes is not None
         attn_out, probs, keys = _attention(block, state, want_probs=index in explicit,
@@ -137,7 +141,10 @@ def _forward(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: 
         if index in needed:
             last_attention, last_keys = probs, keys
         state = TokenState(state.tokens + attn_out, state.num_prefix, state.provenance, state.sizes)
+        del attn_out, probs, keys  # free them before the MLP; last_attention / last_keys hold what is read
         state = apply((index, "mid"), state)
+        if index not in read_by_next:
+            last_attention = last_keys = None
         tokens = state.tokens
         tokens = tokens + block.drop_path2(block.ls2(block.mlp(block.norm2(tokens))))
         records.append(BlockRecord(index, tokens_in, tokens.shape[1], provenance_in, sizes_in))
@@ -184,6 +191,7 @@ def _attention(block: torch.nn.Module, state: TokenState, want_probs: bool, want
         if bias is not None:
             logits = logits + bias
         probs = logits.softmax(dim=-1)
+        del logits  # only the probabilities are needed from here on
         out = probs @ v
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)

@@ -27,6 +27,19 @@ readouts = compute.readouts(base, slim)
 
 # --- the numbers, in one row a projector can show
 views.readout_row(readouts, model)
+with st.expander("Measure the speed-up properly (interleaved runs, median)"):
+    key = ("latency", settings.choice.key, picked.key, settings.method, settings.keep_ratio, settings.options_key)
+    timing = state.remembered(key)
+    if st.button("Measure", key="explore_measure"):
+        with st.spinner("Timing the unslimmed and the slimmed forward, 10 runs each…"):
+            timing = compute.latency_comparison(model, picked.image, settings.method, settings.keep_ratio,
+                                                settings.options)
+        state.remember(key, timing)
+    if timing is not None:
+        views.latency_comparison(timing, readouts)
+    else:
+        st.caption("The live latency above is one forward each. This runs both forwards ten times, alternating, "
+                   "and compares the measured speed-up with the ideal one (the GMAC ratio).")
 
 # --- what was kept, and what the model now says
 left, right = st.columns([1, 1], gap="large")
@@ -34,7 +47,7 @@ with left:
     st.subheader("Patches kept, dropped, merged")
     depth = model.spec.depth
     block = st.select_slider(
-        "Watch the tokens layer by layer", list(range(depth + 1)), value=depth, key="explore_block",
+        "Watch the tokens layer by layer", list(range(depth + 1)), value=depth, key=f"explore_block::{depth}",
         format_func=lambda b: "after the last block" if b == depth else f"entering block {b}",
         help="Block 0 is the input: what the model sees after input pruning.")
     overlay = views.overlay(picked.image, model, slim.trace, None if block == depth else block)

@@ -7,16 +7,19 @@ of the weights and the input batch; the weights are reported beside them.
   once in the engine's forward, per image, in elements (D width, D_i = heads * head_dim, F the MLP hidden
   width, H heads, T_a / T_m the tokens of the block's attention / MLP):
 
-  - attention half: residual + normed input + q, k, v (one tensor) + attention output + its reshaped
-    copy = ``T_a * (2 D + 5 D_i)``, plus ``2 H T_a^2`` (logits and probabilities) where attention is
-    computed explicitly; fused attention keeps no ``T^2`` tensor;
-  - MLP half: the attention branch output + residual + normed input + hidden before and after GELU =
-    ``T_a D + T_m (2 D + 2 F)``;
-  - throughout: the embedded input ``(N + P) D`` (the engine holds it for the whole forward), and the
-    attention maps the Trace keeps (``attention_blocks``), ``H T_a^2`` each, from their block on.
+  - attention half, fused attention: residual + normed input + q, k, v (one tensor) + attention output
+    + its reshaped copy = ``T_a (2 D + 5 D_i)``; fused attention keeps no ``T^2`` tensor;
+  - attention half, explicit attention (kept for maps, or read by a method): the larger of
+    ``T_a (2 D + 3 D_i) + 2 H T_a^2`` (logits and probabilities during the softmax) and
+    ``T_a (2 D + 5 D_i) + H T_a^2``;
+  - MLP half: residual + normed input + hidden before and after GELU = ``T_m (2 D + 2 F)``, plus the
+    probabilities (``H T_a^2``) or keys (their q, k, v tensor) a method acting before the next block will
+    read;
+  - attention maps the Trace keeps (``attention_blocks``), ``H T_a^2`` each, stay alive from their block on.
 
-  The peak is the largest block, times batch size and bytes per element. On DeiT-S (fp32, CPU) it agrees
-  with the measured peak to within a few percent.
+  The peak is the largest block, times batch size and bytes per element. It leaves out what a method
+  allocates while it selects (ToMe's matching, provenance matrices). On DeiT-S (fp32, CPU) it agrees with
+  the measured peak to within a few percent for pruning.
 - **Measured**. On CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before the forward.
   On the CPU, torch keeps no peak statistic; we read the CPU allocator's own allocation and free events
   through ``torch.profiler`` (``profile_memory=True``) and take the peak of the bytes live among the
@@ -50,9 +53,9 @@ class ActivationEstimate:
     Attributes:
         batch_size: images in the forward.
         bytes_per_element: 4 for fp32, 2 under bf16/fp16 autocast.
-        per_block_bytes: per block, the larger of its attention and MLP halves plus what is held
-            throughout (embedded input, attention maps kept so far), batch included.
-        kept_attention_bytes: what is alive at the end: the embedded input and the attention maps kept.
+        per_block_bytes: per block, the larger of its attention and MLP halves plus the attention maps
+            kept by earlier blocks, batch included.
+        kept_attention_bytes: the attention maps kept, alive at the end.
     """
 
     batch_size: int
@@ -82,19 +85,28 @@ def estimate_activation_memory(trace: Trace, bytes_per_element: int | None = Non
         bytes_per_element = 4
     explicit = explicit_attention_blocks(trace)
     kept = trace.plan.attention_wanted(spec.depth)
+    read_next_probs, read_next_keys = set(), set()
+    for action in trace.plan.resolve(spec.depth):
+        if action.point == "pre" and action.attention_block is not None:
+            (read_next_probs if action.method.needs_attention else read_next_keys).add(action.attention_block)
     width, inner, hidden, heads = spec.embed_dim, spec.num_heads * spec.head_dim, spec.mlp_hidden, spec.num_heads
     scale = trace.batch_size * bytes_per_element
-    held = (spec.num_patches + spec.num_prefix_tokens) * width  # the embedded input
     per_block = []
     kept_elements = 0
     for block in trace.blocks:
-        t_a, t_m = block.tokens_attention, block.tokens_mlp
-        attention = t_a * (2 * width + 5 * inner) + (2 * heads * t_a * t_a if block.index in explicit else 0)
-        mlp = t_a * width + t_m * (2 * width + 2 * hidden)
-        per_block.append((max(attention, mlp) + held + kept_elements) * scale)
-        if block.index in kept:  # the kept map is the probabilities tensor counted above, alive from now on
-            kept_elements += heads * t_a * t_a
-    return ActivationEstimate(trace.batch_size, bytes_per_element, tuple(per_block), (held + kept_elements) * scale)
+        t_a, t_m, index = block.tokens_attention, block.tokens_mlp, block.index
+        square = heads * t_a * t_a
+        if index in explicit:
+            attention = max(t_a * (2 * width + 3 * inner) + 2 * square, t_a * (2 * width + 5 * inner) + square)
+        else:
+            attention = t_a * (2 * width + 5 * inner)
+        mlp = t_m * (2 * width + 2 * hidden)
+        mlp += (square if index in read_next_probs and index not in kept else 0)
+        mlp += (3 * t_a * inner if index in read_next_keys else 0)
+        per_block.append((max(attention, mlp) + kept_elements) * scale)
+        if index in kept:  # the kept map is the probabilities tensor counted above, alive from now on
+            kept_elements += square
+    return ActivationEstimate(trace.batch_size, bytes_per_element, tuple(per_block), kept_elements * scale)
 
 
 def explicit_attention_blocks(trace: Trace) -> set[int]:

@@ -18,6 +18,7 @@ COMMANDS = (
     "patchslim.commands.train_policy",
     "patchslim.commands.evaluate",
     "patchslim.commands.explain",
+    "patchslim.commands.audit",
     "patchslim.commands.benchmark",
 )
 

@@ -1,0 +1,556 @@
+"""The audit's tables and its report: CSV, JSON and one self-contained HTML page with plotly charts.
+
+Per method x rho x group (for every grouping, ``all`` and ``class`` included): images, top-1 before and
+after with bootstrap 95 % intervals, the accuracy drop (paired, with its interval), the flip rate (share of
+predictions slimming changed), the mean change of the probability of the unslimmed prediction, the mean
+share of kept evidence (when measured), the GMACs per image and the rho reached. Per method x rho x
+grouping: the disparity (:func:`patchslim.audit.stats.disparity`) with a plain-language sentence.
+
+The HTML embeds plotly.js, so it opens offline. By default the library is embedded gzip-compressed
+(~1.9 MB instead of 4.8 MB) and unpacked by the browser's ``DecompressionStream`` (every current browser);
+``plotly="inline"`` embeds it as is. Every name that comes from the data is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import gzip
+import html
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from patchslim.audit.runner import AuditJob, job_settings, read_outcomes
+from patchslim.audit.sources import ALL_GROUP, Skipped, builtin_grouping
+from patchslim.audit.stats import (
+    LEVEL,
+    MIN_GROUP_IMAGES,
+    N_BOOT,
+    Estimate,
+    disparity,
+    disparity_sentence,
+    mean_interval,
+)
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    """One method at one rho on one group of one grouping (``by``).
+
+    Shares are in [0, 1]; ``drop`` is ``top1_before - top1_after`` (paired over the same images).
+    """
+
+    method: str
+    keep_ratio: float
+    by: str
+    group: str
+    images: int
+    top1_before: float
+    top1_before_low: float
+    top1_before_high: float
+    top1_after: float
+    top1_after_low: float
+    top1_after_high: float
+    drop: float
+    drop_low: float
+    drop_high: float
+    flip_rate: float
+    confidence_change: float
+    kept_evidence: float
+    gmacs: float
+    keep_ratio_reached: float
+
+
+@dataclass(frozen=True)
+class DisparityRow:
+    """The largest gap in accuracy drop between the groups of one grouping, for one method at one rho."""
+
+    method: str
+    keep_ratio: float
+    by: str
+    groups: int
+    worst_group: str
+    best_group: str
+    worst_drop: float
+    best_drop: float
+    gap: float
+    gap_low: float
+    gap_high: float
+    adjusted_low: float
+    pairs: int
+    flagged: bool
+    excluded: str
+    message: str
+
+
+@dataclass
+class AuditReport:
+    """Everything an audit found.
+
+    Attributes:
+        model, weights: the model and where its weights came from.
+        data: the data's description.
+        images: items in the data; ``audited``: those decoded and run.
+        baseline_top1: the unslimmed top-1 over all audited images, with its interval.
+        baseline_gmacs: GMACs per image of the unslimmed model.
+        groupings: the groupings reported (``all`` and ``class`` always).
+        rows: :class:`GroupRow` s.
+        disparities: :class:`DisparityRow` s (groupings with more than one group).
+        skipped: everything left out, with reasons.
+        throughput: images per second (decode, unslimmed forward, each plan) and the seconds behind them.
+        settings: the job's settings (model, data fingerprint, shard and batch size, seed, plans...).
+        command: the command line that made it (when known).
+        written: when the report was written.
+    """
+
+    model: str
+    weights: str
+    data: str
+    images: int
+    audited: int
+    baseline_top1: Estimate
+    baseline_gmacs: float
+    groupings: list[str]
+    rows: list[GroupRow]
+    disparities: list[DisparityRow]
+    skipped: list[Skipped]
+    throughput: dict[str, float]
+    settings: dict
+    command: str = ""
+    written: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(dict.fromkeys(r.method for r in self.rows))
+
+    @property
+    def keep_ratios(self) -> list[float]:
+        return sorted({r.keep_ratio for r in self.rows}, reverse=True)
+
+    def flagged(self) -> list[DisparityRow]:
+        return [d for d in self.disparities if d.flagged]
+
+    def to_dict(self) -> dict:
+        return _clean(dict(
+            model=self.model, weights=self.weights, data=self.data, images=self.images, audited=self.audited,
+            baseline_top1=asdict(self.baseline_top1), baseline_gmacs=self.baseline_gmacs,
+            groupings=self.groupings, rows=[asdict(r) for r in self.rows],
+            disparities=[asdict(d) for d in self.disparities], skipped=[asdict(s) for s in self.skipped],
+            throughput=self.throughput, settings=self.settings, command=self.command, written=self.written,
+            notes=self.notes,
+        ))
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN -> None, numpy scalars -> Python, tuples -> lists."""
+    if isinstance(value, (np.floating, float)):
+        return None if math.isnan(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _nanmean(values: np.ndarray) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def build_report(job: AuditJob, groupings: Sequence[str] = (), n_boot: int = N_BOOT, level: float = LEVEL,
+                 min_group_images: int = MIN_GROUP_IMAGES, command: str = "") -> AuditReport:
+    """The report of a finished job (its parts read back from ``job.out_dir``).
+
+    Args:
+        job: a job whose every part exists.
+        groupings: besides ``all`` and ``class``: ``group`` (from the data), ``brightness``, ``family``.
+        n_boot: bootstrap resamples per interval.
+        level: the intervals' confidence level.
+        min_group_images: groups smaller than this are left out of the disparity test.
+        command: the command line, recorded in the report.
+
+    Raises:
+        PatchslimError: the job has not finished, or an unknown grouping.
+    """
+    data = job.data
+    out = read_outcomes(job)
+    seed = job.seed
+    names = list(data.class_names)
+    group_of: dict[str, np.ndarray] = {"all": np.full(len(data), ALL_GROUP, dtype=object)}
+    for g in groupings:
+        if g == "group":
+            group_of["group"] = data.groupings["group"]
+        else:
+            group_of[g] = builtin_grouping(g, data.labels, out.brightness, names)
+    group_of["class"] = np.asarray([names[int(i)] for i in data.labels], dtype=object)
+    ok = out.ok
+    skipped = list(data.skipped)
+    for i, message in sorted(out.errors.items()):
+        skipped.append(Skipped(data.items[i], f"could not be decoded: {message}", "file"))
+    for by, groups in group_of.items():
+        if by in ("all", "class"):
+            continue
+        for group in sorted(set(groups[~ok]) - set(groups[ok])):
+            skipped.append(Skipped(f"{by} {group}", "group holds no usable images (none could be decoded)",
+                                   "group", int((groups == group).sum())))
+    before_all = out.correct[ok].astype(np.float64)
+    rows: list[GroupRow] = []
+    disparities: list[DisparityRow] = []
+    for plan in job.plans:
+        arrays = out.plans[plan.key]
+        drop_per_image = out.correct.astype(np.float64) - arrays["correct"].astype(np.float64)
+        for by, groups in group_of.items():
+            present = [g for g in dict.fromkeys(groups[ok])]
+            if by == "class":
+                present = [n for n in names if n in set(present)]
+            else:
+                present = sorted(present)
+            drops = {}
+            for group in present:
+                mask = ok & (groups == group)
+                before = out.correct[mask].astype(np.float64)
+                after = arrays["correct"][mask].astype(np.float64)
+                drop = drop_per_image[mask]
+                drops[group] = drop
+                b = mean_interval(before, n_boot, seed, ("before", by, group), level)
+                a = mean_interval(after, n_boot, seed, ("after", plan.key, by, group), level)
+                d = mean_interval(drop, n_boot, seed, ("drop", plan.key, by, group), level)
+                rows.append(GroupRow(
+                    method=plan.method, keep_ratio=plan.keep_ratio, by=by, group=str(group), images=int(mask.sum()),
+                    top1_before=b.value, top1_before_low=b.low, top1_before_high=b.high,
+                    top1_after=a.value, top1_after_low=a.low, top1_after_high=a.high,
+                    drop=d.value, drop_low=d.low, drop_high=d.high,
+                    flip_rate=float((arrays["pred"][mask] != out.pred[mask]).mean()) if mask.any() else float("nan"),
+                    confidence_change=_nanmean(arrays["conf"][mask] - out.conf[mask]),
+                    kept_evidence=_nanmean(arrays["evidence"][mask]),
+                    gmacs=_nanmean(arrays["gmacs"][mask]), keep_ratio_reached=_nanmean(arrays["reached"][mask]),
+                ))
+            if by == "all" or len(present) < 2:
+                continue
+            gap = disparity(drops, n_boot, seed, ("gap", plan.key, by), level, min_group_images)
+            disparities.append(DisparityRow(
+                method=plan.method, keep_ratio=plan.keep_ratio, by=by, groups=gap.groups, worst_group=str(gap.worst),
+                best_group=str(gap.best), worst_drop=gap.worst_drop, best_drop=gap.best_drop, gap=gap.gap.value,
+                gap_low=gap.gap.low, gap_high=gap.gap.high, adjusted_low=gap.adjusted_low, pairs=gap.pairs,
+                flagged=gap.flagged, excluded="; ".join(f"{g} ({n})" for g, n in sorted(gap.excluded.items())),
+                message=disparity_sentence(gap, plan.method, plan.keep_ratio, by),
+            ))
+    audited = int(ok.sum())
+    t = out.timing
+    throughput = dict(
+        audited_images=audited, decode_seconds=t["decode_seconds"], baseline_seconds=t["baseline_seconds"],
+        decode_images_per_second=audited / t["decode_seconds"] if t["decode_seconds"] > 0 else float("nan"),
+        baseline_images_per_second=audited / t["baseline_seconds"] if t["baseline_seconds"] > 0 else float("nan"),
+    )
+    for plan in job.plans:
+        seconds = t.get(plan.key, 0.0)
+        throughput[f"{plan.key}_images_per_second"] = audited / seconds if seconds > 0 else float("nan")
+    notes = [f"Intervals: percentile bootstrap, {n_boot} resamples, {100 * level:g} %. Disparity: groups with "
+             f"fewer than {min_group_images} images are left out of the test; the flag needs the gap's "
+             "Bonferroni-corrected interval (over all pairs of groups) to exclude zero."]
+    if not job.evidence:
+        notes.append("Kept evidence was not measured (run with --evidence).")
+    else:
+        notes.append(f"Kept evidence: share of the top {100 * job.share:g} % patches by the unslimmed model's "
+                     "attention rollout that some token still stands for after the last block (merged counts "
+                     "as kept).")
+    return AuditReport(
+        model=job.model.name, weights=job.model.weights_source, data=data.name, images=len(data), audited=audited,
+        baseline_top1=mean_interval(before_all, n_boot, seed, ("before", "all", ALL_GROUP), level),
+        baseline_gmacs=out.baseline_gmacs, groupings=list(group_of), rows=rows, disparities=disparities,
+        skipped=skipped, throughput=throughput, settings=job_settings(job), command=command,
+        written=time.strftime("%Y-%m-%d %H:%M:%S %Z"), notes=notes,
+    )
+
+
+# --------------------------------------------------------------------------- CSV / JSON
+
+def _csv(rows: Sequence[Any], columns: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        record = asdict(row)
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in record.items()})
+    return buffer.getvalue()
+
+
+def groups_csv(report: AuditReport) -> str:
+    """One line per method x rho x grouping x group."""
+    return _csv(report.rows, [f.name for f in fields(GroupRow)])
+
+
+def disparity_csv(report: AuditReport) -> str:
+    """One line per method x rho x grouping."""
+    return _csv(report.disparities, [f.name for f in fields(DisparityRow)])
+
+
+def skipped_csv(report: AuditReport) -> str:
+    """Everything left out, with the reason."""
+    return _csv(report.skipped, [f.name for f in fields(Skipped)])
+
+
+def report_json(report: AuditReport) -> str:
+    return json.dumps(report.to_dict(), indent=1, allow_nan=False) + "\n"
+
+
+# --------------------------------------------------------------------------- charts
+
+def drop_figure(report: AuditReport, by: str):
+    """Accuracy drop (points) vs rho, one panel per method, one line per group of ``by``, 95 % error bars."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    methods = report.methods
+    cols = min(3, len(methods))
+    nrows = -(-len(methods) // cols)
+    fig = make_subplots(rows=nrows, cols=cols, subplot_titles=methods, shared_yaxes=True,
+                        horizontal_spacing=0.06, vertical_spacing=0.14)
+    rows = [r for r in report.rows if r.by == by]
+    groups = list(dict.fromkeys(r.group for r in rows))
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+               "#bcbd22", "#17becf"]
+    for k, method in enumerate(methods):
+        r, c = k // cols + 1, k % cols + 1
+        for j, group in enumerate(groups):
+            points = sorted((x for x in rows if x.method == method and x.group == group),
+                            key=lambda x: x.keep_ratio)
+            if not points:
+                continue
+            y = [100 * p.drop for p in points]
+            fig.add_trace(go.Scatter(
+                x=[p.keep_ratio for p in points], y=y, mode="lines+markers", name=html.escape(str(group)),
+                legendgroup=str(group),
+                showlegend=k == 0, line=dict(color=palette[j % len(palette)]),
+                error_y=dict(type="data", symmetric=False, array=[100 * p.drop_high - v for p, v in zip(points, y)],
+                             arrayminus=[v - 100 * p.drop_low for p, v in zip(points, y)], thickness=1),
+                customdata=[[p.images, 100 * p.top1_before, 100 * p.top1_after, 100 * p.flip_rate] for p in points],
+                hovertemplate=(f"{html.escape(str(group))}<br>rho %{{x:g}}: drop %{{y:.1f}} points<br>"
+                               "top-1 %{customdata[1]:.1f} → %{customdata[2]:.1f} %<br>flips %{customdata[3]:.1f} %"
+                               "<br>%{customdata[0]} images<extra></extra>"),
+            ), row=r, col=c)
+        fig.update_xaxes(autorange="reversed", title_text="keep ratio rho", row=r, col=c)
+    fig.update_yaxes(title_text="accuracy drop (points)", col=1)
+    fig.add_hline(y=0, line=dict(color="#999999", dash="dot"))
+    fig.update_layout(template="plotly_white", height=360 * nrows + 80,
+                      title=f"Accuracy drop by {by} vs keep ratio (95 % intervals)",
+                      legend=dict(title=by, orientation="v", yanchor="top", y=1, xanchor="left", x=1.02),
+                      margin=dict(l=50, r=20, t=80, b=40))
+    return fig
+
+
+def figures(report: AuditReport) -> dict[str, Any]:
+    """``by`` -> :func:`drop_figure` for every grouping but ``all`` (``all`` when it is the only one)."""
+    groupings = [g for g in report.groupings if g != "all"] or ["all"]
+    return {by: drop_figure(report, by) for by in groupings}
+
+
+# --------------------------------------------------------------------------- HTML
+
+def _fmt(value: Any, kind: str = "") -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        if kind == "pct":
+            return f"{100 * value:.1f}"
+        if kind == "pts":
+            return f"{100 * value:+.1f}"
+        return f"{value:.4g}"
+    return html.escape(str(value))
+
+
+def _table(rows: Sequence[Any], columns: Sequence[tuple[str, str, str]], css: str = "") -> str:
+    """An HTML table; columns are ``(attribute, header, kind)``."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in columns)
+    body = []
+    for row in rows:
+        cells = "".join(f"<td>{_fmt(getattr(row, a), kind)}</td>" for a, _, kind in columns)
+        flagged = getattr(row, "flagged", False)
+        body.append(f"<tr class='flag'>{cells}</tr>" if flagged else f"<tr>{cells}</tr>")
+    return f"<table class='{css}'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+GROUP_COLUMNS = (
+    ("method", "method", ""), ("keep_ratio", "ρ", ""), ("group", "group", ""), ("images", "images", ""),
+    ("top1_before", "top-1 before %", "pct"), ("top1_before_low", "low", "pct"), ("top1_before_high", "high", "pct"),
+    ("top1_after", "top-1 after %", "pct"), ("top1_after_low", "low", "pct"), ("top1_after_high", "high", "pct"),
+    ("drop", "drop (points)", "pts"), ("drop_low", "low", "pts"), ("drop_high", "high", "pts"),
+    ("flip_rate", "flips %", "pct"), ("confidence_change", "confidence change", "pts"),
+    ("kept_evidence", "kept evidence %", "pct"), ("gmacs", "GMACs", ""), ("keep_ratio_reached", "ρ reached", ""),
+)
+DISPARITY_COLUMNS = (
+    ("method", "method", ""), ("keep_ratio", "ρ", ""), ("by", "grouping", ""), ("groups", "groups", ""),
+    ("worst_group", "most hurt", ""), ("worst_drop", "its drop", "pts"), ("best_group", "least hurt", ""),
+    ("best_drop", "its drop", "pts"), ("gap", "gap (points)", "pts"), ("gap_low", "95 % low", "pts"),
+    ("gap_high", "95 % high", "pts"), ("adjusted_low", "corrected low", "pts"), ("flagged", "flagged", ""),
+    ("excluded", "left out (too few images)", ""),
+)
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1200px;color:#222;
+padding:0 16px}
+h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:4px}
+table{border-collapse:collapse;font-size:0.85em;margin:8px 0 16px}
+th,td{border:1px solid #ddd;padding:3px 6px;text-align:right}th{background:#f4f4f4;position:sticky;top:0}
+td:nth-child(-n+3){text-align:left}tr.flag td{background:#fde8e8}
+.flags li{margin:4px 0}.flagged{color:#a40000}.ok{color:#1d6b2f}.facts td{text-align:left}
+details{margin:8px 0}.note{color:#555;font-size:0.9em}.chart{margin:12px 0}
+"""
+
+
+def _plotly_loader(mode: str) -> str:
+    """The script tags that make ``Plotly`` available offline, then call ``renderCharts()``."""
+    from plotly.offline import get_plotlyjs
+
+    source = get_plotlyjs()
+    if mode == "inline":
+        return f"<script type='text/javascript'>{source}</script>\n<script>renderCharts();</script>"
+    if mode != "compressed":
+        raise ValueError(f"plotly must be 'inline' or 'compressed', got {mode!r}")
+    packed = base64.b64encode(gzip.compress(source.encode("utf-8"), 9, mtime=0)).decode("ascii")
+    return (
+        "<script>\n(async () => {\n  const box = document.getElementById('charts-status');\n"
+        "  try {\n    if (typeof DecompressionStream === 'undefined') throw new Error('no DecompressionStream');\n"
+        f"    const packed = '{packed}';\n"
+        "    const bytes = Uint8Array.from(atob(packed), c => c.charCodeAt(0));\n"
+        "    const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream('gzip'));\n"
+        "    const code = await new Response(stream).text();\n    (0, eval)(code);\n    renderCharts();\n"
+        "    box.remove();\n  } catch (err) {\n"
+        "    box.textContent = 'This browser could not unpack the embedded charts (' + err.message + '); the "
+        "tables below hold every number.';\n  }\n})();\n</script>"
+    )
+
+
+def html_report(report: AuditReport, plotly: str = "compressed") -> str:
+    """One self-contained HTML page: facts, disparity flags, charts, tables, skipped items, settings."""
+    figs = figures(report)
+    specs = {f"chart-{i}": json.loads(fig.to_json()) for i, fig in enumerate(figs.values())}
+    flagged = report.flagged()
+    flags = "".join(
+        f"<li class='{'flagged' if d.flagged else 'ok'}'>{html.escape(d.message)}</li>"
+        for d in sorted(report.disparities, key=lambda d: (not d.flagged, d.by, d.method, -d.keep_ratio))
+    )
+    summary = (f"<p class='flagged'><b>{len(flagged)} of {len(report.disparities)}</b> method × ρ × grouping "
+               "combinations hurt one group more than the others beyond the noise.</p>" if flagged else
+               f"<p class='ok'>In none of the {len(report.disparities)} method × ρ × grouping combinations is a "
+               "group hurt more than the others beyond the noise.</p>")
+    tp = report.throughput
+    facts = [
+        ("Model", f"{report.model} ({report.weights})"), ("Data", report.data),
+        ("Images", f"{report.audited} audited of {report.images} "
+                   f"({len(report.skipped)} entries in “Skipped” below)"),
+        ("Unslimmed top-1", f"{100 * report.baseline_top1.value:.2f} % (95 % interval "
+                            f"{100 * report.baseline_top1.low:.2f} – {100 * report.baseline_top1.high:.2f})"),
+        ("Unslimmed GMACs / image", f"{report.baseline_gmacs:.4g}"),
+        ("Throughput", f"{tp.get('baseline_images_per_second', float('nan')):.0f} images/s unslimmed forward, "
+                       f"{tp.get('decode_images_per_second', float('nan')):.0f} images/s decoding"),
+        ("Groupings", ", ".join(report.groupings)), ("Written", report.written),
+    ]
+    if report.command:
+        facts.append(("Command", report.command))
+    facts_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
+    chart_divs = "".join(f"<div class='chart' id='{key}'></div>" for key in specs)
+    group_tables = []
+    for by in report.groupings:
+        rows = [r for r in report.rows if r.by == by]
+        title = {"all": "All images", "class": "Per class"}.get(by, f"Per group: {by}")
+        group_tables.append(f"<h3>{html.escape(title)}</h3>" + _table(rows, GROUP_COLUMNS))
+    skipped_rows = "".join(
+        f"<tr><td>{html.escape(s.kind)}</td><td>{html.escape(s.item)}</td><td>{s.count}</td>"
+        f"<td>{html.escape(s.reason)}</td></tr>" for s in report.skipped
+    )
+    skipped_html = (f"<p>{len(report.skipped)} entries ({sum(s.count for s in report.skipped)} files) were left "
+                    "out:</p><table><thead><tr><th>kind</th><th>item</th><th>files</th><th>reason</th></tr></thead>"
+                    f"<tbody>{skipped_rows}</tbody></table>" if report.skipped else "<p>Nothing was skipped.</p>")
+    settings = html.escape(json.dumps(_clean(report.settings), indent=1))
+    notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in report.notes)
+    charts_json = json.dumps(specs).replace("</", "<\\/")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>patchslim audit: {html.escape(report.model)}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>
+<body>
+<h1>Audit of patch slimming: {html.escape(report.model)}</h1>
+<table class="facts">{facts_html}</table>
+<h2>Is any group hurt more than the others?</h2>
+{summary}
+<ul class="flags">{flags}</ul>
+{notes}
+<h2>Accuracy drop by group vs keep ratio</h2>
+<p id="charts-status" class="note">Loading the charts…</p>
+{chart_divs}
+<h2>Disparity</h2>
+{_table(report.disparities, DISPARITY_COLUMNS)}
+<h2>Tables</h2>
+<p class="note">Top-1 before and after slimming with their 95 % intervals (low, high), the paired accuracy drop in
+percentage points, the share of predictions slimming changed (flips), the mean change of the probability of the
+unslimmed prediction (points), the mean share of kept evidence, GMACs per image and the keep ratio reached.</p>
+{''.join(group_tables)}
+<h2>Skipped</h2>
+{skipped_html}
+<h2>Settings</h2>
+<details><summary>The job's settings</summary><pre>{settings}</pre></details>
+<script>
+const CHARTS = {charts_json};
+function renderCharts() {{
+  for (const [id, spec] of Object.entries(CHARTS)) {{
+    Plotly.newPlot(id, spec.data, spec.layout, {{responsive: true, displaylogo: false}});
+  }}
+}}
+</script>
+{_plotly_loader(plotly)}
+</body></html>
+"""
+
+
+def write_report(report: AuditReport, out_dir: str | Path, plotly: str = "compressed") -> dict[str, Path]:
+    """Writes ``audit_groups.csv``, ``audit_disparity.csv``, ``audit_skipped.csv``, ``audit.json`` and
+    ``audit.html`` into ``out_dir``.
+
+    Returns:
+        kind -> path.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = dict(groups_csv=out / "audit_groups.csv", disparity_csv=out / "audit_disparity.csv",
+                 skipped_csv=out / "audit_skipped.csv", json=out / "audit.json", html=out / "audit.html")
+    paths["groups_csv"].write_text(groups_csv(report))
+    paths["disparity_csv"].write_text(disparity_csv(report))
+    paths["skipped_csv"].write_text(skipped_csv(report))
+    paths["json"].write_text(report_json(report))
+    paths["html"].write_text(html_report(report, plotly), encoding="utf-8")
+    return paths
+
+
+def markdown_summary(report: AuditReport) -> str:
+    """A short text summary for the terminal: the facts, overall rows, and the disparity sentences."""
+    lines = [f"Model {report.model} ({report.weights}); data: {report.data}.",
+             f"{report.audited} of {report.images} images audited; unslimmed top-1 "
+             f"{100 * report.baseline_top1.value:.2f} % [{100 * report.baseline_top1.low:.2f}, "
+             f"{100 * report.baseline_top1.high:.2f}]; {len(report.skipped)} skipped entries.", "",
+             "| method | rho | top-1 after % | drop (points) [95 %] | flips % | GMACs |", "|---|---:|---:|---:|---:|---:|"]
+    for r in report.rows:
+        if r.by == "all":
+            lines.append(f"| {r.method} | {r.keep_ratio:g} | {100 * r.top1_after:.2f} | {100 * r.drop:.2f} "
+                         f"[{100 * r.drop_low:.2f}, {100 * r.drop_high:.2f}] | {100 * r.flip_rate:.1f} | "
+                         f"{r.gmacs:.4g} |")
+    lines.append("")
+    flagged = report.flagged()
+    lines.append(f"Disparity: {len(flagged)} of {len(report.disparities)} method x rho x grouping combinations "
+                 "flagged.")
+    lines += [f"- {d.message}" for d in flagged]
+    return "\n".join(lines) + "\n"

@@ -1,12 +1,17 @@
 """Session defaults and every Streamlit cache of the app, in one place.
 
-Nothing else in ``app/`` decorates a function with ``st.cache_resource`` or ``st.cache_data``. The caches
-are bounded (``max_entries``) so that a long demo with many uploads cannot grow the server's memory
-without limit:
+Nothing else in ``app/`` decorates a function with ``st.cache_resource`` or ``st.cache_data``. Every cache
+is bounded (``max_entries``, and a ``ttl`` where an idle server should give memory back) so that a long
+classroom demo with many uploads cannot grow the server's memory without limit:
 
-- models: one per (name, device, precision, weights) and process, shared by every session;
+- models: one per (name, device, precision, weights) and process, shared by every session (at most 3);
+- decoded uploads: at most 4, each at most ``MAX_UPLOAD_PIXELS`` (25 MP, 75 MB as RGB);
 - the unslimmed forward of an image (with attention in every block): computed once per model and image;
-- slimmed forwards: one per (model, image, plan), so moving rho back and forth is instant.
+- slimmed forwards: one per (model, image, plan), so moving rho back and forth is instant;
+- per session, long results (attributions, benchmarks, audits) in a :class:`BoundedLRU` of 8.
+
+Uploads are refused above ``MAX_UPLOAD_MB`` by the code path too (:func:`decoded_upload`), not only by
+Streamlit's ``server.maxUploadSize`` in ``.streamlit/config.toml`` (a test checks the two agree).
 
 Traces are kept with ``st.cache_resource`` (no copy on every hit); the app never mutates them.
 """
@@ -15,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +36,10 @@ from app import compute
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ACCURACY_CSV = REPO_ROOT / "benchmarks" / "results" / "accuracy.csv"
+
+MAX_UPLOAD_MB = 20  # per uploaded image; must equal server.maxUploadSize in .streamlit/config.toml
+MAX_UPLOAD_PIXELS = 25_000_000  # a 24 MP camera photo fits; decoded as RGB at most 75 MB per cached upload
+FORWARD_TTL = 3600  # seconds a cached forward or upload lives (then it is recomputed on demand)
 
 DEFAULT_METHOD = "random"
 DEFAULT_KEEP_RATIO = 0.5
@@ -159,16 +170,27 @@ def gallery(bundled_model: bool) -> list[GalleryItem]:
     return compute.bundled_gallery() if bundled_model else compute.photo_gallery()
 
 
-@st.cache_resource(max_entries=8, show_spinner=False)
-def decoded_upload(key: str, _data: bytes) -> Image.Image:
+def decoded_upload(key: str, data: bytes) -> Image.Image:
     """An uploaded file decoded once (``patchslim.images.open_image``: EXIF rotation, first GIF frame).
 
+    Files over ``MAX_UPLOAD_MB`` or ``MAX_UPLOAD_PIXELS`` are refused here, before anything is decoded or
+    cached, whatever the Streamlit server was configured to accept.
+
     Raises:
-        ImageError: the file is not a readable image (the message says why).
+        ImageError: the file is too large or not a readable image (the message says why).
     """
+    from patchslim.errors import ImageError
+
+    if len(data) > MAX_UPLOAD_MB * 1024 * 1024:
+        raise ImageError(f"the file is {len(data) / 2**20:.1f} MB; uploads up to {MAX_UPLOAD_MB} MB are accepted")
+    return _decoded_upload(key, data)
+
+
+@st.cache_resource(max_entries=4, ttl=FORWARD_TTL, show_spinner=False)
+def _decoded_upload(key: str, _data: bytes) -> Image.Image:
     from patchslim.images import open_image
 
-    return open_image(_data)
+    return open_image(_data, max_pixels=MAX_UPLOAD_PIXELS, max_bytes=MAX_UPLOAD_MB * 1024 * 1024)
 
 
 def image_key(image_bytes: bytes) -> str:
@@ -185,13 +207,13 @@ def image_bytes(image: Image.Image) -> bytes:
 
 # --------------------------------------------------------------------------- forwards
 
-@st.cache_resource(max_entries=16, show_spinner=False)
+@st.cache_resource(max_entries=16, ttl=FORWARD_TTL, show_spinner=False)
 def baseline(model_key: str, image_key: str, _model: patchslim.LoadedModel, _image: Image.Image) -> compute.Timed:
     """The unslimmed forward of an image, with attention kept in every block (maps and rollout)."""
     return compute.baseline(_model, _image)
 
 
-@st.cache_resource(max_entries=48, show_spinner=False)
+@st.cache_resource(max_entries=48, ttl=FORWARD_TTL, show_spinner=False)
 def slimmed(model_key: str, image_key: str, method: str, keep_ratio: float, options: tuple,
             _model: patchslim.LoadedModel, _image: Image.Image) -> compute.Timed:
     """The slimmed forward of an image under one plan (options as sorted ``(name, value)`` pairs)."""
@@ -213,7 +235,7 @@ def load_accuracy_table():
     return accuracy_table(ACCURACY_CSV.stat().st_mtime)
 
 
-@st.cache_data(max_entries=128, show_spinner=False)
+@st.cache_data(max_entries=128, ttl=FORWARD_TTL, show_spinner=False)
 def flops_curve(model_key: str, image_key: str, method: str, _model: patchslim.LoadedModel,
                 _image: Image.Image) -> list[dict]:
     """GMACs across keep ratios for one method on one image (see :func:`compute.flops_curve`)."""
@@ -239,15 +261,62 @@ _RESULTS_KEY = "_results"
 _RESULTS_MAX = 8
 
 
+class BoundedLRU:
+    """A mapping that keeps at most ``max_entries`` items, dropping the least recently used first.
+
+    Reading an item (``get``) counts as a use. Safe to share between threads.
+
+    Args:
+        max_entries: how many items to keep (at least 1).
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key, default=None):
+        """The item under ``key`` (now the most recently used), or ``default``."""
+        with self._lock:
+            if key not in self._items:
+                return default
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def put(self, key, value) -> None:
+        """Stores ``value`` under ``key``, dropping the least recently used items beyond the bound."""
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+
+    def keys(self) -> list:
+        """The keys, least recently used first."""
+        with self._lock:
+            return list(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key) -> bool:
+        return key in self._items
+
+
+def _results() -> BoundedLRU:
+    results = st.session_state.get(_RESULTS_KEY)
+    if not isinstance(results, BoundedLRU):  # absent, or left by an older version of this module
+        results = st.session_state[_RESULTS_KEY] = BoundedLRU(_RESULTS_MAX)
+    return results
+
+
 def remembered(key: tuple):
     """A long computation's result this session already has (attributions, benchmarks), or None."""
-    return st.session_state.get(_RESULTS_KEY, {}).get(key)
+    return _results().get(key)
 
 
 def remember(key: tuple, value) -> None:
-    """Keeps a long computation's result for this session (at most the last eight)."""
-    results = st.session_state.setdefault(_RESULTS_KEY, {})
-    results.pop(key, None)
-    results[key] = value
-    while len(results) > _RESULTS_MAX:
-        results.pop(next(iter(results)))
+    """Keeps a long computation's result for this session (the eight most recently used)."""
+    _results().put(key, value)

@@ -149,5 +149,5 @@ def to_model_input(canvases: np.ndarray) -> "torch.Tensor":  # noqa: F821
     """Normalizes uint8 canvases ``[n, H, W]`` into the model's input ``[n, 1, H, W]`` float32."""
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(canvases)).float().div_(255.0)
+    x = torch.from_numpy(np.asarray(canvases, dtype=np.float32) / np.float32(255.0))  # a fresh, writable array
     return x.sub_(CANVAS_MEAN).div_(CANVAS_STD).unsqueeze(1)

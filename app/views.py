@@ -427,3 +427,69 @@ def latency_comparison(timing, r: compute.Readouts) -> None:
         ideal = r.gmacs_before / r.gmacs_after
         cols[3].metric("Ideal speed-up (GMACs)", f"{ideal:.2f}×", delta=f"{timing.efficiency(ideal):.0%} reached",
                        delta_color="off", delta_arrow="off")
+
+
+# --------------------------------------------------------------------------- audit (patchslim.audit)
+
+def audit_results(outcome: compute.AuditOutcome) -> None:
+    """An audit's report: headline numbers, the disparity flags in plain words, charts, tables, skipped
+    items and downloads (CSV, JSON, the self-contained HTML report)."""
+    import pandas as pd
+
+    from patchslim.audit import report as audit_report
+
+    report = outcome.report
+    cols = st.columns(4)
+    cols[0].metric("Images audited", f"{report.audited}", border=True,
+                   help=f"{report.data}; {report.images} images found")
+    cols[1].metric("Unslimmed top-1", f"{report.baseline_top1.value:.1%}", border=True,
+                   help=f"95 % interval {report.baseline_top1.low:.1%} – {report.baseline_top1.high:.1%}")
+    cols[2].metric("Flagged", f"{len(report.flagged())} of {len(report.disparities)}", border=True,
+                   help="method × ρ × grouping combinations where one group is hurt more than the others "
+                        "beyond the noise")
+    cols[3].metric("Time", f"{outcome.seconds:.1f} s", border=True,
+                   help=f"{report.throughput.get('baseline_images_per_second', float('nan')):.0f} images/s in "
+                        "the unslimmed forward")
+    st.subheader("Is any group hurt more than the others?")
+    flagged = report.flagged()
+    if not report.disparities:
+        st.info("Only one group and one class: there is nothing to compare. Add groups (folders "
+                "ROOT/<group>/<class>/<image>, a group column in a CSV) or choose a built-in grouping.")
+    for d in flagged:
+        st.warning(d.message, icon=":material/warning:")
+    calm = [d for d in report.disparities if not d.flagged]
+    if calm:
+        if not flagged:
+            st.success(f"In none of the {len(report.disparities)} method × ρ × grouping combinations is a group "
+                       "hurt more than the others beyond the noise.")
+        with st.expander(f"{len(calm)} combinations without a flag"):
+            st.markdown("\n".join(f"- {d.message}" for d in calm))
+    st.caption(" ".join(report.notes))
+    st.subheader("Accuracy drop by group vs ρ")
+    for by, fig in audit_report.figures(report).items():
+        fig.update_layout(font=FONT, title=dict(font=dict(size=18)))
+        st.plotly_chart(fig, width="stretch", config={"displayModeBar": False}, key=f"audit_chart_{by}")
+    st.subheader("Tables")
+    rows = pd.DataFrame([r.__dict__ for r in report.rows])
+    for by in report.groupings:
+        part = rows[rows["by"] == by].drop(columns=["by"])
+        title = {"all": "All images", "class": "Per class"}.get(by, f"Per group ({by})")
+        st.markdown(f"**{title}**")
+        st.dataframe(part, hide_index=True, width="stretch")
+    if report.disparities:
+        st.markdown("**Disparity** (gaps as shares; flagged when the corrected interval excludes zero)")
+        st.dataframe(pd.DataFrame([d.__dict__ for d in report.disparities]).drop(columns=["message"]),
+                     hide_index=True, width="stretch")
+    st.subheader("Skipped")
+    if report.skipped:
+        st.dataframe(pd.DataFrame([s.__dict__ for s in report.skipped]), hide_index=True, width="stretch")
+    else:
+        st.caption("Nothing was skipped.")
+    stem = f"patchslim_audit_{report.model}"
+    c1, c2, c3 = st.columns(3)
+    c1.download_button("Per group (CSV)", outcome.files["audit_groups.csv"], f"{stem}_groups.csv", "text/csv",
+                       width="stretch")
+    c2.download_button("Everything (JSON)", outcome.files["audit.json"], f"{stem}.json", "application/json",
+                       width="stretch")
+    c3.download_button("Report (HTML, works offline)", outcome.files["audit.html"], f"{stem}.html", "text/html",
+                       width="stretch")

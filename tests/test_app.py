@@ -170,7 +170,7 @@ def test_benchmark_page_runs_on_demand(app):
     assert table["speedup"].iloc[0] > 0
 
 
-def test_audit_page_evaluates_the_bundled_sample(app):
+def test_audit_page_audits_the_bundled_sample(app):
     app.switch_page("app_pages/audit.py").run()
     assert not _exceptions(app)
     app.multiselect(key="audit_methods").set_value(["uniform"])
@@ -179,4 +179,22 @@ def test_audit_page_evaluates_the_bundled_sample(app):
     app.run()
     app.button[0].click().run()
     assert not _exceptions(app)
-    assert _metric(app, "Images evaluated").value == "40"
+    assert not app.error
+    assert _metric(app, "Images audited").value == "40"
+    flagged = _metric(app, "Flagged").value
+    assert flagged.endswith("of 3")  # uniform at one rho, by brightness, by family and by class
+    sentences = [m.value for m in app.markdown] + [w.value for w in app.warning] + [s.value for s in app.success]
+    assert any("beyond the noise" in text for text in sentences)
+    tables = [t.value for t in app.dataframe]
+    per_class = [t for t in tables if "group" in t and set(t["group"]) <= set(bundled.CLASS_NAMES) and len(t) > 2]
+    assert per_class and per_class[0]["images"].sum() == 40
+    assert len(app.get("download_button")) == 3
+
+
+def test_audit_page_says_why_a_folder_cannot_be_audited(app, tmp_path):
+    app.switch_page("app_pages/audit.py").run()
+    app.radio(key="audit_source").set_value("A folder, CSV or zip on this server").run()
+    app.text_input(key="audit_folder").set_value(str(tmp_path / "nowhere")).run()
+    app.button[0].click().run()
+    assert not _exceptions(app)
+    assert app.error and "could not run" in app.error[0].value

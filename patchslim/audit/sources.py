@@ -461,7 +461,7 @@ def _drop_duplicates(entries: list[_Entry], read: Callable[[_Entry], bytes], ski
         for i in same:
             try:
                 digest = hashlib.sha1(read(entries[i])).hexdigest()
-            except (OSError, ImageError, zipfile.BadZipFile) as exc:
+            except (OSError, ImageError, zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError) as exc:
                 drop.add(i)
                 skipped.append(Skipped(entries[i].display, f"cannot be read: {exc}", "file"))
                 continue

@@ -40,8 +40,9 @@ def add_arguments(parser) -> None:
                         help="images per shard: the unit of resumption and of distribution")
     parser.add_argument("--workers", type=int, default=2, help="decoding worker processes for image files")
     parser.add_argument("--part", default="0/1", metavar="RANK/WORLD",
-                        help="run only shards RANK, RANK+WORLD, ... (several processes or machines sharing --out); "
-                             "the report is written when every part is done")
+                        help="run only shards RANK, RANK+WORLD, ... (several processes or machines sharing --out; "
+                             "'env' reads RANK and WORLD_SIZE as torchrun sets them); the report is written by the "
+                             "part that finds every shard done")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per interval")
     parser.add_argument("--plotly", default="compressed", choices=("compressed", "inline"),
@@ -53,8 +54,14 @@ def add_arguments(parser) -> None:
 
 
 def _part(text: str) -> tuple[int, int]:
+    import os
+
     from patchslim.errors import PatchslimError
 
+    if text == "env":
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise PatchslimError("--part env needs the RANK and WORLD_SIZE environment variables (torchrun sets them)")
+        text = f"{os.environ['RANK']}/{os.environ['WORLD_SIZE']}"
     rank, sep, world = text.partition("/")
     try:
         return int(rank), int(world)

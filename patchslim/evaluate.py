@@ -591,6 +591,18 @@ def evaluate(model: Any, data: LabelledImages, variants: Sequence[Variant], keep
 
 # --------------------------------------------------------------------------- outputs
 
+def _line_style(method: str, methods: Sequence[str]) -> dict:
+    """One colour per base method (a variant ``METHOD@B`` shares its method's colour), a dash per variant."""
+    import plotly.colors
+
+    palette = plotly.colors.qualitative.Dark24
+    bases = list(dict.fromkeys(m.split("@")[0] for m in methods))
+    base = method.split("@")[0]
+    siblings = [m for m in methods if m.split("@")[0] == base]
+    dashes = ("solid", "dot", "dash", "dashdot", "longdash")
+    return dict(color=palette[bases.index(base) % len(palette)], dash=dashes[siblings.index(method) % len(dashes)])
+
+
 def accuracy_figure(result: EvaluationResult):
     """A plotly figure: top-1 vs requested rho, one line per method, the unslimmed top-1 dashed."""
     import plotly.graph_objects as go
@@ -600,6 +612,7 @@ def accuracy_figure(result: EvaluationResult):
         rows = sorted((r for r in result.rows if r.method == method), key=lambda r: r.keep_ratio)
         fig.add_trace(go.Scatter(
             x=[r.keep_ratio for r in rows], y=[100 * r.top1 for r in rows], mode="lines+markers", name=method,
+            line=_line_style(method, result.methods),
             customdata=[[r.keep_ratio_reached, 100 * r.agreement] for r in rows],
             hovertemplate=(f"{method}<br>rho %{{x:g}} (reached %{{customdata[0]:.3f}})<br>top-1 %{{y:.2f}} %"
                            "<br>agreement %{customdata[1]:.2f} %<extra></extra>"),
@@ -630,6 +643,7 @@ def compute_figure(result: EvaluationResult):
         fig.add_trace(go.Scatter(
             x=[r.gmacs if use_gmacs else r.mean_keep_ratio for r in rows], y=[100 * r.top1 for r in rows],
             mode="lines+markers", name=method, customdata=[[r.keep_ratio] for r in rows],
+            line=_line_style(method, result.methods),
             hovertemplate=f"{method}<br>rho %{{customdata[0]:g}}<br>%{{x:.4g}}<br>top-1 %{{y:.2f}} %<extra></extra>",
         ))
     fig.add_hline(y=100 * result.baseline_top1, line_dash="dash", line_color="gray",

@@ -64,7 +64,7 @@ def _forward(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: 
     spec = model.spec
     keep_attention = plan.attention_wanted(spec.depth)
     needed = {a.attention_block for a in actions if a.attention_block is not None}
-    explicit = keep_attention | {b for b in needed if _needs_probs(actions, b)}
+    explicit, prefix_rows = attention_blocks(plan, spec.depth, actions)
     keys_needed = {a.attention_block for a in actions if a.method.needs_keys}
     # blocks whose attention an action before the next block reads (else it is dropped after the block's own)
     read_by_next = {a.attention_block for a in actions if a.point == "pre" and a.attention_block is not None}
@@ -135,7 +135,7 @@ def _forward(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: 
         provenance_in, tokens_in = state.provenance, state.tokens.shape[1]
         sizes_in = state.sizes is not None
         attn_out, probs, keys = _attention(block, state, want_probs=index in explicit,
-                                           want_keys=index in keys_needed)
+                                           want_keys=index in keys_needed, prefix_probs=index in prefix_rows)
         if index in keep_attention:
             attention_kept[index] = probs.float()
         if index in needed:
@@ -165,15 +165,35 @@ def _forward(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: 
     )
 
 
-def _needs_probs(actions: list[Action], block: int) -> bool:
-    return any(a.attention_block == block and a.method.needs_attention for a in actions)
-
-
-def _attention(block: torch.nn.Module, state: TokenState, want_probs: bool, want_keys: bool):
-    """``block.ls1(block.attn(block.norm1(x)))`` with optional probabilities and keys.
+def attention_blocks(plan: SlimPlan, depth: int, actions: list[Action] | None = None) -> tuple[set[int], set[int]]:
+    """Where the forward computes attention probabilities, and how much of them.
 
     Returns:
-        (residual branch ``[B, T, C]``, probabilities ``[B, H, T, T]`` or None, keys ``[B, H, T, d]`` or None)
+        (blocks with the full ``[B, H, T, T]`` probabilities: kept for maps, or read by a method that needs
+        whole rows or columns; blocks that keep fused attention and compute only the prefix tokens' rows
+        ``[B, H, P, T]``, because every method reading them reads CLS attention alone)
+    """
+    actions = plan.resolve(depth) if actions is None else actions
+    kept = plan.attention_wanted(depth)
+    readers: dict[int, list[Action]] = {}
+    for action in actions:
+        if action.method.needs_attention and action.attention_block is not None:
+            readers.setdefault(action.attention_block, []).append(action)
+    prefix_rows = {b for b, acts in readers.items() if b not in kept
+                   and all(a.method.attention_rows(dict(a.stage.options)) == "prefix" for a in acts)}
+    return kept | (set(readers) - prefix_rows), prefix_rows
+
+
+def _attention(block: torch.nn.Module, state: TokenState, want_probs: bool, want_keys: bool,
+               prefix_probs: bool = False):
+    """``block.ls1(block.attn(block.norm1(x)))`` with optional probabilities and keys.
+
+    ``prefix_probs`` (without ``want_probs``): fused attention for the output, plus the probabilities of the
+    prefix tokens' queries only, ``[B, H, P, T]`` (``P * T`` instead of ``T^2`` per head).
+
+    Returns:
+        (residual branch ``[B, T, C]``, probabilities ``[B, H, T, T]`` (``[B, H, P, T]``) or None, keys
+        ``[B, H, T, d]`` or None)
     """
     attn = block.attn
     h = block.norm1(state.tokens)
@@ -195,6 +215,9 @@ def _attention(block: torch.nn.Module, state: TokenState, want_probs: bool, want
         out = probs @ v
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if prefix_probs:
+            logits = (q[:, :, : state.num_prefix] * attn.scale) @ k.transpose(-2, -1)
+            probs = (logits if bias is None else logits + bias).softmax(dim=-1)
     out = out.transpose(1, 2).reshape(b, t, attn.attn_dim)
     out = attn.norm(out)
     if gate is not None:

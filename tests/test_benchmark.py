@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import patchslim
 from patchslim import SlimPlan, metrics
@@ -138,3 +139,36 @@ def test_unknown_benchmark_is_one_error_line(capsys):
     assert main(["benchmark", "--which", "table9"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --which") and "table3" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- hot-path fixes the benchmarks led to
+
+@pytest.mark.parametrize("method, options", [("evit", {}), ("attention", {"score": "cls"})])
+def test_cls_attention_readers_keep_fused_attention_with_the_same_result(tiny_model, method, options):
+    """EViT and CLS-attention pruning read only the prefix rows: the engine computes those rows beside fused
+    attention instead of the full [B, H, T, T] map, and the result is the one the full map gives."""
+    from patchslim.engine import attention_blocks
+    from patchslim.metrics.memory import explicit_attention_blocks
+
+    images = common.random_images(tiny_model, 3, seed=1)
+    plan = SlimPlan.single(method, 0.5, **options)
+    read = {a.attention_block for a in plan.resolve(tiny_model.spec.depth)}
+    explicit, prefix_rows = attention_blocks(plan, tiny_model.spec.depth)
+    assert explicit == set() and prefix_rows == read
+    fast = patchslim.run(tiny_model, images, plan)
+    full = patchslim.run(tiny_model, images, plan.with_attention(tuple(read)))  # maps kept: the full path
+    assert fast.attention == {} and sorted(full.attention) == sorted(read)
+    torch.testing.assert_close(fast.logits, full.logits, atol=1e-4, rtol=0)
+    for a, b in zip(fast.stages, full.stages):
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-6, rtol=0)
+    assert explicit_attention_blocks(fast) == set() and explicit_attention_blocks(full) == read
+    assert (metrics.estimate_activation_memory(fast).peak_bytes
+            < metrics.estimate_activation_memory(full).peak_bytes)
+
+
+def test_received_attention_still_gets_the_full_map(tiny_model):
+    plan = SlimPlan.single("attention", 0.5, score="received")
+    from patchslim.engine import attention_blocks
+
+    explicit, prefix_rows = attention_blocks(plan, tiny_model.spec.depth)
+    assert prefix_rows == set() and explicit == {a.attention_block for a in plan.resolve(tiny_model.spec.depth)}

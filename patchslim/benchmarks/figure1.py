@@ -78,7 +78,8 @@ def run_figure1(config: Figure1Config, tick: common.Tick | None = None) -> commo
     for label in shown:
         part = [r for r in rows if r["method"] == label]
         line = {"method": label, "placement": part[0]["placement"]}
-        line.update({f"r{r['keep_ratio']:g}": r["flops_reduction_pct"] for r in part})
+        # one decimal, and no "-0.0" where only the selection's own multiply-adds are left at rho = 1
+        line.update({f"r{r['keep_ratio']:g}": round(r["flops_reduction_pct"], 1) + 0.0 for r in part})
         pivot.append(line)
     body = (f"FLOPs (GMACs) reduction in % against the unslimmed {config.model} ({baseline:.2f} GMACs per image), "
             "keep ratio rho per stage, each method at its default placement; selection multiply-adds included.\n\n"

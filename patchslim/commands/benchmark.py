@@ -46,6 +46,7 @@ def add_arguments(parser) -> None:
                         help="the accuracy table to join (default: OUT/accuracy.csv)")
     parser.add_argument("--no-pretrained", action="store_true",
                         help="table2: random weights even when a checkpoint exists")
+    parser.add_argument("--tag", default="", help="appended to every output file name (e.g. _deit_small)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no-png", action="store_true", help="HTML plots only")
     parser.add_argument("--no-progress", action="store_true")
@@ -79,6 +80,8 @@ def configs(args) -> dict:
         raise PatchslimError("batch sizes must be positive integers")
     if (args.repeats is not None and args.repeats < 1) or (args.warmup is not None and args.warmup < 0):
         raise PatchslimError("--repeats must be >= 1 and --warmup >= 0")
+    if any(sep in args.tag for sep in "/\\") or args.tag in (".", ".."):
+        raise PatchslimError(f"--tag is part of a file name and cannot hold a path, got {args.tag!r}")
     accuracy = Path(args.accuracy) if args.accuracy else Path(args.out) / "accuracy.csv"
     model = args.model or "deit_small_patch16_224"
     built = {
@@ -100,7 +103,10 @@ def configs(args) -> dict:
                                           if args.repeats else {}),
                                        **({"warmup": args.warmup} if args.warmup is not None else {})),
     }
-    return {name: built[name]() for name in BENCHMARKS if name in which}
+    chosen = {name: built[name]() for name in BENCHMARKS if name in which}
+    for config in chosen.values():
+        config.stem += args.tag
+    return chosen
 
 
 def command_line(args) -> str:

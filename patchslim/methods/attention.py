@@ -90,6 +90,10 @@ class AttentionPruning(SlimMethod):
         """One stage before block ceil(depth / 4): 3 of 12, 2 of 6 (at least 1, at most depth - 1)."""
         return (min(max(1, -(-depth // 4)), max(1, depth - 1)),)
 
+    def attention_rows(self, options: dict) -> str:
+        """``score="cls"`` reads only the prefix rows; ``"received"`` reads whole columns."""
+        return "prefix" if options.get("score", "cls") == "cls" else "all"
+
     def check(self, stage_options: dict, keep_ratio: float, model) -> None:
         if stage_options.get("score", "cls") == "cls" and model.spec.num_prefix_tokens == 0:
             raise PlanError("method 'attention' with score=cls needs a CLS token, which this model has not; "

@@ -115,7 +115,9 @@ class StageContext:
         target: the number of non-prefix tokens the keep ratio asks for (nearest, at least 1).
         options: parsed options (defaults filled in).
         attention: ``[B, H, T, T]`` attention probabilities (softmax rows) of the relevant block, when the
-            method ``needs_attention``; T counts prefix tokens.
+            method ``needs_attention``; T counts prefix tokens. Only the P prefix tokens' rows, ``[B, H, P, T]``,
+            when the method's ``attention_rows(options)`` is ``"prefix"`` and nothing else needs that block's
+            full map (the engine then keeps fused attention there).
         keys: ``[B, H, T, d]`` the relevant block's keys, when the method ``needs_keys``.
         generator: a seeded CPU ``torch.Generator`` for methods that draw random numbers.
         model: the :class:`~patchslim.models.LoadedModel` (read only), for learned methods.
@@ -201,6 +203,12 @@ class SlimMethod:
         for name, value in options.items():
             parsed[name] = specs[name].parse(value, self.name)
         return parsed
+
+    def attention_rows(self, options: dict) -> str:
+        """Which rows of the attention probabilities ``reduce`` reads (with ``needs_attention``): ``"all"``,
+        or ``"prefix"`` when it reads only the prefix tokens' rows (CLS attention). For ``"prefix"`` the engine
+        keeps fused attention in that block and computes just those rows: no ``[B, H, T, T]`` tensor."""
+        return "all"
 
     def check(self, stage_options: dict, keep_ratio: float, model: Any) -> None:
         """Method-specific validation against a model (e.g. a policy trained for another model)."""

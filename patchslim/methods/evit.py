@@ -70,6 +70,10 @@ class EViT(SlimMethod):
         """Blocks depth*k//4 for k = 1, 2, 3 (3, 6, 9 of 12), without repeats."""
         return tuple(sorted({depth * k // 4 for k in (1, 2, 3)}))
 
+    def attention_rows(self, options: dict) -> str:
+        """Only the CLS (prefix) rows are read, so the block keeps fused attention."""
+        return "prefix"
+
     def check(self, stage_options: dict, keep_ratio: float, model) -> None:
         if model.spec.num_prefix_tokens == 0:
             raise PlanError("method 'evit' ranks tokens by CLS attention, and this model has no CLS token")

@@ -138,9 +138,9 @@ class TokenMerging(SlimMethod):
         survivors = top_k_index((destination == torch.arange(m, device=device)).float(), m - r)  # [B, M-r]
         new_sizes = size_sum.gather(1, survivors)
         new_patches = summed.gather(1, survivors.unsqueeze(-1).expand(-1, -1, channels)) / new_sizes.unsqueeze(-1)
-        # combination[b, j, i] = 1 when token i went into survivor j.
-        joins = F.one_hot(destination, m).transpose(1, 2).float()  # [B, M (dest), M (source)]
-        combination = joins.gather(1, survivors.unsqueeze(-1).expand(-1, -1, m))
+        # combination[b, j, i] = 1 when token i went into survivor j ([B, M - r, M], built directly: no
+        # int64 [B, M, M] one-hot to transpose and gather from).
+        combination = (survivors.unsqueeze(-1) == destination.unsqueeze(1)).float()
         merged = replace_patches(state, new_patches, combination, new_sizes)
         d_head = metric.shape[-1]
         half_a, half_b = (m + 1) // 2, m // 2

@@ -8,8 +8,9 @@ of the weights and the input batch; the weights are reported beside them.
   width, H heads, T_a / T_m the tokens of the block's attention / MLP):
 
   - attention half, fused attention: residual + normed input + q, k, v (one tensor) + attention output
-    + its reshaped copy = ``T_a (2 D + 5 D_i)``; fused attention keeps no ``T^2`` tensor;
-  - attention half, explicit attention (kept for maps, or read by a method): the larger of
+    + its reshaped copy = ``T_a (2 D + 5 D_i)``; fused attention keeps no ``T^2`` tensor; where a method
+    reads CLS attention alone (EViT; ``attention`` with ``score=cls``), plus ``2 H P T_a`` for the prefix rows;
+  - attention half, explicit attention (kept for maps, or read whole by a method): the larger of
     ``T_a (2 D + 3 D_i) + 2 H T_a^2`` (logits and probabilities during the softmax) and
     ``T_a (2 D + 5 D_i) + H T_a^2``;
   - MLP half: residual + normed input + hidden before and after GELU = ``T_m (2 D + 2 F)``, plus the
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 
 from patchslim.device import peak_memory_allocated, reset_peak_memory, supports_peak_memory
+from patchslim.engine import attention_blocks
 from patchslim.trace import Trace
 
 MB = 2 ** 20
@@ -83,13 +85,14 @@ def estimate_activation_memory(trace: Trace, bytes_per_element: int | None = Non
     spec = trace.spec
     if bytes_per_element is None:
         bytes_per_element = 4
-    explicit = explicit_attention_blocks(trace)
+    explicit, prefix_rows = attention_blocks(trace.plan, spec.depth)
     kept = trace.plan.attention_wanted(spec.depth)
     read_next_probs, read_next_keys = set(), set()
     for action in trace.plan.resolve(spec.depth):
         if action.point == "pre" and action.attention_block is not None:
             (read_next_probs if action.method.needs_attention else read_next_keys).add(action.attention_block)
     width, inner, hidden, heads = spec.embed_dim, spec.num_heads * spec.head_dim, spec.mlp_hidden, spec.num_heads
+    prefix = spec.num_prefix_tokens
     scale = trace.batch_size * bytes_per_element
     per_block = []
     kept_elements = 0
@@ -98,10 +101,11 @@ def estimate_activation_memory(trace: Trace, bytes_per_element: int | None = Non
         square = heads * t_a * t_a
         if index in explicit:
             attention = max(t_a * (2 * width + 3 * inner) + 2 * square, t_a * (2 * width + 5 * inner) + square)
-        else:
-            attention = t_a * (2 * width + 5 * inner)
+        else:  # fused; where a method reads CLS attention only, plus the prefix rows' logits and probabilities
+            attention = t_a * (2 * width + 5 * inner) + (2 * heads * prefix * t_a if index in prefix_rows else 0)
         mlp = t_m * (2 * width + 2 * hidden)
-        mlp += (square if index in read_next_probs and index not in kept else 0)
+        held = heads * prefix * t_a if index in prefix_rows else square
+        mlp += (held if index in read_next_probs and index not in kept else 0)
         mlp += (3 * t_a * inner if index in read_next_keys else 0)
         per_block.append((max(attention, mlp) + kept_elements) * scale)
         if index in kept:  # the kept map is the probabilities tensor counted above, alive from now on
@@ -110,13 +114,9 @@ def estimate_activation_memory(trace: Trace, bytes_per_element: int | None = Non
 
 
 def explicit_attention_blocks(trace: Trace) -> set[int]:
-    """Blocks where the engine computed attention probabilities explicitly (kept, or read by a method)."""
-    depth = trace.spec.depth
-    blocks = set(trace.plan.attention_wanted(depth))
-    for action in trace.plan.resolve(depth):
-        if action.method.needs_attention and action.attention_block is not None:
-            blocks.add(action.attention_block)
-    return blocks
+    """Blocks where the engine computed the full attention probabilities (kept, or read whole by a method);
+    blocks whose readers want CLS attention alone keep fused attention (see ``engine.attention_blocks``)."""
+    return attention_blocks(trace.plan, trace.spec.depth)[0]
 
 
 @dataclass(frozen=True)

@@ -333,8 +333,8 @@ def test_cli_process_prints_one_line_and_no_traceback(corpus):
 # --------------------------------------------------------------------------- the app
 
 def test_app_shows_each_refusal_and_stays_usable(corpus):
-    """One session uploads every case in turn, each followed by a good photo: no exception ever reaches the
-    page, refusals are shown as one error naming the reason, and the next image is explored normally.
+    """One session uploads every case in turn, each refusal followed by a good photo: no exception ever reaches
+    the page, refusals are shown as one error naming the reason, and the next image is explored normally.
 
     Streamlit itself refuses a name outside ``UPLOAD_TYPES`` (``.svg``, ``.heic``): the browser's picker and
     drop zone reject it before anything is sent. Such files are uploaded here renamed to ``.png``, as a person
@@ -376,8 +376,8 @@ def test_app_shows_each_refusal_and_stays_usable(corpus):
             assert "Traceback" not in refusals[0]
             assert not explored()
             outcomes[case.filename] = "refused"
-        upload(f"next_after_{case.filename}.jpg", good)
-        assert not at.error and explored(), f"the app did not recover after {case.name}"
+            upload(f"next_after_{case.filename}.jpg", good)
+            assert not at.error and explored(), f"the app did not recover after {case.name}"
     assert sorted(outcomes.values()).count("refused") == sum(not c.accepted for c in CASES)
 
 

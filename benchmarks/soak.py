@@ -1,0 +1,367 @@
+"""Soak test: several people at once in real browsers, against one ``streamlit run app/main.py``.
+
+Starts the app headless on a free localhost port, opens ``--sessions`` Chromium pages (each its own
+Streamlit session, all in one browser: Debian's ``/usr/bin/chromium`` through Playwright, never Playwright's
+own download) and, for ``--minutes``, lets each do random things: pick a method, move rho with the keyboard,
+upload an image (now and then a broken one), pick a gallery image, switch pages.
+
+After every action the page is checked for what a person must never see: an exception box
+(``stException``), an uncaught page error, a browser console error; the server's log is scanned for
+tracebacks. Refusals of broken uploads (``st.error`` "This file cannot be used") are expected and counted
+apart. The server's resident memory (``/proc/<pid>/status``) is sampled before the sessions start, during,
+and at the end.
+
+Usage::
+
+    python benchmarks/soak.py                          # 4 sessions, 5 minutes
+    python benchmarks/soak.py --sessions 2 --minutes 0.5
+
+Writes ``benchmarks/results/soak.json``; exits 1 when errors were seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import random
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+RESULTS = REPO / "benchmarks" / "results" / "soak.json"
+CHROMIUM = Path(os.environ.get("PATCHSLIM_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+PHOTOS = REPO.parent / "shared" / "data" / "photos"
+PAGES = ("Explore one image", "Compare methods", "Explain", "Benchmark", "Audit")
+IMAGE_PAGES = PAGES[:3]
+REFUSAL = "This file cannot be used"
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process in MB (Linux ``/proc``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(log_path: Path) -> tuple[subprocess.Popen, str]:
+    """``streamlit run app/main.py`` on a free port; returns the process and its URL once healthy."""
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}; see {log_path}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.3)
+    proc.terminate()
+    raise RuntimeError("streamlit did not answer on /_stcore/health within 120 s")
+
+
+def image_files(folder: Path, seed: int) -> tuple[list[Path], list[Path]]:
+    """Good uploads (the shared photos when present, plus generated ones) and a few broken files."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    good = sorted(p for p in PHOTOS.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:6]
+    for i in range(6):
+        w, h = int(rng.integers(48, 800)), int(rng.integers(48, 600))
+        array = rng.integers(0, 255, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+        image = Image.fromarray(array).resize((w, h), Image.NEAREST)
+        path = folder / f"generated_{i}.{'jpg' if i % 2 else 'png'}"
+        image.save(path)
+        good.append(path)
+    bad = []
+    buffer = io.BytesIO()
+    Image.new("RGB", (300, 300), (10, 120, 200)).save(buffer, "JPEG")
+    (folder / "truncated.jpg").write_bytes(buffer.getvalue()[:200])
+    (folder / "not_an_image.png").write_text("hello, I am text\n")
+    (folder / "empty.png").write_bytes(b"")
+    bad += [folder / "truncated.jpg", folder / "not_an_image.png", folder / "empty.png"]
+    return good, bad
+
+
+class Session:
+    """One browser page = one Streamlit session, doing random things and recording what goes wrong."""
+
+    def __init__(self, index: int, page, url: str, rng: random.Random, good: list[Path], bad: list[Path],
+                 methods: list[str]) -> None:
+        self.index, self.page, self.url, self.rng = index, page, url, rng
+        self.good, self.bad, self.methods = good, bad, methods
+        self.where = PAGES[0]
+        self.actions: dict[str, int] = {}
+        self.errors: list[dict] = []
+        self.console_errors: list[dict] = []
+        self.refusals = 0
+        self.expect_refusal = False  # this action uploaded a broken file
+        self.broken_upload_kept = False  # the session's current upload is broken (its refusal stays shown)
+        self.offline_requests: list[str] = []
+        page.set_default_timeout(120_000)  # a shared 2-core machine can take a while per rerun
+        page.on("console", self._console)
+        page.on("pageerror", lambda exc: self.errors.append(dict(session=index, kind="page error",
+                                                                 text=str(exc)[:300], where=self.where)))
+
+    def _console(self, msg) -> None:
+        if msg.type != "error":
+            return
+        url = (msg.location or {}).get("url", "")
+        if "ERR_NAME_NOT_RESOLVED" in msg.text or "ERR_INTERNET_DISCONNECTED" in msg.text:
+            # the page asked for something on the internet (this machine is offline): not an app error
+            self.offline_requests.append(url or msg.text[:200])
+            return
+        self.console_errors.append(dict(session=self.index, text=msg.text[:300], url=url, where=self.where))
+
+    async def wait_idle(self, timeout: float = 90.0) -> None:
+        """Until the app's "Running..." indicator has gone (the rerun finished)."""
+        await asyncio.sleep(0.6)
+        deadline = time.time() + timeout
+        status = self.page.locator('[data-testid="stStatusWidget"]')
+        while time.time() < deadline:
+            try:
+                running = await status.count() > 0 and "Running" in (await status.first.inner_text() or "")
+            except Exception:  # the element is replaced while the page reruns
+                running = True
+            if not running:
+                return
+            await asyncio.sleep(0.3)
+        self.errors.append(dict(session=self.index, kind="timeout", text=f"still running after {timeout} s",
+                                where=self.where))
+
+    async def check(self, action: str) -> None:
+        """Exception boxes and unexpected error alerts on the page after an action."""
+        page = self.page
+        for box in await page.locator('[data-testid="stException"]').all():
+            self.errors.append(dict(session=self.index, kind="exception shown", action=action, where=self.where,
+                                    text=(await box.inner_text())[:300]))
+        for alert in await page.locator('[data-testid="stAlertContentError"]').all():
+            text = (await alert.inner_text())[:300]
+            if REFUSAL in text and self.broken_upload_kept:
+                self.refusals += self.expect_refusal
+            else:
+                self.errors.append(dict(session=self.index, kind="error alert", action=action, where=self.where,
+                                        text=text))
+
+    async def act(self) -> str:
+        kind = self.rng.choices(["method", "rho", "upload", "bad upload", "gallery", "page"],
+                                [3, 4, 2, 0.5, 1.5, 1])[0]
+        if kind in ("upload", "bad upload", "gallery") and self.where not in IMAGE_PAGES:
+            kind = "page"
+        page = self.page
+        self.expect_refusal = False
+        self.current = kind
+        if kind == "method":
+            method = self.rng.choice(self.methods)
+            box = page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]', has_text="Method")
+            await box.locator("input").click()
+            await page.keyboard.type(method)
+            await page.keyboard.press("Enter")
+            did = f"method {method}"
+        elif kind == "rho":
+            thumb = page.locator('[data-testid="stSidebar"] [data-testid="stSlider"]', has_text="Keep ratio").locator(
+                'input[type="range"], [role="slider"]').first
+            await thumb.focus()
+            key = self.rng.choice(["ArrowLeft", "ArrowRight"])
+            steps = self.rng.randint(1, 5)
+            for _ in range(steps):
+                await page.keyboard.press(key)
+            did = f"rho {key} x{steps}"
+        elif kind in ("upload", "bad upload"):
+            await page.locator('[data-testid="stMain"] [data-testid="stRadio"]').get_by_text(
+                "Upload", exact=True).first.click()
+            await self.wait_idle()
+            path = self.rng.choice(self.bad if kind == "bad upload" else self.good)
+            await page.locator('[data-testid="stFileUploader"] input[type="file"]').first.set_input_files(str(path))
+            self.expect_refusal = self.broken_upload_kept = kind == "bad upload"
+            did = f"{kind} {path.name}"
+        elif kind == "gallery":
+            await page.locator('[data-testid="stMain"] [data-testid="stRadio"]').get_by_text(
+                "Gallery", exact=True).first.click()
+            await self.wait_idle()
+            box = page.locator('[data-testid="stMain"] [data-testid="stSelectbox"]', has_text="Gallery image")
+            if await box.count():
+                await box.locator("input").first.click()
+                for _ in range(self.rng.randint(1, 4)):
+                    await page.keyboard.press("ArrowDown")
+                await page.keyboard.press("Enter")
+            did = "gallery"
+        else:
+            target = self.rng.choice([p for p in PAGES if p != self.where])
+            await page.locator('[data-testid="stSidebarNav"] a', has_text=target).first.click()
+            self.where = target
+            did = f"page {target}"
+        self.actions[did.split()[0]] = self.actions.get(did.split()[0], 0) + 1
+        return did
+
+    async def open(self) -> None:
+        await self.page.goto(self.url)
+        await self.page.locator('[data-testid="stSidebar"]').wait_for(timeout=240_000)
+        await self.wait_idle(240)
+
+    async def run(self, deadline: float) -> None:
+        try:
+            await self.open()
+        except Exception as exc:  # the first screen did not come (an overloaded machine): note it, go on
+            self.errors.append(dict(session=self.index, kind="driver", action="open", where=self.where,
+                                    text=f"{type(exc).__name__}: {str(exc).splitlines()[0][:250]}"))
+        while time.time() < deadline:
+            did = "?"
+            self.current = "?"
+            try:
+                did = await self.act()
+                await self.wait_idle()
+                await self.check(did)
+            except Exception as exc:  # a locator that did not appear: the page is not in the state expected
+                self.errors.append(dict(session=self.index, kind="driver", action=self.current, where=self.where,
+                                        text=f"{type(exc).__name__}: {str(exc).splitlines()[0][:250]}"))
+                if os.environ.get("SOAK_SCREENSHOTS"):
+                    await self.page.screenshot(path=f"{os.environ['SOAK_SCREENSHOTS']}/s{self.index}_"
+                                                    f"{len(self.errors)}.png")
+                await asyncio.sleep(1)
+
+
+async def soak(url: str, server_pid: int, sessions: int, minutes: float, seed: int, folder: Path) -> dict:
+    from playwright.async_api import async_playwright
+
+    import patchslim
+
+    methods = [m for m in patchslim.method_names()]
+    good, bad = image_files(folder, seed)
+    samples = [(0.0, rss_mb(server_pid))]
+    began = time.time()
+    deadline = began + minutes * 60
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        pages = []
+        for i in range(sessions):
+            context = await browser.new_context(viewport={"width": 1500, "height": 1100})
+            pages.append(await context.new_page())
+        runners = [Session(i, pages[i], url, random.Random(seed * 100 + i), good, bad, methods)
+                   for i in range(sessions)]
+
+        async def sample() -> None:
+            while time.time() < deadline:
+                await asyncio.sleep(10)
+                samples.append((time.time() - began, rss_mb(server_pid)))
+
+        await asyncio.gather(sample(), *(r.run(deadline) for r in runners))
+        await browser.close()
+    samples.append((time.time() - began, rss_mb(server_pid)))
+    return dict(runners=runners, samples=samples, seconds=time.time() - began, uploads=len(good), broken=len(bad))
+
+
+def server_log_errors(log_path: Path) -> list[str]:
+    """Tracebacks and errors in the server's log (Streamlit prints exceptions of script runs there)."""
+    text = log_path.read_text(errors="replace")
+    found = []
+    for match in re.finditer(r"(Traceback \(most recent call last\):.*?\n(?=\S))|(^.*\b(ERROR|CRITICAL)\b.*$)",
+                             text, re.S | re.M):
+        found.append(match.group(0).strip()[-400:])
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=4)
+    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if not CHROMIUM.exists():
+        print(f"no Chromium at {CHROMIUM}", file=sys.stderr)
+        return 2
+    from patchslim import bundled
+
+    with tempfile.TemporaryDirectory(prefix="patchslim_soak_") as tmp:
+        folder = Path(tmp)
+        log_path = folder / "streamlit.log"
+        proc, url = start_server(log_path)
+        try:
+            idle_rss = rss_mb(proc.pid)
+            outcome = asyncio.run(soak(url, proc.pid, args.sessions, args.minutes, args.seed, folder))
+            end_rss = rss_mb(proc.pid)
+            alive = proc.poll() is None
+            log_errors = server_log_errors(log_path)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    runners = outcome["runners"]
+    errors = [e for r in runners for e in r.errors]
+    console = [e for r in runners for e in r.console_errors]
+    samples = outcome["samples"]
+    first_active = samples[1][1] if len(samples) > 1 else samples[0][1]
+    actions: dict[str, int] = {}
+    for r in runners:
+        for k, v in r.actions.items():
+            actions[k] = actions.get(k, 0) + v
+    result = dict(
+        sessions=args.sessions,
+        minutes=args.minutes,
+        seconds=round(outcome["seconds"], 1),
+        model_weights="bundled checkpoint" if bundled.CHECKPOINT_PATH.exists() else "random init (no checkpoint)",
+        actions_total=sum(actions.values()),
+        actions_by_kind=actions,
+        actions_per_session=[sum(r.actions.values()) for r in runners],
+        expected_refusals_of_broken_uploads=sum(r.refusals for r in runners),
+        errors_on_pages=errors,
+        console_errors=console,
+        offline_requests_ignored=sorted({u for r in runners for u in r.offline_requests}),
+        server_log_errors=log_errors,
+        server_alive_at_end=alive,
+        server_rss_mb=dict(before_sessions=round(idle_rss, 1), first_sample=round(first_active, 1),
+                           end=round(end_rss, 1), peak=round(max(r for _, r in samples), 1)),
+        rss_samples=[dict(t=round(t, 1), rss_mb=round(r, 1)) for t, r in samples],
+        distinct_uploads=outcome["uploads"], broken_files=outcome["broken"],
+        python=platform.python_version(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
+        command=" ".join(["python", "benchmarks/soak.py", *sys.argv[1:]]),
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    bad = len(errors) + len(console) + len(log_errors) + (0 if alive else 1)
+    print(f"{args.sessions} sessions x {outcome['seconds']:.0f} s: {result['actions_total']} actions "
+          f"{actions}; {len(errors)} page errors, {len(console)} console errors, {len(log_errors)} server log "
+          f"errors; {result['expected_refusals_of_broken_uploads']} broken uploads refused as expected; server "
+          f"RSS {idle_rss:.0f} MB before, {end_rss:.0f} MB after (peak {result['server_rss_mb']['peak']:.0f}); "
+          f"wrote {args.out}")
+    for e in (errors + console)[:10]:
+        print("  ", e)
+    for e in log_errors[:5]:
+        print("   server:", e.splitlines()[-1])
+    return 0 if bad == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

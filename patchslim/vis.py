@@ -18,6 +18,7 @@ use plotly's own scales of the same names.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -66,15 +67,27 @@ def apply_colormap(values: np.ndarray, cmap: str = "inferno") -> np.ndarray:
     Raises:
         ValueError: an unknown colour map name.
     """
-    if cmap not in _CMAPS:
-        raise ValueError(f"unknown colour map {cmap!r}; available: {', '.join(_CMAPS)}")
-    anchors = np.array([[int(h[i:i + 2], 16) for i in (1, 3, 5)] for h in _CMAPS[cmap]], dtype=np.float64)
+    anchors = _anchors(cmap)
     v = np.nan_to_num(np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0), nan=0.0)
     pos = v * (len(anchors) - 1)
     lo = np.floor(pos).astype(int).clip(0, len(anchors) - 2)
     frac = (pos - lo)[..., None]
     rgb = anchors[lo] * (1 - frac) + anchors[lo + 1] * frac
     return rgb.round().astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def _anchors(cmap: str) -> np.ndarray:
+    if cmap not in _CMAPS:
+        raise ValueError(f"unknown colour map {cmap!r}; available: {', '.join(_CMAPS)}")
+    anchors = np.array([[int(h[i:i + 2], 16) for i in (1, 3, 5)] for h in _CMAPS[cmap]], dtype=np.float64)
+    anchors.flags.writeable = False
+    return anchors
+
+
+def _cells_to_pixels(grid: np.ndarray, cell: int) -> np.ndarray:
+    """Repeats each entry of a ``[rows, cols, ...]`` grid over a ``cell x cell`` block of pixels."""
+    return np.repeat(np.repeat(grid, cell, axis=0), cell, axis=1)
 
 
 # --------------------------------------------------------------------------- the model's view
@@ -137,10 +150,13 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
     return right - left, bottom - top
 
 
+@functools.lru_cache(maxsize=32)
 def _hatch_pixels(shape: tuple[int, int], step: int, width: int) -> np.ndarray:
-    """``[h, w]`` bool: diagonal stripes (like ``/``) ``width`` pixels thick every ``step`` pixels."""
+    """``[h, w]`` bool: diagonal stripes (like ``/``) ``width`` pixels thick every ``step`` pixels (read-only)."""
     ys, xs = np.indices(shape)
-    return (xs + ys) % max(3, step) < max(1, width)
+    stripes = (xs + ys) % max(3, step) < max(1, width)
+    stripes.flags.writeable = False
+    return stripes
 
 
 def _hatch(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], step: int, colour=HATCH_COLOUR,
@@ -153,13 +169,16 @@ def _hatch(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], step: int,
 
 def _dim_and_hatch(array: np.ndarray, mask_px: np.ndarray, cell: int) -> None:
     """Darkens the pixels under ``mask_px`` in place and stripes them (dropped patches)."""
-    array[mask_px] = (array[mask_px].astype(np.float32) * DROPPED_DIM).astype(np.uint8)
-    stripes = mask_px & _hatch_pixels(mask_px.shape, step=max(6, cell // 3), width=max(1, cell // 14))
-    array[stripes] = HATCH_COLOUR
+    if not mask_px.any():
+        return
+    dimmed = (array * np.float32(DROPPED_DIM)).astype(np.uint8)
+    stripes = mask_px & _hatch_pixels(tuple(mask_px.shape), step=max(6, cell // 3), width=max(1, cell // 14))
+    np.copyto(array, dimmed, where=mask_px[..., None])
+    np.copyto(array, np.asarray(HATCH_COLOUR, dtype=np.uint8), where=stripes[..., None])
 
 
 def _cell_mask(cells: np.ndarray, cell: int) -> np.ndarray:
-    return np.kron(cells.astype(np.uint8), np.ones((cell, cell), dtype=np.uint8)).astype(bool)
+    return _cells_to_pixels(np.asarray(cells, dtype=bool), cell)
 
 
 def _grid_lines(draw: ImageDraw.ImageDraw, rows: int, cols: int, cell: int, colour=(255, 255, 255, 40)) -> None:
@@ -468,10 +487,10 @@ def heatmap_overlay(image: Any, values_grid: np.ndarray, vmin: float | None = No
     array = np.asarray(base).astype(np.float32)
     missing = ~np.isfinite(values)
     scaled = (values - lo) / (hi - lo)
-    colours = apply_colormap(np.kron(np.nan_to_num(scaled), np.ones((cell, cell))), cmap).astype(np.float32)
+    colours = _cells_to_pixels(apply_colormap(np.nan_to_num(scaled), cmap), cell).astype(np.float32)
     present = ~_cell_mask(missing, cell)
-    array[present] = array[present] * (1 - alpha) + colours[present] * alpha
-    array = array.clip(0, 255).astype(np.uint8)
+    blended = array * (1 - alpha) + colours * alpha  # every pixel at once, then keep the present cells'
+    array = np.where(present[..., None], blended, array).clip(0, 255).astype(np.uint8)
     _dim_and_hatch(array, ~present, cell)
     out = Image.fromarray(array, "RGB")
     if legend:

@@ -116,6 +116,25 @@ def test_heatmap_overlay_size_colourbar_and_nan(bright_image):
     assert means[0, 0] < means[0, 1]  # the dropped cell is darker than its neighbour
 
 
+def test_heatmap_cells_are_exactly_the_colour_map_of_their_value(bright_image):
+    """Colour is computed per patch and spread over the patch's pixels: with alpha 1 every pixel of a
+    present cell is the colour map of that cell's scaled value; a NaN cell is dimmed and hatched."""
+    values = np.random.default_rng(1).random((12, 12))
+    values[3, 4] = np.nan
+    picture = np.asarray(vis.heatmap_overlay(bright_image, values, vmin=0, vmax=1, legend=False, alpha=1.0))
+    cell = picture.shape[0] // 12
+    cells = picture.reshape(12, cell, 12, cell, 3)
+    expected = vis.apply_colormap(np.nan_to_num(values))
+    for r in range(12):
+        for c in range(12):
+            block = cells[r, :, c, :, :]
+            if (r, c) == (3, 4):
+                assert not (block == expected[r, c]).all(axis=-1).any()
+                assert (block == vis.HATCH_COLOUR).all(axis=-1).any()  # the stripes
+            else:
+                assert (block == expected[r, c]).all(), (r, c)
+
+
 def test_fixed_scale_makes_maps_comparable(bright_image):
     low = np.full((12, 12), 0.2)
     high = np.full((12, 12), 0.8)

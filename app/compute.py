@@ -102,7 +102,7 @@ def plan_for(method: str, keep_ratio: float, options: dict[str, Any] | None = No
 _WARMED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # models that ran once: a first forward pays one-off costs
 
 
-def _timed_run(model: patchslim.LoadedModel, image: Image.Image, plan: patchslim.SlimPlan) -> Timed:
+def _timed_run(model: patchslim.LoadedModel, image: Image.Image | torch.Tensor, plan: patchslim.SlimPlan) -> Timed:
     batch = model.preprocess(image)
     if model.model not in _WARMED:  # one untimed forward, so the first readout is not the allocator's
         patchslim.run(model, batch, patchslim.SlimPlan())
@@ -114,12 +114,12 @@ def _timed_run(model: patchslim.LoadedModel, image: Image.Image, plan: patchslim
     return Timed(trace, time.perf_counter() - start)
 
 
-def baseline(model: patchslim.LoadedModel, image: Image.Image) -> Timed:
-    """The unslimmed forward, attention kept in every block."""
+def baseline(model: patchslim.LoadedModel, image: Image.Image | torch.Tensor) -> Timed:
+    """The unslimmed forward, attention kept in every block (``image``: a PIL image or the model's input)."""
     return _timed_run(model, image, patchslim.SlimPlan(attention_blocks="all"))
 
 
-def slimmed(model: patchslim.LoadedModel, image: Image.Image, method: str, keep_ratio: float,
+def slimmed(model: patchslim.LoadedModel, image: Image.Image | torch.Tensor, method: str, keep_ratio: float,
             options: dict[str, Any] | None = None) -> Timed:
     """The forward under the sidebar's plan.
 

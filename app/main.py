@@ -1,7 +1,7 @@
 """patchslim app entry point: ``streamlit run app/main.py``.
 
 This file is the frame around every page: page config, the navigation, and the shared sidebar (model,
-device, precision, method and its options, rho). Each page lives in ``app/pages/`` and reads like a
+device, precision, method and its options, rho). Each page lives in ``app/app_pages/`` and reads like a
 description of what a person sees.
 """
 

@@ -6,7 +6,8 @@ classroom demo with many uploads cannot grow the server's memory without limit:
 
 - models: one per (name, device, precision, weights) and process, shared by every session (at most 3);
 - decoded uploads: at most 4, each at most ``MAX_UPLOAD_PIXELS`` (25 MP, 75 MB as RGB);
-- the unslimmed forward of an image (with attention in every block): computed once per model and image;
+- the model's input tensor of an image (16) and its unslimmed forward (with attention in every block): computed
+  once per model and image;
 - slimmed forwards: one per (model, image, plan), so moving rho back and forth is instant;
 - per session, long results (attributions, benchmarks, audits) in a :class:`BoundedLRU` of 8.
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
+import torch
 from PIL import Image
 
 import patchslim
@@ -208,16 +210,27 @@ def image_bytes(image: Image.Image) -> bytes:
 # --------------------------------------------------------------------------- forwards
 
 @st.cache_resource(max_entries=16, ttl=FORWARD_TTL, show_spinner=False)
+def model_input(model_key: str, image_key: str, _model: patchslim.LoadedModel, _image: Image.Image) -> torch.Tensor:
+    """The image through the model's transform, ``[1, C, H, W]`` on its device, once per model and image.
+
+    The forwards and the drawings (overlay, heatmaps) start from it, so a slider change does not resize
+    the upload again (a bicubic resize of a photo costs a few ms each time). Never mutated.
+    """
+    return _model.preprocess(_image)
+
+
+@st.cache_resource(max_entries=16, ttl=FORWARD_TTL, show_spinner=False)
 def baseline(model_key: str, image_key: str, _model: patchslim.LoadedModel, _image: Image.Image) -> compute.Timed:
     """The unslimmed forward of an image, with attention kept in every block (maps and rollout)."""
-    return compute.baseline(_model, _image)
+    return compute.baseline(_model, model_input(model_key, image_key, _model, _image))
 
 
 @st.cache_resource(max_entries=48, ttl=FORWARD_TTL, show_spinner=False)
 def slimmed(model_key: str, image_key: str, method: str, keep_ratio: float, options: tuple,
             _model: patchslim.LoadedModel, _image: Image.Image) -> compute.Timed:
     """The slimmed forward of an image under one plan (options as sorted ``(name, value)`` pairs)."""
-    return compute.slimmed(_model, _image, method, keep_ratio, dict(options))
+    return compute.slimmed(_model, model_input(model_key, image_key, _model, _image), method, keep_ratio,
+                           dict(options))
 
 
 @st.cache_data(max_entries=8, show_spinner=False)

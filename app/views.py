@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 import streamlit as st
+import torch
 from PIL import Image
 
 import patchslim
@@ -55,12 +56,14 @@ def readout_row(r: compute.Readouts, model: patchslim.LoadedModel) -> None:
                    help="Tokens (CLS included) the last block ran on; the chart below shows every block.")
 
 
-def overlay(image: Image.Image, model: patchslim.LoadedModel, trace: patchslim.Trace,
+def overlay(image: Image.Image | torch.Tensor, model: patchslim.LoadedModel, trace: patchslim.Trace,
             block: int | None) -> Image.Image | None:
-    """Draws the kept / dropped / merged overlay (patchslim.vis) and returns it for download."""
+    """Draws the kept / dropped / merged overlay (patchslim.vis) and returns it for download.
+
+    ``image``: a PIL image, or the model's input tensor (cheaper: no resize on every redraw).
+    """
     vis = compute.optional("patchslim.vis")
     if vis is None or not hasattr(vis, "patch_overlay"):
-        st.image(image, width="stretch")
         widgets.not_available("Kept / dropped / merged overlay", "patchslim.vis")
         return None
     picture = vis.patch_overlay(image, model, trace, block=block, index=0)
@@ -93,20 +96,25 @@ def tokens_chart(r: compute.Readouts) -> None:
     import plotly.graph_objects as go
 
     blocks = list(range(len(r.tokens_before)))
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(x=blocks, y=r.tokens_before, name="unslimmed", mode="lines+markers",
-                             line=dict(color="#888888", dash="dash")))
-    fig.add_trace(go.Bar(x=blocks, y=r.tokens_after, name="slimmed", marker_color="#1f77b4"))
-    fig.update_layout(height=260, margin=dict(l=10, r=10, t=40, b=10), font=FONT,
-                      title=dict(text="Tokens per block (CLS included)", font=FONT),
-                      xaxis=dict(title="block", dtick=1), yaxis=dict(title="tokens", rangemode="tozero"),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1))
+    # one constructor call with plain dicts: plotly validates it once (add_trace + update_layout took ~15 ms
+    # of every slider change)
+    fig = go.Figure(
+        data=[dict(type="scatter", x=blocks, y=r.tokens_before, name="unslimmed", mode="lines+markers",
+                   line=dict(color="#888888", dash="dash")),
+              dict(type="bar", x=blocks, y=r.tokens_after, name="slimmed", marker_color="#1f77b4")],
+        layout=dict(height=260, margin=dict(l=10, r=10, t=40, b=10), font=FONT,
+                    title=dict(text="Tokens per block (CLS included)", font=FONT),
+                    xaxis=dict(title="block", dtick=1), yaxis=dict(title="tokens", rangemode="tozero"),
+                    legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1)))
     st.plotly_chart(fig, width="stretch", config={"displayModeBar": False})
 
 
-def attention_side_by_side(image: Image.Image, model: patchslim.LoadedModel, before: patchslim.Trace,
-                           after: patchslim.Trace, key: str) -> None:
-    """Attention map (or rollout) of the unslimmed and the slimmed forward, next to each other."""
+def attention_side_by_side(image: Image.Image | torch.Tensor, model: patchslim.LoadedModel,
+                           before: patchslim.Trace, after: patchslim.Trace, key: str) -> None:
+    """Attention map (or rollout) of the unslimmed and the slimmed forward, next to each other.
+
+    ``image``: a PIL image, or the model's input tensor (cheaper: no resize on every redraw).
+    """
     attention = compute.optional("patchslim.explain.attention")
     if attention is None:
         widgets.not_available("Attention maps and rollout", "patchslim.explain.attention")
@@ -205,8 +213,11 @@ def method_colour(method: str) -> str:
 
 
 def method_grid(results: list[compute.MethodResult], base: compute.Timed, picked, model: patchslim.LoadedModel,
-                columns: int = 4) -> None:
-    """One card per method: overlay, top-1 (flip marked), GMACs and rho reached."""
+                columns: int = 4, pixels: torch.Tensor | None = None) -> None:
+    """One card per method: overlay, top-1 (flip marked), GMACs and rho reached.
+
+    ``pixels``: the model's input tensor of ``picked.image`` if the page has it (saves a resize per card).
+    """
     vis = compute.optional("patchslim.vis")
     flops = compute.optional("patchslim.metrics.flops")
     base_label, _ = base.trace.top_k(1)[0]
@@ -220,7 +231,7 @@ def method_grid(results: list[compute.MethodResult], base: compute.Timed, picked
                     continue
                 trace = result.timed.trace
                 if vis is not None:
-                    st.image(vis.patch_overlay(picked.image, model, trace, legend=True),
+                    st.image(vis.patch_overlay(picked.image if pixels is None else pixels, model, trace, legend=True),
                              width="stretch")
                 else:
                     widgets.not_available("Overlay", "patchslim.vis")

@@ -24,6 +24,7 @@ except PatchslimError as exc:
     st.error(f"This plan cannot run: {exc}")
     st.stop()
 readouts = compute.readouts(base, slim)
+pixels = state.model_input(settings.choice.key, picked.key, model, picked.image)  # what the model saw, for drawing
 
 # --- the numbers, in one row a projector can show
 views.readout_row(readouts, model)
@@ -50,7 +51,7 @@ with left:
         "Watch the tokens layer by layer", list(range(depth + 1)), value=depth, key=f"explore_block::{depth}",
         format_func=lambda b: "after the last block" if b == depth else f"entering block {b}",
         help="Block 0 is the input: what the model sees after input pruning.")
-    overlay = views.overlay(picked.image, model, slim.trace, None if block == depth else block)
+    overlay = views.overlay(pixels, model, slim.trace, None if block == depth else block)
     caption = f"{picked.name}" + (f" · true label: **{picked.label}**" if picked.label else "")
     st.caption(caption + f" · {picked.credit}")
 with right:
@@ -60,7 +61,7 @@ with right:
 views.tokens_chart(readouts)
 
 st.subheader("Attention: unslimmed vs slimmed")
-views.attention_side_by_side(picked.image, model, base.trace, slim.trace, key="explore")
+views.attention_side_by_side(pixels, model, base.trace, slim.trace, key="explore")
 
 widgets.method_card(settings.method)
 

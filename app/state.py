@@ -58,10 +58,21 @@ SESSION_DEFAULTS = {
 }
 
 
+# Page widgets whose choice should survive a visit to another page. Streamlit gives each page its own widget
+# ids and forgets a widget's value after a run that did not draw it; re-setting the key at the start of every
+# run makes it a session value that is kept (and the widget with that key on any page picks it up).
+KEPT_WIDGET_KEYS = ("image_source",)
+KEPT_WIDGET_PREFIXES = ("gallery_pick::", "explore_block::", "explore_attention_kind", "explore_attention_block::")
+
+
 def init_session() -> None:
-    """Fills in session defaults once per session (widgets keyed by these names pick them up)."""
+    """Fills in session defaults once per session (widgets keyed by these names pick them up), and keeps the
+    image choice and the Explore page's view choices across page switches."""
     for key, value in SESSION_DEFAULTS.items():
         st.session_state.setdefault(key, value)
+    for key in list(st.session_state.keys()):
+        if key in KEPT_WIDGET_KEYS or key.startswith(KEPT_WIDGET_PREFIXES):
+            st.session_state[key] = st.session_state[key]
     if "method" not in st.session_state:
         names = patchslim.method_names()
         st.session_state["method"] = DEFAULT_METHOD if DEFAULT_METHOD in names else names[0]

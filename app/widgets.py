@@ -36,9 +36,17 @@ class PickedImage:
 
 
 def _remember_upload() -> None:
-    """Keeps the uploaded file in the session, so it survives switching pages."""
+    """Keeps the uploaded file in the session, so it survives switching pages; forgets it when removed."""
     uploaded = st.session_state.get("uploader")
-    st.session_state["upload"] = None if uploaded is None else (uploaded.name, uploaded.getvalue())
+    if uploaded is None:
+        st.session_state["upload"] = st.session_state["upload_id"] = None
+    else:
+        _take_upload(uploaded)
+
+
+def _take_upload(uploaded) -> None:
+    st.session_state["upload"] = (uploaded.name, uploaded.getvalue())
+    st.session_state["upload_id"] = uploaded.file_id
 
 
 def image_picker(model: patchslim.LoadedModel) -> PickedImage | None:
@@ -48,15 +56,21 @@ def image_picker(model: patchslim.LoadedModel) -> PickedImage | None:
     source_col, pick_col = st.columns([1, 3], vertical_alignment="bottom")
     source = source_col.radio("Image", ["Gallery", "Upload"], key="image_source", horizontal=True)
     if source == "Upload":
-        pick_col.file_uploader(
+        uploaded = pick_col.file_uploader(
             "Upload an image (JPEG, PNG, WebP, BMP, GIF; first frame of an animation)", type=UPLOAD_TYPES,
             key="uploader", on_change=_remember_upload,
         )
+        # The file this page's uploader holds wins even if no change event reached the callback (each page
+        # has its own uploader widget); an empty uploader keeps the upload made on another page.
+        if uploaded is not None and st.session_state.get("upload_id") != uploaded.file_id:
+            _take_upload(uploaded)
         upload = st.session_state.get("upload")
         if upload is None:
             st.info("Upload an image to start, or switch to the gallery.")
             return None
         filename, data = upload
+        if uploaded is None:
+            st.caption(f"Showing **{filename}**, uploaded earlier. Upload a file here to replace it.")
         key = state.image_key(data)
         try:
             image = state.decoded_upload(key, data)

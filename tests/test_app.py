@@ -136,6 +136,48 @@ def test_uploaded_photo_is_explored(app):
     assert _metric(app, "Tokens in last block").value
 
 
+def _jpeg(colour: tuple[int, int, int], size=(120, 90)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_image_choice_survives_a_visit_to_other_pages(app):
+    """Upload on Explore, look at Compare, Benchmark and back: the upload stays the image in use."""
+    app.radio(key="image_source").set_value("Upload").run()
+    app.file_uploader(key="uploader").upload("red.jpg", _jpeg((200, 30, 30)), "image/jpeg").run()
+    for page in ("app_pages/compare.py", "app_pages/benchmark.py", "app_pages/compare.py", "app_pages/explore.py"):
+        app.switch_page(page).run()
+        assert not _exceptions(app)
+        if page != "app_pages/benchmark.py":
+            assert app.radio(key="image_source").value == "Upload", page
+            assert not app.info, [i.value for i in app.info]  # not "upload an image to start"
+    assert _metric(app, "Tokens in last block").value
+
+
+def test_gallery_pick_survives_a_visit_to_other_pages(app):
+    key = "gallery_pick::bundled"
+    app.selectbox(key=key).set_value(3).run()
+    for page in ("app_pages/benchmark.py", "app_pages/explore.py"):
+        app.switch_page(page).run()
+    assert app.selectbox(key=key).value == 3
+
+
+def test_good_upload_after_a_refused_one_on_another_page_replaces_it(app):
+    """The refusal of a broken upload shows until a good file is uploaded, on whichever page."""
+    app.radio(key="image_source").set_value("Upload").run()
+    app.file_uploader(key="uploader").upload("broken.png", b"this is not an image", "image/png").run()
+    assert any("cannot be used" in e.value for e in app.error)
+    app.switch_page("app_pages/compare.py").run()
+    assert any("cannot be used" in e.value for e in app.error)  # still the current upload
+    app.file_uploader(key="uploader").upload("red.jpg", _jpeg((200, 30, 30)), "image/jpeg").run()
+    assert not _exceptions(app)
+    assert not any("cannot be used" in e.value for e in app.error)
+    app.switch_page("app_pages/explore.py").run()
+    assert not any("cannot be used" in e.value for e in app.error)
+    assert _metric(app, "Tokens in last block").value
+
+
 def test_compare_page(app):
     app.switch_page("app_pages/compare.py").run()
     assert not _exceptions(app)

@@ -123,7 +123,8 @@ def attention_side_by_side(image: Image.Image | torch.Tensor, model: patchslim.L
     kind_col, block_col = st.columns([2, 3])
     kind = kind_col.radio("Show", list(views_available), horizontal=True, key=f"{key}_attention_kind")
     depth = model.spec.depth
-    block = block_col.slider("Block", 0, depth - 1, depth - 1, key=f"{key}_attention_block::{depth}",
+    st.session_state.setdefault(f"{key}_attention_block::{depth}", depth - 1)  # default: the last block
+    block = block_col.slider("Block", 0, depth - 1, key=f"{key}_attention_block::{depth}",
                              disabled=not views_available[kind].per_block)
     grids = [views_available[kind].grid(trace, block) for trace in (before, after)]
     vis = compute.optional("patchslim.vis")

@@ -47,8 +47,9 @@ left, right = st.columns([1, 1], gap="large")
 with left:
     st.subheader("Patches kept, dropped, merged")
     depth = model.spec.depth
+    st.session_state.setdefault(f"explore_block::{depth}", depth)  # the default, kept across pages (state.py)
     block = st.select_slider(
-        "Watch the tokens layer by layer", list(range(depth + 1)), value=depth, key=f"explore_block::{depth}",
+        "Watch the tokens layer by layer", list(range(depth + 1)), key=f"explore_block::{depth}",
         format_func=lambda b: "after the last block" if b == depth else f"entering block {b}",
         help="Block 0 is the input: what the model sees after input pruning.")
     overlay = views.overlay(pixels, model, slim.trace, None if block == depth else block)

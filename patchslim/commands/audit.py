@@ -6,6 +6,8 @@ import json
 import shlex
 import sys
 
+from patchslim.commands.common import add_model_arguments
+
 NAME = "audit"
 HELP = ("Audit methods x keep ratios on labelled, grouped images (ROOT/<group>/<class>/<image>, "
         "ROOT/<class>/<image>, a CSV manifest path,label[,group], or a .zip of either): per-group and per-class "
@@ -15,11 +17,7 @@ HELP = ("Audit methods x keep ratios on labelled, grouped images (ROOT/<group>/<
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default="fashion-vit", help="model name (see `info`)")
-    parser.add_argument("--weights", default=None, help="local .safetensors/.pth weights file")
-    parser.add_argument("--no-pretrained", action="store_true", help="random weights (for testing the pipeline)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    add_model_arguments(parser, "fashion-vit")
     parser.add_argument("--data", required=True,
                         help="bundled, fashion-mnist, a folder ROOT/<class>/<image> or ROOT/<group>/<class>/<image>, "
                              "a CSV manifest (path,label[,group]) or a .zip of either")
@@ -77,13 +75,12 @@ def main(args) -> int:
     from patchslim.audit.sources import load_audit_data, parse_groupings
     from patchslim.cli import parse_opts
     from patchslim.evaluate import parse_keep_ratios, parse_variants
-    from patchslim.models import load_model
+    from patchslim.commands.common import load_model_from_args
 
     variants = parse_variants(args.methods, parse_opts(args.opt))
     ratios = parse_keep_ratios(args.keep)
     part = _part(args.part)
-    model = load_model(args.model, device=args.device, weights=args.weights, pretrained=not args.no_pretrained,
-                       precision=args.precision)
+    model = load_model_from_args(args)
     data = load_audit_data(args.data, model, layout=args.layout).subset(args.limit)
     groupings = parse_groupings(args.groups, data)
     if args.fresh:

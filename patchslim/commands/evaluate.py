@@ -6,17 +6,15 @@ import json
 import shlex
 import sys
 
+from patchslim.commands.common import add_model_arguments
+
 NAME = "evaluate"
 HELP = ("Top-1 accuracy and agreement with the unslimmed model for methods x keep ratios on a labelled "
         "data set; writes CSV, markdown and a plot with --out.")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default="fashion-vit", help="model name (see `info`)")
-    parser.add_argument("--weights", default=None, help="local .safetensors/.pth weights file")
-    parser.add_argument("--no-pretrained", action="store_true", help="random weights (for testing the pipeline)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    add_model_arguments(parser, "fashion-vit")
     parser.add_argument("--data", required=True,
                         help="bundled (shipped sample), fashion-mnist (full canvas test set) or a folder "
                              "ROOT/<class>/<image>")
@@ -40,12 +38,11 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     from patchslim.cli import parse_opts
     from patchslim.evaluate import evaluate, load_data, parse_keep_ratios, parse_variants, write_outputs
-    from patchslim.models import load_model
+    from patchslim.commands.common import load_model_from_args
 
     variants = parse_variants(args.methods, parse_opts(args.opt))
     ratios = parse_keep_ratios(args.keep)
-    model = load_model(args.model, device=args.device, weights=args.weights,
-                       pretrained=not args.no_pretrained, precision=args.precision)
+    model = load_model_from_args(args)
     data = load_data(args.data, model).subset(args.limit)
     result = evaluate(model, data, variants, ratios, batch_size=args.batch_size, seed=args.seed,
                       progress=not args.no_progress)

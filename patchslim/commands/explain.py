@@ -6,16 +6,15 @@ import json
 import math
 from pathlib import Path
 
+from patchslim.commands.common import add_model_arguments
+
 NAME = "explain"
 HELP = ("Explain one image before and after slimming: write overlay, attention, rollout and attribution "
         "maps as PNG files and report how much of the model's evidence the slimming kept.")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default="deit_small_patch16_224", help="model name (see `info`)")
-    parser.add_argument("--weights", default=None, help="local .safetensors/.pth weights file")
-    parser.add_argument("--no-pretrained", action="store_true", help="random weights (for timing)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    add_model_arguments(parser, "deit_small_patch16_224", precision=False)
     parser.add_argument("--method", required=True, help="slimming method (see `info`)")
     parser.add_argument("--keep", type=float, default=0.5, help="keep ratio rho in (0, 1]")
     parser.add_argument("--opt", action="append", metavar="KEY=VALUE",
@@ -37,7 +36,7 @@ def main(args) -> int:
     from patchslim.errors import PatchslimError
     from patchslim.explain import explain
     from patchslim.images import open_image
-    from patchslim.models import load_model
+    from patchslim.commands.common import load_model_from_args
     from patchslim.plan import SlimPlan
 
     if not 0.0 < args.share <= 1.0:
@@ -49,7 +48,7 @@ def main(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise PatchslimError(f"--out {out} is a file, not a folder")
-    model = load_model(args.model, device=args.device, weights=args.weights, pretrained=not args.no_pretrained)
+    model = load_model_from_args(args)
     if not -model.spec.depth <= args.block < model.spec.depth:
         raise PatchslimError(f"--block must be in -{model.spec.depth}..{model.spec.depth - 1}, got {args.block}")
     attribution = None if args.attribution == "none" else args.attribution

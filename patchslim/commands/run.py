@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 
+from patchslim.commands.common import add_model_arguments
+
 NAME = "run"
 HELP = "Run one image through a model with and without slimming; print top-5 and tokens per block."
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default="deit_small_patch16_224", help="model name (see `info`)")
-    parser.add_argument("--weights", default=None, help="local .safetensors/.pth weights file")
-    parser.add_argument("--no-pretrained", action="store_true", help="random weights (for timing)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    add_model_arguments(parser, "deit_small_patch16_224")
     parser.add_argument("--method", required=True, help="slimming method (see `info`)")
     parser.add_argument("--keep", type=float, default=0.5, help="keep ratio rho in (0, 1]")
     parser.add_argument("--opt", action="append", metavar="KEY=VALUE",
@@ -30,13 +28,12 @@ def main(args) -> int:
     from patchslim.engine import run
     from patchslim.images import open_image
     from patchslim.metrics import compare_latency, compare_memory, count_macs, measure_memory, prediction_change
-    from patchslim.models import load_model
+    from patchslim.commands.common import load_model_from_args
     from patchslim.plan import SlimPlan
 
     plan = SlimPlan.from_options(args.method, args.keep, parse_opts(args.opt), seed=args.seed)
     image = open_image(args.image)
-    model = load_model(args.model, device=args.device, weights=args.weights,
-                       pretrained=not args.no_pretrained, precision=args.precision)
+    model = load_model_from_args(args)
     batch = model.preprocess(image)
     baseline = run(model, batch)
     trace = run(model, batch, plan)

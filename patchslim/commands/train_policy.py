@@ -6,16 +6,17 @@ import math
 import sys
 from pathlib import Path
 
+from patchslim.commands.common import add_model_arguments
+
 NAME = "train-policy"
 HELP = ("Train the rl method's policy (REINFORCE, eq. 14-15) for a model; resumable: rerun the same command "
         "after an interruption to continue.")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default="fashion-vit", help="model name (see `info`)")
-    parser.add_argument("--weights", default=None, help="local .safetensors/.pth weights file of the ViT")
-    parser.add_argument("--no-pretrained", action="store_true", help="random ViT weights (pipeline tests only)")
-    parser.add_argument("--device", default="auto")
+    add_model_arguments(parser, "fashion-vit", precision=False,
+                        weights_help="local .safetensors/.pth weights file of the ViT",
+                        no_pretrained_help="random ViT weights (pipeline tests only)")
     parser.add_argument("--data", default="fashion-mnist",
                         help="fashion-mnist or bundled (both: the canvas Fashion-MNIST TRAINING set, fresh "
                              "random positions; never the test images), or a folder ROOT/<class>/<image>")
@@ -54,13 +55,13 @@ def main(args) -> int:
 
     from patchslim import bundled
     from patchslim.errors import PatchslimError
-    from patchslim.models import load_model
+    from patchslim.commands.common import load_model_from_args
     from patchslim.policy import TrainConfig, default_policy_path, train_policy
 
     if args.threads:
         torch.set_num_threads(args.threads)
     keep = tuple(float(k) for k in str(args.keep).split(",") if k.strip())
-    model = load_model(args.model, device=args.device, weights=args.weights, pretrained=not args.no_pretrained)
+    model = load_model_from_args(args)
     out = Path(args.out) if args.out else default_policy_path(model.name)
 
     if args.data in ("fashion-mnist", "bundled"):

@@ -1,0 +1,26 @@
+"""Arguments several commands share: which model, which weights, where and in what precision it runs."""
+
+from __future__ import annotations
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def add_model_arguments(parser, default_model: str, *, precision: bool = True,
+                        weights_help: str = "local .safetensors/.pth weights file",
+                        no_pretrained_help: str = "random weights (for timing and pipeline tests)") -> None:
+    """``--model``, ``--weights``, ``--no-pretrained``, ``--device`` and (unless ``precision=False``)
+    ``--precision``, read back by :func:`load_model_from_args`."""
+    parser.add_argument("--model", default=default_model, help="model name (see `info`)")
+    parser.add_argument("--weights", default=None, help=weights_help)
+    parser.add_argument("--no-pretrained", action="store_true", help=no_pretrained_help)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    if precision:
+        parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
+
+
+def load_model_from_args(args):
+    """The model the arguments of :func:`add_model_arguments` describe (``patchslim.load_model``)."""
+    from patchslim.models import load_model
+
+    return load_model(args.model, device=args.device, weights=args.weights, pretrained=not args.no_pretrained,
+                      precision=getattr(args, "precision", "fp32"))

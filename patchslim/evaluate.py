@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from patchslim.errors import ImageError, PatchslimError, PlanError
+from patchslim.figures import write_png
 from patchslim.methods import get_method
 from patchslim.plan import SlimPlan
 
@@ -657,21 +658,13 @@ def compute_figure(result: EvaluationResult):
     return fig
 
 
-def _write_png(result: EvaluationResult, fig, path: Path) -> str:
-    """PNG via kaleido (Chromium) if it works here, else matplotlib. Returns which one wrote it."""
-    import os
-    import shutil
+def _write_png(result: EvaluationResult, fig, path: Path) -> str | None:
+    """PNG via kaleido (Chromium) if it works here, else drawn with matplotlib. Returns which one wrote it."""
+    writer, _ = write_png(fig, path, lambda p: _matplotlib_png(result, p))
+    return "matplotlib" if writer == "fallback" else writer
 
-    if not os.environ.get("BROWSER_PATH"):
-        for candidate in ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"):
-            if shutil.which(candidate):
-                os.environ["BROWSER_PATH"] = candidate
-                break
-    try:
-        fig.write_image(str(path), scale=2)
-        return "kaleido"
-    except Exception:
-        pass
+
+def _matplotlib_png(result: EvaluationResult, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -691,7 +684,6 @@ def _write_png(result: EvaluationResult, fig, path: Path) -> str:
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
-    return "matplotlib"
 
 
 def write_outputs(result: EvaluationResult, out_dir: str | Path, stem: str = "accuracy", png: bool = True,
@@ -722,8 +714,6 @@ def write_outputs(result: EvaluationResult, out_dir: str | Path, stem: str = "ac
         paths["png"] = out / f"{stem}.png"
         _write_png(result, fig, paths["png"])
         paths["compute_png"] = out / f"{stem}_vs_compute.png"
-        try:
-            compute.write_image(str(paths["compute_png"]), scale=2)
-        except Exception:  # no Chromium for kaleido: the HTML plot is there
+        if write_png(compute, paths["compute_png"])[0] is None:  # no Chromium for kaleido: the HTML is there
             del paths["compute_png"]
     return paths

@@ -11,12 +11,13 @@ import csv
 import io
 import os
 import platform
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from patchslim.figures import write_png
 
 DEFAULT_OUT = Path("benchmarks") / "results"
 
@@ -216,20 +217,13 @@ def save_figure(fig, path_stem: Path, fallback: Callable[[Path], None] | None, p
     written: dict[str, Any] = {"html": html}
     if not png:
         return written
-    if not os.environ.get("BROWSER_PATH"):
-        for candidate in ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"):
-            if shutil.which(candidate):
-                os.environ["BROWSER_PATH"] = candidate
-                break
-    try:
-        fig.write_image(str(image), scale=2)
+    writer, error = write_png(fig, image, fallback)
+    if writer == "kaleido":
         written.update(png=image, png_writer="kaleido")
-    except Exception as exc:  # no Chromium, or kaleido missing: say so, draw it with matplotlib
-        if fallback is None:
-            print(f"kaleido could not export {image.name} ({type(exc).__name__}); HTML only", file=sys.stderr)
-            return written
-        print(f"kaleido could not export {image.name} ({type(exc).__name__}); drawing it with matplotlib",
+    elif writer is None:
+        print(f"kaleido could not export {image.name} ({type(error).__name__}); HTML only", file=sys.stderr)
+    else:
+        print(f"kaleido could not export {image.name} ({type(error).__name__}); drawn with matplotlib",
               file=sys.stderr)
-        fallback(image)
         written.update(png=image, png_writer="matplotlib")
     return written

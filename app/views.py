@@ -400,32 +400,7 @@ def benchmark_results(rows: list[dict], model: patchslim.LoadedModel) -> None:
                        "text/csv")
 
 
-# --------------------------------------------------------------------------- audit
-
-def evaluation_results(result) -> None:
-    """patchslim.evaluate's result: headline numbers, its plot, its tables and downloads."""
-    evaluate = compute.optional("patchslim.evaluate")
-    cols = st.columns(3)
-    cols[0].metric("Images evaluated", f"{result.n}", border=True, help=result.data)
-    cols[1].metric("Unslimmed top-1", f"{result.baseline_top1:.1%}", border=True)
-    cols[2].metric("Time", f"{result.seconds:.1f} s", border=True)
-    if result.unknown_labels:
-        st.warning("Not evaluated (folders matching no class): "
-                   + ", ".join(f"{k} ({v} images)" for k, v in sorted(result.unknown_labels.items())))
-    if result.unreadable:
-        with st.expander(f"{len(result.unreadable)} unreadable files were skipped"):
-            st.code("\n".join(result.unreadable[:200]))
-    fig = evaluate.accuracy_figure(result)
-    fig.update_layout(width=None, font=FONT, title=dict(font=dict(size=18)))
-    st.plotly_chart(fig, width="stretch", config={"displayModeBar": False})
-    st.markdown(result.markdown())
-    stem = f"patchslim_accuracy_{result.model}"
-    c1, c2, c3 = st.columns(3)
-    c1.download_button("Results (CSV)", result.csv_text(), f"{stem}.csv", "text/csv", width="stretch")
-    c2.download_button("Results (JSON)", json.dumps(result.to_dict(), indent=2), f"{stem}.json",
-                       "application/json", width="stretch")
-    c3.download_button("Report (Markdown)", result.markdown(), f"{stem}.md", "text/markdown", width="stretch")
-
+# --------------------------------------------------------------------------- latency
 
 def latency_comparison(timing, r: compute.Readouts) -> None:
     """Medians of the interleaved measurement, and the measured vs the ideal speed-up."""

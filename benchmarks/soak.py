@@ -31,16 +31,15 @@ import os
 import platform
 import random
 import re
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from app.local_server import LocalServer  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "soak.json"
 CHROMIUM = Path(os.environ.get("PATCHSLIM_CHROMIUM", "/usr/bin/chromium"))
@@ -59,37 +58,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(log_path: Path) -> tuple[subprocess.Popen, str]:
-    """``streamlit run app/main.py`` on a free port; returns the process and its URL once healthy."""
-    port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"streamlit exited with {proc.returncode}; see {log_path}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as answer:
-                if answer.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.3)
-    proc.terminate()
-    raise RuntimeError("streamlit did not answer on /_stcore/health within 120 s")
 
 
 def image_files(folder: Path, seed: int) -> tuple[list[Path], list[Path]]:
@@ -327,19 +295,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="patchslim_soak_") as tmp:
         folder = Path(tmp)
         log_path = folder / "streamlit.log"
-        proc, url = start_server(log_path)
-        try:
-            idle_rss = rss_mb(proc.pid)
-            outcome = asyncio.run(soak(url, proc.pid, args.sessions, args.minutes, args.seed, folder))
-            end_rss = rss_mb(proc.pid)
-            alive = proc.poll() is None
+        server = LocalServer(log_path)
+        with server as url:
+            idle_rss = rss_mb(server.pid)
+            outcome = asyncio.run(soak(url, server.pid, args.sessions, args.minutes, args.seed, folder))
+            end_rss = rss_mb(server.pid)
+            alive = server.alive()
             log_errors = server_log_errors(log_path)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
     runners = outcome["runners"]
     everything = [e for r in runners for e in r.errors]
     # what a person would see (exception boxes, page errors, unexpected error alerts) vs the driver not finding

@@ -8,11 +8,7 @@ Playwright's own browser download is never used: Chromium comes from the system 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,12 +24,6 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _photo() -> Path:
     for path in PHOTO_CANDIDATES:
         if path.exists():
@@ -46,35 +36,13 @@ def server():
     """``streamlit run app/main.py`` on a free port; yields its URL, stops it afterwards."""
     if not CHROMIUM.exists():
         pytest.skip(f"no Chromium at {CHROMIUM}")
-    port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    log = open(ARTIFACTS_LOG(), "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as answer:
-                if answer.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.3)
-        if proc.poll() is not None:
-            pytest.fail(f"streamlit exited with {proc.returncode}; see {log.name}")
-    else:
-        proc.terminate()
-        pytest.fail("streamlit did not answer on /_stcore/health within 60 s")
-    yield url
-    proc.terminate()
+    from app.local_server import LocalServer
+
     try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        with LocalServer(ARTIFACTS_LOG(), timeout=60) as url:
+            yield url
+    except RuntimeError as exc:  # the server died or never answered: the log in tests/artifacts says why
+        pytest.fail(str(exc))
 
 
 def ARTIFACTS_LOG() -> Path:  # noqa: N802 - a path constant made on demand

@@ -88,7 +88,8 @@ def photo_gallery():
 
 @dataclass(frozen=True)
 class Timed:
-    """A trace and the wall time of the forward that made it (seconds, one run)."""
+    """A trace and the wall time of the forward that made it (seconds: the fastest of
+    :func:`live_timing_runs` runs; one run for a large model on a CPU)."""
 
     trace: patchslim.Trace
     seconds: float
@@ -99,19 +100,50 @@ def plan_for(method: str, keep_ratio: float, options: dict[str, Any] | None = No
     return patchslim.SlimPlan.from_options(method, keep_ratio, options, seed=0, attention_blocks="all")
 
 
-_WARMED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # models that ran once: a first forward pays one-off costs
+# The live latency readout times a forward more than once when that is cheap and keeps the fastest run. One
+# run of a small model is a few ms, and a single sample of it is mostly noise: when another thread or process
+# (the browser drawing the last rerun on the same cores, another session's forward) takes a core, PyTorch's
+# intra-op threads wait for each other at every op, and a 4 ms forward of the bundled model was measured at
+# 100-150 ms in the browser (the runs after it: 3-5 ms again). How many runs fit is decided from the model's
+# unslimmed forward timed once at warm-up, not from the possibly disturbed first run: the bundled model gets
+# 3 runs, DeiT-S on this CPU (about 65 ms) one, so a slider change still costs one slimmed forward. The
+# Explore page's "Measure" expander does the careful, interleaved measurement.
+LIVE_TIMING_BUDGET_S = 0.05
+LIVE_TIMING_RUNS = 3
+_TYPICAL_SECONDS: "weakref.WeakKeyDictionary[torch.nn.Module, float]" = weakref.WeakKeyDictionary()
+
+
+def _warm_up(model: patchslim.LoadedModel, batch: torch.Tensor) -> float:
+    """Two untimed-for-display unslimmed forwards (the first pays one-off costs: allocator, lazy init); the
+    second's wall time is remembered as the model's typical forward."""
+    typical = _TYPICAL_SECONDS.get(model.model)
+    if typical is None:
+        patchslim.run(model, batch, patchslim.SlimPlan())
+        synchronize(model.device)
+        start = time.perf_counter()
+        patchslim.run(model, batch, patchslim.SlimPlan())
+        synchronize(model.device)
+        typical = _TYPICAL_SECONDS.setdefault(model.model, time.perf_counter() - start)
+    return typical
+
+
+def live_timing_runs(model: patchslim.LoadedModel, typical_seconds: float) -> int:
+    """How many runs the live readout takes for a model whose forward takes ``typical_seconds``."""
+    if typical_seconds <= 0:
+        return LIVE_TIMING_RUNS
+    return max(1, min(LIVE_TIMING_RUNS, int(LIVE_TIMING_BUDGET_S // typical_seconds)))
 
 
 def _timed_run(model: patchslim.LoadedModel, image: Image.Image | torch.Tensor, plan: patchslim.SlimPlan) -> Timed:
     batch = model.preprocess(image)
-    if model.model not in _WARMED:  # one untimed forward, so the first readout is not the allocator's
-        patchslim.run(model, batch, patchslim.SlimPlan())
-        _WARMED.add(model.model)
-    synchronize(model.device)
-    start = time.perf_counter()
-    trace = patchslim.run(model, batch, plan)
-    synchronize(model.device)
-    return Timed(trace, time.perf_counter() - start)
+    runs = []
+    for _ in range(live_timing_runs(model, _warm_up(model, batch))):
+        synchronize(model.device)
+        start = time.perf_counter()
+        trace = patchslim.run(model, batch, plan)
+        synchronize(model.device)
+        runs.append(time.perf_counter() - start)
+    return Timed(trace, min(runs))
 
 
 def baseline(model: patchslim.LoadedModel, image: Image.Image | torch.Tensor) -> Timed:

@@ -39,8 +39,10 @@ def readout_row(r: compute.Readouts, model: patchslim.LoadedModel) -> None:
     cols[1].metric("Latency (one forward)", _ms(r.latency_after),
                    delta=f"{r.latency_after / r.latency_before - 1:+.0%} (from {_ms(r.latency_before)})",
                    delta_color="inverse", border=True,
-                   help=f"Measured wall time of this image's forward on {model.device.type.upper()} (one run, "
-                        "attention maps kept). The Benchmark page measures medians over many runs.")
+                   help=f"Measured wall time of this image's forward on {model.device.type.upper()}, attention "
+                        "maps kept: the fastest of up to 3 runs for a small model, one run for a large one "
+                        "(noisy). 'Measure the speed-up properly' below and the Benchmark page take medians "
+                        "over many interleaved runs.")
     if r.memory_after is not None:
         cols[2].metric("Activation memory", f"{r.memory_after:.3g} MB",
                        delta=f"{r.memory_after / r.memory_before - 1:+.0%} (from {r.memory_before:.3g} MB)",

@@ -240,3 +240,42 @@ def test_audit_page_says_why_a_folder_cannot_be_audited(app, tmp_path):
     app.button[0].click().run()
     assert not _exceptions(app)
     assert app.error and "could not run" in app.error[0].value
+
+
+@pytest.mark.parametrize("typical_seconds, runs", [(0.004, 3), (0.02, 2), (0.065, 1)])
+def test_live_latency_is_the_fastest_of_the_runs_the_model_can_afford(monkeypatch, engine_model,
+                                                                       first_gallery_image, typical_seconds, runs):
+    """A model whose forward takes a few ms is timed three times and the fastest run kept (the first run here
+    is disturbed, ten times slower); DeiT-S-sized forwards run once. The forwards and the clock are
+    stand-ins, and the model's typical time is set as the warm-up would have measured it."""
+    import types
+
+    from app import compute
+
+    trace = patchslim.run(engine_model, first_gallery_image, patchslim.SlimPlan.single("random", 0.5))
+    now = [0.0]
+    calls = []
+
+    def run(model, images, plan=None):
+        calls.append(plan)
+        now[0] += typical_seconds * (10 if len(calls) == 1 else 1)
+        return trace
+
+    monkeypatch.setitem(compute._TYPICAL_SECONDS, engine_model.model, typical_seconds)
+    monkeypatch.setattr(compute.patchslim, "run", run)
+    monkeypatch.setattr(compute, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    timed = compute.slimmed(engine_model, first_gallery_image, "random", 0.5)
+    assert len(calls) == runs
+    assert timed.seconds == pytest.approx(typical_seconds * (1 if runs > 1 else 10))
+    assert timed.trace is trace
+
+
+def test_warm_up_measures_the_typical_forward_once(engine_model, first_gallery_image):
+    from app import compute
+
+    compute._TYPICAL_SECONDS.pop(engine_model.model, None)
+    compute.baseline(engine_model, first_gallery_image)
+    typical = compute._TYPICAL_SECONDS[engine_model.model]
+    assert 0 < typical < 5
+    compute.slimmed(engine_model, first_gallery_image, "random", 0.5)
+    assert compute._TYPICAL_SECONDS[engine_model.model] == typical  # not measured again

@@ -89,10 +89,15 @@ def photo_gallery():
 @dataclass(frozen=True)
 class Timed:
     """A trace and the wall time of the forward that made it (seconds: the fastest of
-    :func:`live_timing_runs` runs; one run for a large model on a CPU)."""
+    :func:`live_timing_runs` runs; one run for a large model on a CPU).
+
+    ``baseline_seconds``: for a slimmed forward of a small model, the unslimmed forward timed in the same
+    moment, alternating with it (so both numbers saw the same machine); None otherwise.
+    """
 
     trace: patchslim.Trace
     seconds: float
+    baseline_seconds: float | None = None
 
 
 def plan_for(method: str, keep_ratio: float, options: dict[str, Any] | None = None) -> patchslim.SlimPlan:
@@ -127,22 +132,41 @@ def _warm_up(model: patchslim.LoadedModel, batch: torch.Tensor) -> float:
     return typical
 
 
-def live_timing_runs(model: patchslim.LoadedModel, typical_seconds: float) -> int:
-    """How many runs the live readout takes for a model whose forward takes ``typical_seconds``."""
-    if typical_seconds <= 0:
+def live_timing_runs(typical_seconds: float, forwards_per_run: int = 1) -> int:
+    """How many runs the live readout takes when one run is ``forwards_per_run`` forwards of a model whose
+    forward takes ``typical_seconds``."""
+    cost = typical_seconds * forwards_per_run
+    if cost <= 0:
         return LIVE_TIMING_RUNS
-    return max(1, min(LIVE_TIMING_RUNS, int(LIVE_TIMING_BUDGET_S // typical_seconds)))
+    return max(1, min(LIVE_TIMING_RUNS, int(LIVE_TIMING_BUDGET_S // cost)))
 
 
-def _timed_run(model: patchslim.LoadedModel, image: Image.Image | torch.Tensor, plan: patchslim.SlimPlan) -> Timed:
+def _clocked(model: patchslim.LoadedModel, batch: torch.Tensor, plan: patchslim.SlimPlan):
+    synchronize(model.device)
+    start = time.perf_counter()
+    trace = patchslim.run(model, batch, plan)
+    synchronize(model.device)
+    return trace, time.perf_counter() - start
+
+
+def _timed_run(model: patchslim.LoadedModel, image: Image.Image | torch.Tensor, plan: patchslim.SlimPlan,
+               with_baseline: bool = False) -> Timed:
+    """The forward under ``plan``, timed as the live readout does; with ``with_baseline`` and a model cheap
+    enough for several runs, the unslimmed forward is timed too, alternating with it."""
     batch = model.preprocess(image)
+    typical = _warm_up(model, batch)
+    if with_baseline and live_timing_runs(typical, 2) > 1:
+        unslimmed = patchslim.SlimPlan(attention_blocks=plan.attention_blocks)
+        runs, base_runs = [], []
+        for _ in range(live_timing_runs(typical, 2)):
+            base_runs.append(_clocked(model, batch, unslimmed)[1])
+            trace, seconds = _clocked(model, batch, plan)
+            runs.append(seconds)
+        return Timed(trace, min(runs), min(base_runs))
     runs = []
-    for _ in range(live_timing_runs(model, _warm_up(model, batch))):
-        synchronize(model.device)
-        start = time.perf_counter()
-        trace = patchslim.run(model, batch, plan)
-        synchronize(model.device)
-        runs.append(time.perf_counter() - start)
+    for _ in range(live_timing_runs(typical)):
+        trace, seconds = _clocked(model, batch, plan)
+        runs.append(seconds)
     return Timed(trace, min(runs))
 
 
@@ -158,7 +182,7 @@ def slimmed(model: patchslim.LoadedModel, image: Image.Image | torch.Tensor, met
     Raises:
         PlanError: options or blocks that do not fit the method or the model.
     """
-    return _timed_run(model, image, plan_for(method, keep_ratio, options))
+    return _timed_run(model, image, plan_for(method, keep_ratio, options), with_baseline=True)
 
 
 # --------------------------------------------------------------------------- readouts
@@ -258,7 +282,7 @@ def readouts(base: Timed, slim: Timed) -> Readouts:
     return Readouts(
         gmacs_before=gmacs_before,
         gmacs_after=gmacs_after,
-        latency_before=base.seconds,
+        latency_before=base.seconds if slim.baseline_seconds is None else slim.baseline_seconds,
         latency_after=slim.seconds,
         memory_before=memory_before,
         memory_after=memory_after,

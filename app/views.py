@@ -36,7 +36,7 @@ def readout_row(r: compute.Readouts, model: patchslim.LoadedModel) -> None:
                             "selection cost included; the delta compares with the unslimmed model.", border=True)
     else:
         cols[0].metric("GMACs per image", "—", help="patchslim.metrics.flops is not available yet", border=True)
-    cols[1].metric("Latency (one forward)", _ms(r.latency_after),
+    cols[1].metric("Latency per image", _ms(r.latency_after),
                    delta=f"{r.latency_after / r.latency_before - 1:+.0%} (from {_ms(r.latency_before)})",
                    delta_color="inverse", border=True,
                    help=f"Measured wall time of this image's forward on {model.device.type.upper()}, attention "
@@ -45,7 +45,7 @@ def readout_row(r: compute.Readouts, model: patchslim.LoadedModel) -> None:
                         "over many interleaved runs.")
     if r.memory_after is not None:
         cols[2].metric("Activation memory", f"{r.memory_after:.3g} MB",
-                       delta=f"{r.memory_after / r.memory_before - 1:+.0%} (from {r.memory_before:.3g} MB)",
+                       delta=f"{r.memory_after / r.memory_before - 1:+.0%} (from {r.memory_before:.3g})",
                        delta_color="inverse", border=True,
                        help="Analytic peak of activation memory per image for this plan "
                             "(patchslim.metrics.memory), without the attention maps kept for display.")

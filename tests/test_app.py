@@ -242,31 +242,39 @@ def test_audit_page_says_why_a_folder_cannot_be_audited(app, tmp_path):
     assert app.error and "could not run" in app.error[0].value
 
 
-@pytest.mark.parametrize("typical_seconds, runs", [(0.004, 3), (0.02, 2), (0.065, 1)])
-def test_live_latency_is_the_fastest_of_the_runs_the_model_can_afford(monkeypatch, engine_model,
-                                                                       first_gallery_image, typical_seconds, runs):
-    """A model whose forward takes a few ms is timed three times and the fastest run kept (the first run here
-    is disturbed, ten times slower); DeiT-S-sized forwards run once. The forwards and the clock are
-    stand-ins, and the model's typical time is set as the warm-up would have measured it."""
+@pytest.mark.parametrize("typical_seconds, slimmed_runs, unslimmed_runs",
+                         [(0.004, 3, 3), (0.02, 2, 0), (0.065, 1, 0)])
+def test_live_latency_is_the_fastest_of_the_runs_the_model_can_afford(monkeypatch, engine_model, first_gallery_image,
+                                                                       typical_seconds, slimmed_runs, unslimmed_runs):
+    """A model whose forward takes a few ms is timed three times, alternating with the unslimmed forward, and
+    the fastest run of each kept (the first run of each is disturbed here, ten times slower); a 20 ms model
+    gets two runs of the slimmed forward only, a DeiT-S-sized one a single run. The forwards and the clock
+    are stand-ins (the unslimmed forward "takes" twice as long), and the model's typical time is set as the
+    warm-up would have measured it."""
     import types
 
     from app import compute
 
     trace = patchslim.run(engine_model, first_gallery_image, patchslim.SlimPlan.single("random", 0.5))
     now = [0.0]
-    calls = []
+    calls = {"slimmed": 0, "unslimmed": 0}
 
     def run(model, images, plan=None):
-        calls.append(plan)
-        now[0] += typical_seconds * (10 if len(calls) == 1 else 1)
+        kind = "slimmed" if plan.stages else "unslimmed"
+        calls[kind] += 1
+        now[0] += typical_seconds * (2 if kind == "unslimmed" else 1) * (10 if calls[kind] == 1 else 1)
         return trace
 
     monkeypatch.setitem(compute._TYPICAL_SECONDS, engine_model.model, typical_seconds)
     monkeypatch.setattr(compute.patchslim, "run", run)
     monkeypatch.setattr(compute, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     timed = compute.slimmed(engine_model, first_gallery_image, "random", 0.5)
-    assert len(calls) == runs
-    assert timed.seconds == pytest.approx(typical_seconds * (1 if runs > 1 else 10))
+    assert calls == {"slimmed": slimmed_runs, "unslimmed": unslimmed_runs}
+    assert timed.seconds == pytest.approx(typical_seconds * (1 if slimmed_runs > 1 else 10))
+    if unslimmed_runs:
+        assert timed.baseline_seconds == pytest.approx(2 * typical_seconds)
+    else:
+        assert timed.baseline_seconds is None
     assert timed.trace is trace
 
 
@@ -279,3 +287,16 @@ def test_warm_up_measures_the_typical_forward_once(engine_model, first_gallery_i
     assert 0 < typical < 5
     compute.slimmed(engine_model, first_gallery_image, "random", 0.5)
     assert compute._TYPICAL_SECONDS[engine_model.model] == typical  # not measured again
+
+
+def test_readouts_compare_with_the_unslimmed_time_taken_in_the_same_moment(engine_model, first_gallery_image):
+    from dataclasses import replace
+
+    from app import compute
+
+    base = compute.baseline(engine_model, first_gallery_image)
+    slim = compute.slimmed(engine_model, first_gallery_image, "random", 0.5)
+    assert slim.baseline_seconds is not None  # the bundled model is cheap enough
+    assert compute.readouts(base, slim).latency_before == slim.baseline_seconds
+    alone = replace(slim, baseline_seconds=None)  # a large model: the image's unslimmed forward, timed once
+    assert compute.readouts(base, alone).latency_before == base.seconds

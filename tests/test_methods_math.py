@@ -115,6 +115,32 @@ def test_lowrank_tokens_are_sigma_v_and_the_best_rank_r_summary():
     assert (loadings.sum(-1) >= 0).all()  # sign convention
 
 
+def test_lowrank_falls_back_to_the_svd_when_the_eigensolver_fails(monkeypatch):
+    x = torch.randn(2, 30, 12, generator=torch.Generator().manual_seed(3))
+    fast = lowrank_tokens(x, 4)
+
+    def failing_eigh(*args, **kwargs):
+        raise torch.linalg.LinAlgError("did not converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing_eigh)
+    slow = lowrank_tokens(x, 4)
+    for a, b in zip(fast, slow):  # same tokens, loadings (sign convention) and singular values
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_lowrank_of_rank_deficient_tokens_still_has_an_orthonormal_basis():
+    """Two distinct tokens repeated: rank 2, yet r = 10 gives 10 orthonormal loadings (the extra tokens are
+    zero) and r = M still reconstructs."""
+    base = torch.randn(2, 8, generator=torch.Generator().manual_seed(4))
+    x = base[torch.arange(20) % 2][None]
+    tokens, loadings, singular = lowrank_tokens(x, 10)
+    torch.testing.assert_close(loadings @ loadings.transpose(1, 2), torch.eye(10)[None], atol=1e-5, rtol=0)
+    assert float(tokens[0, 2:].abs().max()) < 1e-3 * float(tokens[0, 0].abs().max())
+    assert float(singular[0, 2:].max()) < 1e-3 * float(singular[0, 0])
+    full_tokens, full_loadings, _ = lowrank_tokens(x, 20)
+    torch.testing.assert_close(full_loadings.transpose(1, 2) @ full_tokens, x, atol=1e-4, rtol=1e-4)
+
+
 def test_lowrank_in_the_forward_has_orthonormal_loadings(fashion_arch):
     trace = patchslim.run(fashion_arch, _images(fashion_arch, 2), SlimPlan.single("lowrank", 0.25))
     w = trace.provenance_at(0).dense()

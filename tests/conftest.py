@@ -33,6 +33,22 @@ def deit_small_distilled():
 
 
 @pytest.fixture(scope="session")
+def fashion_random():
+    """The bundled architecture with random weights: 12x12 patches of 4 px on 48-px images, 6 blocks, cheap."""
+    return patchslim.load_model("fashion-vit", device="cpu", pretrained=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``): one thread is
+    faster than two fighting a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
 def fashion_vit():
     """The bundled model with its trained checkpoint from assets/."""
     return patchslim.load_model("fashion-vit", device="cpu")

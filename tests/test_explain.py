@@ -18,19 +18,7 @@ from patchslim.tokens import Provenance
 PHOTO = "/work/shared/data/photos/skimage_coffee.png"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster than two fighting a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def fashion_random():
-    """The bundled architecture with random weights: 12x12 patches of 4 px, 6 blocks, cheap."""
-    return patchslim.load_model("fashion-vit", device="cpu", pretrained=False)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

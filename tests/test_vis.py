@@ -14,19 +14,7 @@ from patchslim import vis
 from patchslim.tokens import Provenance
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster than two fighting a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def fashion_random():
-    """The bundled architecture, random init: 12x12 grid of 4-px patches on 48-px images."""
-    return patchslim.load_model("fashion-vit", device="cpu", pretrained=False)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

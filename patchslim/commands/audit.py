@@ -74,8 +74,8 @@ def main(args) -> int:
     from patchslim.audit.runner import AuditJob, audit_plans, clear_parts
     from patchslim.audit.sources import load_audit_data, parse_groupings
     from patchslim.cli import parse_opts
-    from patchslim.evaluate import parse_keep_ratios, parse_variants
     from patchslim.commands.common import load_model_from_args
+    from patchslim.evaluate import parse_keep_ratios, parse_variants
 
     variants = parse_variants(args.methods, parse_opts(args.opt))
     ratios = parse_keep_ratios(args.keep)

@@ -1,4 +1,5 @@
-"""Arguments several commands share: which model, which weights, where and in what precision it runs."""
+"""Arguments several commands share: which model, which weights, where and in what precision it runs, and the
+one-image plan (method, rho, options, seed)."""
 
 from __future__ import annotations
 
@@ -24,3 +25,24 @@ def load_model_from_args(args):
 
     return load_model(args.model, device=args.device, weights=args.weights, pretrained=not args.no_pretrained,
                       precision=getattr(args, "precision", "fp32"))
+
+
+def add_plan_arguments(parser) -> None:
+    """``--method``, ``--keep``, ``--opt`` (repeatable) and ``--seed``, read back by :func:`plan_from_args`."""
+    parser.add_argument("--method", required=True, help="slimming method (see `info`)")
+    parser.add_argument("--keep", type=float, default=0.5, help="keep ratio rho in (0, 1]")
+    parser.add_argument("--opt", action="append", metavar="KEY=VALUE",
+                        help="method option, repeatable; blocks=3,6,9 sets where it acts (0-based)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def plan_from_args(args):
+    """The :class:`~patchslim.plan.SlimPlan` the arguments of :func:`add_plan_arguments` describe.
+
+    Raises:
+        PlanError: an unknown method, a bad option or keep ratio.
+    """
+    from patchslim.cli import parse_opts
+    from patchslim.plan import SlimPlan
+
+    return SlimPlan.from_options(args.method, args.keep, parse_opts(args.opt), seed=args.seed)

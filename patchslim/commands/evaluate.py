@@ -37,8 +37,8 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     from patchslim.cli import parse_opts
-    from patchslim.evaluate import evaluate, load_data, parse_keep_ratios, parse_variants, write_outputs
     from patchslim.commands.common import load_model_from_args
+    from patchslim.evaluate import evaluate, load_data, parse_keep_ratios, parse_variants, write_outputs
 
     variants = parse_variants(args.methods, parse_opts(args.opt))
     ratios = parse_keep_ratios(args.keep)

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from patchslim.commands.common import add_model_arguments
+from patchslim.commands.common import add_model_arguments, add_plan_arguments
 
 NAME = "explain"
 HELP = ("Explain one image before and after slimming: write overlay, attention, rollout and attribution "
@@ -15,11 +15,7 @@ HELP = ("Explain one image before and after slimming: write overlay, attention, 
 
 def add_arguments(parser) -> None:
     add_model_arguments(parser, "deit_small_patch16_224", precision=False)
-    parser.add_argument("--method", required=True, help="slimming method (see `info`)")
-    parser.add_argument("--keep", type=float, default=0.5, help="keep ratio rho in (0, 1]")
-    parser.add_argument("--opt", action="append", metavar="KEY=VALUE",
-                        help="method option, repeatable; blocks=3,6,9 sets where it acts (0-based)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_plan_arguments(parser)
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("--out", required=True, help="folder for the PNG files (created if missing)")
     parser.add_argument("--attribution", default="ig", choices=("ig", "occlusion", "none"),
@@ -32,18 +28,16 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from patchslim.cli import parse_opts
+    from patchslim.commands.common import load_model_from_args, plan_from_args
     from patchslim.errors import PatchslimError
     from patchslim.explain import explain
     from patchslim.images import open_image
-    from patchslim.commands.common import load_model_from_args
-    from patchslim.plan import SlimPlan
 
     if not 0.0 < args.share <= 1.0:
         raise PatchslimError(f"--share must be in (0, 1], got {args.share}")
     if args.steps < 1:
         raise PatchslimError(f"--steps must be at least 1, got {args.steps}")
-    plan = SlimPlan.from_options(args.method, args.keep, parse_opts(args.opt), seed=args.seed)
+    plan = plan_from_args(args)
     image = open_image(args.image)
     out = Path(args.out)
     if out.exists() and not out.is_dir():

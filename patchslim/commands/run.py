@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from patchslim.commands.common import add_model_arguments
+from patchslim.commands.common import add_model_arguments, add_plan_arguments
 
 NAME = "run"
 HELP = "Run one image through a model with and without slimming; print top-5 and tokens per block."
@@ -12,11 +12,7 @@ HELP = "Run one image through a model with and without slimming; print top-5 and
 
 def add_arguments(parser) -> None:
     add_model_arguments(parser, "deit_small_patch16_224")
-    parser.add_argument("--method", required=True, help="slimming method (see `info`)")
-    parser.add_argument("--keep", type=float, default=0.5, help="keep ratio rho in (0, 1]")
-    parser.add_argument("--opt", action="append", metavar="KEY=VALUE",
-                        help="method option, repeatable; blocks=3,6,9 sets where it acts (0-based)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_plan_arguments(parser)
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed runs of each forward for the latency (after one warm-up; 0 skips timing)")
@@ -24,14 +20,12 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from patchslim.cli import parse_opts
+    from patchslim.commands.common import load_model_from_args, plan_from_args
     from patchslim.engine import run
     from patchslim.images import open_image
     from patchslim.metrics import compare_latency, compare_memory, count_macs, measure_memory, prediction_change
-    from patchslim.commands.common import load_model_from_args
-    from patchslim.plan import SlimPlan
 
-    plan = SlimPlan.from_options(args.method, args.keep, parse_opts(args.opt), seed=args.seed)
+    plan = plan_from_args(args)
     image = open_image(args.image)
     model = load_model_from_args(args)
     batch = model.preprocess(image)

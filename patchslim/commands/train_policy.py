@@ -54,8 +54,8 @@ def main(args) -> int:
     import torch
 
     from patchslim import bundled
-    from patchslim.errors import PatchslimError
     from patchslim.commands.common import load_model_from_args
+    from patchslim.errors import PatchslimError
     from patchslim.policy import TrainConfig, default_policy_path, train_policy
 
     if args.threads:

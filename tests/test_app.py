@@ -286,17 +286,28 @@ def test_warm_up_measures_the_typical_forward_once(engine_model, first_gallery_i
     typical = compute._TYPICAL_SECONDS[engine_model.model]
     assert 0 < typical < 5
     compute.slimmed(engine_model, first_gallery_image, "random", 0.5)
-    assert compute._TYPICAL_SECONDS[engine_model.model] == typical  # not measured again
+    assert 0 < compute._TYPICAL_SECONDS[engine_model.model] <= typical  # never measured again, only lowered
 
 
-def test_readouts_compare_with_the_unslimmed_time_taken_in_the_same_moment(engine_model, first_gallery_image):
+def test_a_warm_up_on_a_busy_machine_is_corrected_by_the_next_unslimmed_run(monkeypatch, engine_model,
+                                                                            first_gallery_image):
+    from app import compute
+
+    monkeypatch.setitem(compute._TYPICAL_SECONDS, engine_model.model, 10.0)  # as if the warm-up took 10 s
+    compute.baseline(engine_model, first_gallery_image)  # one run (10 s leaves no room for more)
+    assert compute._TYPICAL_SECONDS[engine_model.model] < 10.0
+
+
+def test_readouts_compare_with_the_unslimmed_time_taken_in_the_same_moment(monkeypatch, engine_model,
+                                                                          first_gallery_image):
     from dataclasses import replace
 
     from app import compute
 
     base = compute.baseline(engine_model, first_gallery_image)
+    monkeypatch.setitem(compute._TYPICAL_SECONDS, engine_model.model, 0.001)  # cheap, whatever the machine's load
     slim = compute.slimmed(engine_model, first_gallery_image, "random", 0.5)
-    assert slim.baseline_seconds is not None  # the bundled model is cheap enough
+    assert slim.baseline_seconds is not None
     assert compute.readouts(base, slim).latency_before == slim.baseline_seconds
     alone = replace(slim, baseline_seconds=None)  # a large model: the image's unslimmed forward, timed once
     assert compute.readouts(base, alone).latency_before == base.seconds

@@ -10,8 +10,14 @@ After every action the page is checked for what a person must never see: an exce
 tracebacks. Refusals of broken uploads (``st.error`` "This file cannot be used", which must appear) and the
 Explore page's red "Label flipped" banner are expected and counted apart; so are browser messages about an
 image of an earlier rerun that Streamlit freed before the browser fetched it (``/media/...`` 404, Streamlit's
-known "MediaFileHandler: Missing file" race under fast clicking) and requests to the internet (offline). The server's resident memory (``/proc/<pid>/status``) is sampled before the sessions start, during,
-and at the end.
+known "MediaFileHandler: Missing file" race under fast clicking) and requests to the internet (offline).
+
+After clicking a page link the driver waits for that page's title; a link not followed within a minute is
+recorded with the actions before it (``navigation_not_followed``) and clicked once more, as a person would.
+After an upload it waits until the uploader lists the file. An unexpected error message gets 15 s to leave
+the page (the rerun an action causes can start a moment after the page looked idle, the message of before
+still showing): one that stays is an error, one that goes is counted apart (``alerts_cleared_within_15_s``). The server's resident memory
+(``/proc/<pid>/status``) is sampled before the sessions start, during, and at the end.
 
 Usage::
 
@@ -96,6 +102,9 @@ class Session:
         self.errors: list[dict] = []
         self.console_errors: list[dict] = []
         self.refusals = 0
+        self.history: list[str] = []  # the session's actions, in order
+        self.navigation_not_followed: list[dict] = []
+        self.alerts_cleared: list[dict] = []  # unexpected messages that went within seconds (see check)
         self.flip_banners = 0
         self.stale_media: list[str] = []
         self.expect_refusal = False  # this action uploaded a broken file
@@ -145,14 +154,85 @@ class Session:
             self.errors.append(dict(session=self.index, kind="exception shown", action=action, where=self.where,
                                     text=(await box.inner_text())[:300]))
         for alert in await page.locator('[data-testid="stAlertContentError"]').all():
-            text = (await alert.inner_text())[:300]
+            try:
+                text = (await alert.inner_text(timeout=5_000))[:300]
+            except Exception:  # replaced by a rerun meanwhile
+                continue
             if REFUSAL in text and self.broken_upload_kept:
-                pass  # a broken upload's refusal stays shown until the next upload
-            elif text.startswith(FLIP_BANNER):
+                continue  # a broken upload's refusal stays shown until the next upload
+            if text.startswith(FLIP_BANNER):
                 self.flip_banners += 1  # the Explore page shows a changed prediction in red, by design
-            else:
-                self.errors.append(dict(session=self.index, kind="error alert", action=action, where=self.where,
-                                        text=text))
+                continue
+            went = await self.goes_away(text)
+            if went is not None:
+                self.alerts_cleared.append(dict(session=self.index, action=action, text=text[:120], seconds=went))
+                continue
+            uploader = await page.locator('[data-testid="stFileChipName"]').all_inner_texts()
+            caption = await page.locator('[data-testid="stCaptionContainer"]', has_text="uploaded earlier").all_inner_texts()
+            self.errors.append(dict(session=self.index, kind="error alert", action=action, where=self.where,
+                                    text=text, uploader_shows=[u[:80] for u in uploader],
+                                    caption=[c[:120] for c in caption], before=self.history[-4:]))
+            if os.environ.get("SOAK_SCREENSHOTS"):
+                await page.screenshot(path=f"{os.environ['SOAK_SCREENSHOTS']}/s{self.index}_alert_"
+                                           f"{len(self.errors)}.png")
+
+    async def goes_away(self, text: str, within: float = 15.0) -> float | None:
+        """Seconds until an error message leaves the page, or None if it stays ``within`` seconds.
+
+        The rerun an action causes may start a moment after the page looked idle (a busy server); the
+        message of the page of before is then still shown. One that stays is what a person would see."""
+        started = time.time()
+        while time.time() - started < within:
+            await asyncio.sleep(1.0)
+            await self.wait_idle(30)
+            if not await self.page.locator('[data-testid="stAlertContentError"]', has_text=text[:60]).count():
+                return round(time.time() - started, 1)
+        return None
+
+    async def shown_page(self) -> str | None:
+        """The page the browser shows (its title), or None when no title is there right now."""
+        try:
+            title = await self.page.locator('[data-testid="stMain"] h1').first.inner_text(timeout=5_000)
+        except Exception:  # between reruns there may be no title for a moment
+            return None
+        return title.strip() if title.strip() in PAGES else None
+
+    async def wait_for_file_chip(self, name: str, timeout: float = 120.0) -> None:
+        """Until the uploader lists ``name`` (it shortens long names in the middle: "skimage...ronaut.png")."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for text in await self.page.locator('[data-testid="stFileChipName"]').all_inner_texts():
+                head, _, tail = text.strip().partition("...")
+                if text.strip() == name or (tail and name.startswith(head) and name.endswith(tail)):
+                    return
+            await asyncio.sleep(0.3)
+        raise TimeoutError(f"the uploader did not list {name} within {timeout:.0f} s")
+
+    async def follow_link(self, target: str) -> None:
+        """Clicks the page link of ``target`` and waits for its title. A link that was not followed within a
+        minute is recorded (with the actions before it) and clicked once more, as a person would."""
+        page = self.page
+        title = page.locator('[data-testid="stMain"] h1', has_text=target)
+        for attempt in (1, 2):
+            await page.locator('[data-testid="stSidebarNav"] a', has_text=target).first.click()
+            try:
+                await title.first.wait_for(timeout=60_000)
+                if attempt == 2:
+                    self.navigation_not_followed[-1]["second_click"] = "followed"
+                return
+            except Exception:  # the title did not come: say which page is shown instead
+                shown = await self.shown_page()
+                if attempt == 1:
+                    self.navigation_not_followed.append(dict(session=self.index, wanted=target, shown=shown,
+                                                             before=self.history[-3:]))
+                    if os.environ.get("SOAK_SCREENSHOTS"):
+                        await page.screenshot(path=f"{os.environ['SOAK_SCREENSHOTS']}/s{self.index}_nav_"
+                                                   f"{len(self.navigation_not_followed)}.png")
+                else:
+                    self.navigation_not_followed[-1]["second_click"] = f"not followed either (shown: {shown})"
+                    if shown is not None:
+                        self.where = shown
+                    raise RuntimeError(f"the link to {target} was not followed twice; {shown} is shown")
 
     async def act(self) -> str:
         kind = self.rng.choices(["method", "rho", "upload", "bad upload", "gallery", "page"],
@@ -184,6 +264,9 @@ class Session:
             await self.wait_idle()
             path = self.rng.choice(self.bad if kind == "bad upload" else self.good)
             await page.locator('[data-testid="stFileUploader"] input[type="file"]').first.set_input_files(str(path))
+            # the file goes to the server first, then a rerun starts: wait until the uploader lists it, so
+            # that the check after the rerun does not look at the page of before the upload
+            await self.wait_for_file_chip(path.name)
             self.expect_refusal = self.broken_upload_kept = kind == "bad upload"
             did = f"{kind} {path.name}"
             if self.expect_refusal:
@@ -207,10 +290,11 @@ class Session:
             did = "gallery"
         else:
             target = self.rng.choice([p for p in PAGES if p != self.where])
-            await page.locator('[data-testid="stSidebarNav"] a', has_text=target).first.click()
+            await self.follow_link(target)
             self.where = target
             did = f"page {target}"
         self.actions[did.split()[0]] = self.actions.get(did.split()[0], 0) + 1
+        self.history.append(f"{did} (on {self.where})")
         return did
 
     async def open(self) -> None:
@@ -232,8 +316,12 @@ class Session:
                 await self.wait_idle()
                 await self.check(did)
             except Exception as exc:  # a locator that did not appear: the page is not in the state expected
+                lines = str(exc).splitlines()
+                why = [line.strip() for line in lines if "intercepts pointer events" in line or "not visible" in line
+                       or "not enabled" in line][-1:]  # what Playwright saw in the way, when it says
                 self.errors.append(dict(session=self.index, kind="driver", action=self.current, where=self.where,
-                                        text=f"{type(exc).__name__}: {str(exc).splitlines()[0][:250]}"))
+                                        text=f"{type(exc).__name__}: {(lines or [''])[0][:250]}"
+                                             + (f" | {why[0][:250]}" if why else "")))
                 if os.environ.get("SOAK_SCREENSHOTS"):
                     await self.page.screenshot(path=f"{os.environ['SOAK_SCREENSHOTS']}/s{self.index}_"
                                                     f"{len(self.errors)}.png")
@@ -329,6 +417,8 @@ def main() -> int:
         console_errors=console,
         label_flip_banners_seen=sum(r.flip_banners for r in runners),
         stale_media_messages=sum(len(r.stale_media) for r in runners),
+        navigation_not_followed=[e for r in runners for e in r.navigation_not_followed],
+        alerts_cleared_within_15_s=[e for r in runners for e in r.alerts_cleared],
         offline_requests_ignored=sorted({u for r in runners for u in r.offline_requests}),
         server_log_errors=log_errors,
         server_alive_at_end=alive,
@@ -346,7 +436,8 @@ def main() -> int:
           f"{actions}; {len(errors)} page errors, {len(slow)} driver timeouts, {len(console)} console errors, {len(log_errors)} server log "
           f"errors; {result['expected_refusals_of_broken_uploads']} broken uploads refused as expected; server "
           f"RSS {idle_rss:.0f} MB before, {end_rss:.0f} MB after (peak {result['server_rss_mb']['peak']:.0f}); "
-          f"wrote {args.out}")
+          f"{len(result['navigation_not_followed'])} page links not followed, "
+          f"{len(result['alerts_cleared_within_15_s'])} stale messages cleared by the next rerun; wrote {args.out}")
     for e in (errors + console + slow)[:10]:
         print("  ", e)
     for e in log_errors[:5]:

@@ -215,12 +215,10 @@ def method_colour(method: str) -> str:
     return PALETTE[names.index(method) % len(PALETTE)] if method in names else "#333333"
 
 
-def method_grid(results: list[compute.MethodResult], base: compute.Timed, picked, model: patchslim.LoadedModel,
-                columns: int = 4, pixels: torch.Tensor | None = None) -> None:
-    """One card per method: overlay, top-1 (flip marked), GMACs and rho reached.
-
-    ``pixels``: the model's input tensor of ``picked.image`` if the page has it (saves a resize per card).
-    """
+def method_grid(results: list[compute.MethodResult], base: compute.Timed, pixels: torch.Tensor,
+                model: patchslim.LoadedModel, columns: int = 4) -> None:
+    """One card per method: overlay (drawn from ``pixels``, the model's input tensor of the image), top-1
+    (flip marked), GMACs and rho reached."""
     vis = compute.optional("patchslim.vis")
     flops = compute.optional("patchslim.metrics.flops")
     base_label, _ = base.trace.top_k(1)[0]
@@ -234,7 +232,7 @@ def method_grid(results: list[compute.MethodResult], base: compute.Timed, picked
                     continue
                 trace = result.timed.trace
                 if vis is not None:
-                    st.image(vis.patch_overlay(picked.image if pixels is None else pixels, model, trace, legend=True),
+                    st.image(vis.patch_overlay(pixels, model, trace, legend=True),
                              width="stretch")
                 else:
                     widgets.not_available("Overlay", "patchslim.vis")

@@ -28,8 +28,8 @@ for method in patchslim.method_names():
         results.append(compute.MethodResult(method, None, str(exc)))
 
 st.subheader(f"What each method keeps at ρ = {settings.keep_ratio:.2f}")
-views.method_grid(results, base, picked, model, columns=3,
-                  pixels=state.model_input(settings.choice.key, picked.key, model, picked.image))
+pixels = state.model_input(settings.choice.key, picked.key, model, picked.image)
+views.method_grid(results, base, pixels, model, columns=3)
 
 st.subheader("Cost and accuracy across ρ")
 left, right = st.columns(2, gap="large")

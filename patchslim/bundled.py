@@ -7,7 +7,7 @@ positions come from a fixed seed, so the 10,000-image canvas test set is identic
 
 Data: Fashion-MNIST (Xiao, Rasul & Vollgraf 2017, MIT licence), from the Debian package
 ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``). A few hundred canvas test images
-ship in ``assets/fashion_canvas_sample.npz`` so that machines without the package still have real data.
+ship in ``patchslim/assets/fashion_canvas_sample.npz`` so that machines without the package still have real data.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ CLASS_NAMES = (
 CANVAS_MEAN = 0.0973
 CANVAS_STD = 0.2465
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"  # package data: found wherever patchslim is installed
 CHECKPOINT_PATH = ASSETS_DIR / "fashion_vit.safetensors"
 SAMPLE_PATH = ASSETS_DIR / "fashion_canvas_sample.npz"
 FASHION_MNIST_DIR = Path(os.environ.get("PATCHSLIM_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
@@ -136,7 +136,7 @@ def canvas_test_set(root: Path = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndar
 
 
 def load_bundled_sample() -> tuple[np.ndarray, np.ndarray]:
-    """The canvas test images shipped in ``assets/``: ``[n, 48, 48]`` uint8 and labels ``[n]``.
+    """The canvas test images shipped in ``patchslim/assets/``: ``[n, 48, 48]`` uint8 and labels ``[n]``.
 
     These are the first images of :func:`canvas_test_set`, so results on them are a subset of the
     full-test-set results.

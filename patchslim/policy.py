@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from patchslim.errors import PatchslimError, PlanError
 from patchslim.tokens import target_count
 
-POLICY_DIR = Path(__file__).resolve().parent.parent / "assets" / "policies"
+POLICY_DIR = Path(__file__).resolve().parent / "assets" / "policies"
 FORMAT = "patchslim-policy/1"
 METADATA_KEY = "patchslim_policy"
 CALIBRATION_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 21))
@@ -139,7 +139,7 @@ def arch_of(model: Any) -> dict:
 
 
 def default_policy_path(model_name: str) -> Path:
-    """``assets/policies/<model>.safetensors``."""
+    """``patchslim/assets/policies/<model>.safetensors`` (package data)."""
     safe = model_name.replace("/", "_")
     return POLICY_DIR / f"{safe}.safetensors"
 
@@ -148,7 +148,7 @@ def train_command(model_name: str, block: int = 1) -> str:
     """The command line that trains a policy for ``model_name``."""
     data = "fashion-mnist" if model_name == "fashion-vit" else "FOLDER"
     return (f"python -m patchslim train-policy --model {model_name} --data {data} --keep 0.3,0.5,0.7 "
-            f"--blocks {block} --out {default_policy_path(model_name).relative_to(POLICY_DIR.parent.parent)}")
+            f"--blocks {block} --out {default_policy_path(model_name).relative_to(POLICY_DIR.parents[2])}")
 
 
 def save_policy(path: str | Path, net: PolicyNet, meta: PolicyMeta) -> Path:

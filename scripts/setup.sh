@@ -20,3 +20,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements.txt
+# patchslim itself, editable (its dependencies are the ones above): the `patchslim` command in .venv/bin.
+if [ ! -x .venv/bin/patchslim ]; then
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+fi

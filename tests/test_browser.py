@@ -16,19 +16,21 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "tests" / "artifacts"
 CHROMIUM = Path(os.environ.get("PATCHSLIM_CHROMIUM", "/usr/bin/chromium"))
-PHOTO_CANDIDATES = (REPO.parent / "shared" / "data" / "photos" / "skimage_chelsea.png",
-                    Path("/work/shared/data/photos/skimage_chelsea.png"))
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
 
 
-def _photo() -> Path:
-    for path in PHOTO_CANDIDATES:
-        if path.exists():
-            return path
-    pytest.skip("the shared test photo skimage_chelsea.png is not on this machine")
+@pytest.fixture
+def photo(tmp_path) -> Path:
+    """scikit-image's sample photo ``chelsea`` (Stefan van der Walt, CC0) as a PNG file to upload."""
+    from PIL import Image
+    from skimage import data
+
+    path = tmp_path / "chelsea.png"
+    Image.fromarray(data.chelsea()).save(path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +99,7 @@ def _wait_idle(page, timeout: float = 60.0) -> None:
         time.sleep(0.25)
 
 
-def test_upload_pick_method_move_rho_in_a_real_browser(server):
-    photo = _photo()
+def test_upload_pick_method_move_rho_in_a_real_browser(server, photo):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1400})

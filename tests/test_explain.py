@@ -11,7 +11,6 @@ import torch
 import patchslim
 from patchslim import explain as ex
 from patchslim.cli import main as cli_main
-from patchslim.methods import method_names
 from patchslim.plan import SlimPlan
 from patchslim.tokens import Provenance
 
@@ -28,11 +27,6 @@ def canvas(fashion_random):
 
     images, _ = bundled.load_bundled_sample()
     return bundled.to_model_input(images[:1].copy())
-
-
-def _needs(method: str) -> None:
-    if method not in method_names():
-        pytest.skip(f"method {method!r} is not registered yet")
 
 
 # --------------------------------------------------------------------------- attention maps
@@ -117,7 +111,6 @@ def test_rollout_through_input_pruning_matches_direct_product(fashion_random, ca
 
 @pytest.mark.parametrize("method", ["tome", "evit", "lowrank"])
 def test_rollout_through_merges_covers_the_grid(fashion_random, canvas, method):
-    _needs(method)
     trace = patchslim.run(fashion_random, canvas, SlimPlan.single(method, 0.5).with_attention("all"))
     assert not trace.final_provenance.is_plain
     matrix = ex.rollout_matrix(trace)

@@ -21,10 +21,6 @@ def one_image(seed: int = 0) -> torch.Tensor:
     return torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
 
 
-def needs_method(name: str):
-    return pytest.mark.skipif(name not in patchslim.method_names(), reason=f"method {name!r} not available yet")
-
-
 # --------------------------------------------------------------------------- GMACs
 
 @pytest.mark.parametrize("plan", [
@@ -62,7 +58,6 @@ def test_published_gmacs_of_vit_base():
     assert abs(value - 17.6) <= PUBLISHED_TOLERANCE, value
 
 
-@needs_method("tome")
 @pytest.mark.parametrize("r, published", [(8, 3.4), (13, 2.7), (16, 2.3)])
 def test_published_gmacs_of_tome_on_deit_small(deit_small, r, published):
     trace = patchslim.run(deit_small, one_image(), SlimPlan.from_options("tome", 1.0, {"r": r}))
@@ -70,7 +65,6 @@ def test_published_gmacs_of_tome_on_deit_small(deit_small, r, published):
     assert abs(value - published) <= PUBLISHED_TOLERANCE, value
 
 
-@needs_method("evit")
 @pytest.mark.parametrize("keep, published", [(0.7, 3.0), (0.5, 2.3)])
 def test_published_gmacs_of_evit_on_deit_small(deit_small, keep, published):
     trace = patchslim.run(deit_small, one_image(), SlimPlan.from_options("evit", keep, {"blocks": "3,6,9"}))
@@ -90,8 +84,6 @@ def test_breakdown_adds_up_and_follows_token_counts(deit_tiny):
 
 
 def test_selection_macs_are_added_to_their_block(deit_tiny):
-    if "tome" not in patchslim.method_names():
-        pytest.skip("needs a method that reports selection MACs")
     trace = patchslim.run(deit_tiny, one_image(), SlimPlan.from_options("tome", 1.0, {"r": 8}))
     report = metrics.count_macs(trace)
     assert report.selection == pytest.approx(sum(s.selection_macs for s in trace.stages))

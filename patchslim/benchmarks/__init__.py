@@ -1,16 +1,22 @@
-"""Cost benchmarks: the survey's Tables 1-3 and Figure 1, measured by us (``python -m patchslim benchmark``).
+"""Benchmarks: every committed table under ``benchmarks/results/``, measured by us (``python -m patchslim
+benchmark --which NAME``; ``--which all`` writes every one of them).
 
-- ``table3``: latency with and without slimming, measured speed-up beside the ideal one (GMAC ratio);
+- ``accuracy``: top-1 vs keep ratio rho for every method on the bundled model (the survey's Table 2, our model);
+- ``audit_fashion``: the worked audit example (per-group and per-class accuracy drop, disparity flags);
 - ``figure1``: FLOPs reduction against the keep ratio rho, per method (analytic);
-- ``table1``: input dependence, selection overhead (ms, % of the slimmed forward), accuracy loss;
 - ``table2``: FLOPs and memory reduction beside the accuracy table's top-1;
+- ``table1``: input dependence, selection overhead (ms, % of the slimmed forward), accuracy loss;
+- ``table3``: latency with and without slimming, measured speed-up beside the ideal one (GMAC ratio);
 - ``target``: the issue's performance target (efficiency >= 0.9, selection < 5 %) on DeiT-S at batch 32.
 
-Each is a ``run_*(config, tick) -> BenchmarkResult`` over a config dataclass whose ``jobs()`` lists the work
-(for a progress bar); :func:`~patchslim.benchmarks.common.write_result` writes its CSV, markdown and figure.
-The scripts in ``benchmarks/`` are thin entry points to the command.
+Each is a ``run_*(config, tick) -> result`` over a config dataclass whose ``jobs()`` lists the work (for a
+progress bar); ``result.write(out, command)`` writes its files, each naming the command (see
+:mod:`~patchslim.benchmarks.common`). The top-level ``benchmarks/`` folder keeps only the app's harnesses
+(AppTest and browser), which need the checkout's ``app/``.
 """
 
+from patchslim.benchmarks.accuracy import AccuracyConfig, run_accuracy  # noqa: F401
+from patchslim.benchmarks.audit_fashion import AuditFashionConfig, run_audit_fashion  # noqa: F401
 from patchslim.benchmarks.common import BenchmarkResult, write_result  # noqa: F401
 from patchslim.benchmarks.figure1 import Figure1Config, run_figure1  # noqa: F401
 from patchslim.benchmarks.table1 import Table1Config, run_table1  # noqa: F401
@@ -18,11 +24,21 @@ from patchslim.benchmarks.table2 import Table2Config, run_table2  # noqa: F401
 from patchslim.benchmarks.table3 import Table3Config, run_table3  # noqa: F401
 from patchslim.benchmarks.target import TargetConfig, run_target  # noqa: F401
 
-# name -> (config class, run function), in the order ``--which all`` runs them (cheap ones first).
+# name -> (config class, run function), in the order ``--which all`` runs them: the accuracy table first
+# (Tables 1 and 2 join it), then the cheap, analytic ones, the timed ones last.
 BENCHMARKS = {
+    "accuracy": (AccuracyConfig, run_accuracy),
+    "audit_fashion": (AuditFashionConfig, run_audit_fashion),
     "figure1": (Figure1Config, run_figure1),
     "table2": (Table2Config, run_table2),
     "table1": (Table1Config, run_table1),
     "table3": (Table3Config, run_table3),
     "target": (TargetConfig, run_target),
 }
+# ``--which`` shorthands.
+GROUPS = {
+    "all": tuple(BENCHMARKS),
+    "costs": ("figure1", "table2", "table1", "table3", "target"),
+}
+# The benchmarks whose numbers are wall times: rerun them on an idle machine only.
+TIMED = ("table1", "table3", "target")

@@ -1,5 +1,6 @@
-"""Reading the accuracy table (``accuracy.csv`` + ``accuracy.json`` written by ``benchmarks/accuracy.py`` or
-``python -m patchslim evaluate --out``) for the cost tables, which join its top-1 to their own columns."""
+"""Reading the accuracy table (``accuracy.csv`` + ``accuracy.json`` written by ``python -m patchslim benchmark
+--which accuracy`` or ``python -m patchslim evaluate --out``) for the cost tables, which join its top-1 to
+their own columns."""
 
 from __future__ import annotations
 

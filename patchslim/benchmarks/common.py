@@ -1,8 +1,11 @@
-"""What the cost benchmarks share: variants and placements, results as tables (CSV + markdown), figures,
-the machine's facts and load.
+"""What the benchmarks share: variants and placements, results as tables (CSV + markdown), figures,
+the machine's facts and load, and text without this machine's paths.
 
-Not a benchmark itself; ``table3.py``, ``figure1.py``, ``table1.py``, ``table2.py`` and ``target.py`` beside
-it are.
+Not a benchmark itself; the modules beside it are. Results files are committed, so nothing written here holds
+an absolute path (:func:`portable_text`), and each names the command that made it: the markdown and JSON carry
+it inside; a CSV or a figure carries it in the markdown / JSON written with it (the same stem, or the stem's
+first word: ``figure1_flops.csv`` -> ``figure1_flops.md``, ``audit_groups.csv`` -> ``audit.json``), so that the
+CSVs stay plain tables that ``pandas.read_csv`` and ``csv.DictReader`` read without options.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import csv
 import io
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,6 +24,13 @@ from typing import Any, Callable, Sequence
 from patchslim.figures import write_png
 
 DEFAULT_OUT = Path("benchmarks") / "results"
+# The checkout (or site-packages) the package sits in: paths below it are written relative to it.
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+# An absolute path: POSIX with at least two parts (``/work/x.safetensors``; not ``rho 0.7/0.5`` nor a URL's
+# ``//host/``), or a Windows drive path. Ends at white space, quotes, brackets and separators of prose.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~\\-])(?:/[^\s/`'\"()<>|,;]+(?:/[^\s/`'\"()<>|,;]*)+"
+                            r"|[A-Za-z]:\\[^\s`'\"()<>|,;]+)")
 
 # The survey's Table 1 "Computational Overhead" (asserted, not measured), printed beside what we measure.
 SURVEY_OVERHEAD = {"uniform": "None", "grid": "None", "lowrank": "Low", "entropy": "Moderate", "rl": "High",
@@ -42,6 +53,7 @@ class BenchmarkResult:
         load: the 1-minute load average before and after the measurement.
         figure: a plotly figure to save beside the tables, if any.
         figure_fallback: draws the figure's PNG with matplotlib when kaleido cannot.
+        seconds: how long the benchmark ran (set by the command; written when known).
         files: what was written, kind -> path (filled by :func:`write_result`).
     """
 
@@ -54,23 +66,42 @@ class BenchmarkResult:
     load: tuple[float | None, float | None] = (None, None)
     figure: Any = None
     figure_fallback: Callable[[Path], None] | None = None
+    seconds: float | None = None
     files: dict[str, Path] = field(default_factory=dict)
 
     def markdown(self, command: str | None = None) -> str:
-        """The whole markdown file: heading, command, machine and load, body, notes."""
+        """The whole markdown file: heading, command, machine and load, body, notes; no absolute path."""
         facts = machine()
         before, after = self.load
+        took = f" Took {duration(self.seconds)}." if self.seconds is not None else ""
         lines = [f"# {self.title}", ""]
         if command:
             lines += [f"Command: `{command}`", ""]
         lines += [f"Machine: {facts['cpu']} ({facts['cores']} cores; torch {facts['torch']}, "
                   f"{facts['torch_threads']} threads{'; GPU ' + facts['gpu'] if facts['gpu'] else ''}); "
                   f"written {facts['date']}. Load average (1 min) before / after: {fmt(before, 2)} / "
-                  f"{fmt(after, 2)}.", ""]
+                  f"{fmt(after, 2)}.{took}", ""]
         text = "\n".join(lines) + "\n" + self.body
         if self.notes:
             text += "\n" + "\n".join(f"- {note}" for note in self.notes) + "\n"
-        return text
+        return portable_text(text)
+
+    def write(self, out: str | Path, command: str | None = None, png: bool = True) -> dict[str, Path]:
+        """Writes the CSV, markdown and figure (:func:`write_result`)."""
+        return write_result(self, out, command, png)
+
+    def summary(self) -> str:
+        """What the command prints: the markdown as written."""
+        return self.files["md"].read_text() if "md" in self.files else self.markdown()
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``12 min``, ``2.5 h``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def load_average() -> float | None:
@@ -97,6 +128,44 @@ def machine() -> dict:
     return dict(cpu=cpu or "unknown CPU", cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 torch=torch.__version__, gpu=gpu, python=platform.python_version(),
                 date=time.strftime("%Y-%m-%d %H:%M %Z"))
+
+
+def portable_path(path: str | Path) -> str:
+    """``path`` as it can be written in a committed file: relative to the checkout when inside it
+    (``assets/fashion_vit.safetensors``), else its file name only; a relative path as it is."""
+    text = str(path)
+    windows = re.match(r"[A-Za-z]:\\", text)
+    if not (text.startswith("/") or windows):
+        return text
+    if windows:
+        return text.rstrip("\\").rsplit("\\", 1)[-1]
+    resolved = Path(text)
+    for root in (PACKAGE_ROOT, Path.cwd().resolve()):
+        try:
+            return resolved.relative_to(root).as_posix() or "."
+        except ValueError:
+            continue
+    return resolved.name or text
+
+
+def portable_text(text: str) -> str:
+    """``text`` with every absolute path replaced by :func:`portable_path` (a sentence's final dot stays)."""
+
+    def replace(match: re.Match) -> str:
+        found = match.group(0)
+        tail = found[len(found.rstrip(".:")):]
+        return portable_path(found[: len(found) - len(tail)]) + tail
+
+    return _ABSOLUTE_PATH.sub(replace, text)
+
+
+def portable_model(model):
+    """``model`` with a ``weights_source`` fit for a committed file (``file assets/fashion_vit.safetensors``
+    instead of this machine's absolute path); the same network, transform and classes."""
+    import dataclasses
+
+    source = portable_text(model.weights_source)
+    return model if source == model.weights_source else dataclasses.replace(model, weights_source=source)
 
 
 # --------------------------------------------------------------------------- what runs where
@@ -174,7 +243,8 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]], dig
 
 
 def csv_text(rows: Sequence[dict]) -> str:
-    """Rows as CSV, the union of their keys as columns (in first-seen order), floats to 6 digits."""
+    """Rows as CSV, the union of their keys as columns (in first-seen order), floats to 6 digits, text
+    without absolute paths (:func:`portable_text`)."""
     keys: list[str] = []
     for row in rows:
         keys.extend(k for k in row if k not in keys)
@@ -182,7 +252,8 @@ def csv_text(rows: Sequence[dict]) -> str:
     writer = csv.DictWriter(out, fieldnames=keys, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else portable_text(v) if isinstance(v, str) else v)
+                         for k, v in row.items()})
     return out.getvalue()
 
 
@@ -193,7 +264,8 @@ def read_csv(path: Path) -> list[dict]:
 
 def write_result(result: BenchmarkResult, out: str | Path, command: str | None = None,
                  png: bool = True) -> dict[str, Path]:
-    """Writes ``<stem>.csv`` and ``<stem>.md`` (and ``.html`` / ``.png`` when the result has a figure)."""
+    """Writes ``<stem>.csv`` and ``<stem>.md`` (and ``.html`` / ``.png`` when the result has a figure); the
+    markdown names ``command``, which the CSV and the figure go by."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {"csv": out / f"{result.stem}.csv", "md": out / f"{result.stem}.md"}

@@ -127,8 +127,8 @@ def run_table1(config: Table1Config, tick: common.Tick | None = None) -> common.
             "of selection / slimmed forward.\n\n" + common.markdown_table(rows, columns, 2))
     notes = [f"skipped {label}: {reason}" for label, reason in skipped.items()]
     if accuracy is None:
-        notes.append(f"top-1 loss: {NOT_MEASURED} ({Path(config.accuracy)} does not exist; `python "
-                     "benchmarks/accuracy.py` writes it, then rerun this table)")
+        notes.append(f"top-1 loss: {NOT_MEASURED} ({Path(config.accuracy)} does not exist; `python -m "
+                     "patchslim benchmark --which accuracy` writes it, then rerun this table)")
     else:
         base = "n/a" if accuracy.baseline_top1 is None else f"{100 * accuracy.baseline_top1:.2f} %"
         notes.append(f"top-1 loss read from {accuracy.path} ({accuracy.model}, unslimmed top-1 {base}); n/a where "

@@ -129,8 +129,8 @@ def run_table2(config: Table2Config, tick: common.Tick | None = None) -> common.
             "memory columns).\n\n" + common.markdown_table(rows, columns, 2))
     notes = [f"skipped {what}: {reason}" for what, reason in skipped.items()]
     if accuracy is None:
-        notes.append(f"top-1: {NOT_MEASURED} ({Path(config.accuracy)} does not exist; `python "
-                     "benchmarks/accuracy.py` writes it, then rerun this table)")
+        notes.append(f"top-1: {NOT_MEASURED} ({Path(config.accuracy)} does not exist; `python -m "
+                     "patchslim benchmark --which accuracy` writes it, then rerun this table)")
     elif not joined:
         notes.append(f"top-1: the accuracy table is on {accuracy.model}, not {model_name}")
     else:

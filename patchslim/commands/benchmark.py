@@ -1,8 +1,12 @@
-"""``benchmark``: the cost tables and figure (Tables 1-3, Figure 1 analogues, the performance target).
+"""``benchmark``: every committed table: the accuracy table, the worked audit, Tables 1-3, Figure 1, the target.
 
-    python -m patchslim benchmark                                   # all of them into benchmarks/results/
+    python -m patchslim benchmark --which all                       # every one of them into benchmarks/results/
+    python -m patchslim benchmark                                   # the cost tables (--which costs)
     python -m patchslim benchmark --which figure1,table2            # the cheap, analytic ones
     python -m patchslim benchmark --which table3 --models deit_small_patch16_224 --batch-sizes 32
+
+Each file records the command that remakes it alone: ``--which NAME`` and the options given (run as part of
+``--which all``, a file still names its own ``--which NAME``), without this machine's paths.
 """
 
 from __future__ import annotations
@@ -11,31 +15,37 @@ import json
 import shlex
 
 NAME = "benchmark"
-HELP = ("Measure the cost tables: latency vs ideal speed-up (table3), FLOPs vs rho (figure1), selection "
-        "overhead (table1), FLOPs and memory reduction (table2), the performance target (target).")
+HELP = ("Write the committed tables: accuracy vs rho (accuracy), the worked audit (audit_fashion), latency vs "
+        "ideal speed-up (table3), FLOPs vs rho (figure1), selection overhead (table1), FLOPs and memory "
+        "reduction (table2), the performance target (target).")
 
 
 def add_arguments(parser) -> None:
-    from patchslim.benchmarks import BENCHMARKS
+    from patchslim.benchmarks import BENCHMARKS, GROUPS
     from patchslim.benchmarks.common import DEFAULT_OUT
 
-    parser.add_argument("--which", default="all",
-                        help=f"comma-separated, from {', '.join(BENCHMARKS)}; or all (default)")
+    parser.add_argument("--which", default="costs",
+                        help=f"comma-separated, from {', '.join(BENCHMARKS)}; or "
+                             + "; ".join(f"{name} ({', '.join(names)})" for name, names in GROUPS.items())
+                             + "; default: costs")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for the CSV / markdown / plots")
     parser.add_argument("--models", default=None,
                         help="table3: comma-separated models (default: ViT-B/16, DeiT-S, DeiT-Ti)")
     parser.add_argument("--model", default=None,
-                        help="figure1, table1, target: the model (default: deit_small_patch16_224)")
+                        help="figure1, table1, target: the model (default: deit_small_patch16_224); accuracy, "
+                             "audit_fashion: the model (default: fashion-vit, trained weights)")
     parser.add_argument("--memory-model", default=None,
                         help="table2: the model (default: the accuracy table's, else fashion-vit)")
     parser.add_argument("--methods", default=None,
                         help="comma-separated method labels, METHOD@B to act at block B (default: every method; "
-                             "table2: the accuracy table's)")
+                             "table2: the accuracy table's; accuracy: every method and the placements it "
+                             "compares; audit_fashion: random,uniform,attention,evit,tome)")
     parser.add_argument("--target-methods", default=None, help="target: method labels (default: input pruning "
                         "methods at block 0, evit@3+6+9, attention@3+6+9)")
     parser.add_argument("--keep", type=float, default=0.5, help="table3, table1, target: keep ratio rho")
     parser.add_argument("--ratios", default=None,
-                        help="figure1, table2: comma-separated keep ratios (default: 0.1..1.0 / the accuracy table's)")
+                        help="figure1, table2, accuracy, audit_fashion: comma-separated keep ratios (default: "
+                             "0.1..1.0 / the accuracy table's / 1.0,0.9,0.7,0.5,0.3 / 0.7,0.5,0.3)")
     parser.add_argument("--batch-sizes", default="1,32", help="table3, table1: comma-separated batch sizes")
     parser.add_argument("--batch", type=int, default=32, help="target: batch size; table2: the larger memory batch")
     parser.add_argument("--repeats", type=int, default=None,
@@ -45,7 +55,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--accuracy", default=None,
                         help="the accuracy table to join (default: OUT/accuracy.csv)")
     parser.add_argument("--no-pretrained", action="store_true",
-                        help="table2: random weights even when a checkpoint exists")
+                        help="table2, accuracy, audit_fashion: random weights even when a checkpoint exists")
+    parser.add_argument("--data", default="fashion-mnist",
+                        help="accuracy, audit_fashion: labelled images (fashion-mnist: the 10,000 canvas test "
+                             "images; bundled: the 500 shipped; or a folder, CSV manifest or zip)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="accuracy, audit_fashion: at most N images (evenly spaced)")
+    parser.add_argument("--eval-batch-size", type=int, default=None,
+                        help="accuracy, audit_fashion: images per forward (default 500 / 250)")
+    parser.add_argument("--work", default=None,
+                        help="audit_fashion: folder for the audit's resumable parts (default: "
+                             "runs/benchmark_audit_fashion)")
+    parser.add_argument("--resume", action="store_true",
+                        help="audit_fashion: keep the parts an interrupted run left in --work (default: start "
+                             "over, so that parts made by older code are never mixed in)")
     parser.add_argument("--tag", default="", help="appended to every output file name (e.g. _deit_small)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no-png", action="store_true", help="HTML plots only")
@@ -54,20 +77,32 @@ def add_arguments(parser) -> None:
     parser.set_defaults(_benchmark_parser=parser)
 
 
+def selected(which: str) -> list[str]:
+    """The benchmark names ``--which`` names (groups expanded), in the order ``--which all`` runs them."""
+    from patchslim.benchmarks import BENCHMARKS, GROUPS
+    from patchslim.benchmarks.common import parse_list
+    from patchslim.errors import PatchslimError
+
+    names: list[str] = []
+    for name in parse_list(which):
+        names += GROUPS.get(name, (name,))
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown or not names:
+        raise PatchslimError(f"--which: unknown benchmark {unknown[0] if unknown else '(none)'!r}; "
+                             f"choose from {', '.join(BENCHMARKS)} or {', '.join(GROUPS)}")
+    return [name for name in BENCHMARKS if name in names]
+
+
 def configs(args) -> dict:
     """name -> config of every benchmark ``--which`` selects, filled from the arguments."""
     from pathlib import Path
 
-    from patchslim.benchmarks import (BENCHMARKS, Figure1Config, Table1Config, Table2Config, Table3Config,
-                                      TargetConfig)
+    from patchslim.benchmarks import (AccuracyConfig, AuditFashionConfig, Figure1Config, Table1Config,
+                                      Table2Config, Table3Config, TargetConfig)
     from patchslim.benchmarks.common import parse_list
     from patchslim.errors import PatchslimError
 
-    which = list(BENCHMARKS) if args.which.strip() == "all" else parse_list(args.which)
-    unknown = [name for name in which if name not in BENCHMARKS]
-    if unknown or not which:
-        raise PatchslimError(f"--which: unknown benchmark {unknown[0] if unknown else '(none)'!r}; "
-                             f"choose from {', '.join(BENCHMARKS)} or all")
+    which = selected(args.which)
     if args.keep is not None and not 0.0 < args.keep <= 1.0:
         raise PatchslimError(f"--keep must be in (0, 1], got {args.keep}")
     methods = tuple(parse_list(args.methods)) if args.methods else None
@@ -76,15 +111,24 @@ def configs(args) -> dict:
         if not 0.0 < ratio <= 1.0:
             raise PatchslimError(f"--ratios must lie in (0, 1], got {ratio}")
     batches = tuple(parse_list(args.batch_sizes, int))
-    if not batches or min(batches) < 1 or args.batch < 1:
+    if not batches or min(batches) < 1 or args.batch < 1 or (args.eval_batch_size or 1) < 1:
         raise PatchslimError("batch sizes must be positive integers")
     if (args.repeats is not None and args.repeats < 1) or (args.warmup is not None and args.warmup < 0):
         raise PatchslimError("--repeats must be >= 1 and --warmup >= 0")
+    if args.limit is not None and args.limit < 1:
+        raise PatchslimError(f"--limit must be at least 1, got {args.limit}")
     if any(sep in args.tag for sep in "/\\") or args.tag in (".", ".."):
         raise PatchslimError(f"--tag is part of a file name and cannot hold a path, got {args.tag!r}")
     accuracy = Path(args.accuracy) if args.accuracy else Path(args.out) / "accuracy.csv"
     model = args.model or "deit_small_patch16_224"
+    labelled = dict(model=args.model or "fashion-vit", pretrained=not args.no_pretrained, data=args.data,
+                    limit=args.limit, progress=not args.no_progress,
+                    **({"methods": methods} if methods else {}), **({"keep_ratios": ratios} if ratios else {}),
+                    **({"batch_size": args.eval_batch_size} if args.eval_batch_size else {}))
     built = {
+        "accuracy": lambda: AccuracyConfig(**labelled),
+        "audit_fashion": lambda: AuditFashionConfig(**labelled, resume=args.resume,
+                                                    **({"work": args.work} if args.work else {})),
         "figure1": lambda: Figure1Config(model=model, methods=methods,
                                          **({"keep_ratios": ratios} if ratios else {})),
         "table2": lambda: Table2Config(model=args.memory_model, methods=methods, keep_ratios=ratios,
@@ -103,40 +147,44 @@ def configs(args) -> dict:
                                           if args.repeats else {}),
                                        **({"warmup": args.warmup} if args.warmup is not None else {})),
     }
-    chosen = {name: built[name]() for name in BENCHMARKS if name in which}
+    chosen = {name: built[name]() for name in which}
     for config in chosen.values():
         config.stem += args.tag
     return chosen
 
 
-def command_line(args) -> str:
-    """The command that reproduces ``args``: ``python -m patchslim benchmark`` and every non-default option."""
+def command_line(args, which: str | None = None) -> str:
+    """The command that reproduces ``args`` (with ``--which`` set to ``which`` when given):
+    ``python -m patchslim benchmark`` and every non-default option, without this machine's paths."""
+    from patchslim.benchmarks.common import portable_text
+
     parser = getattr(args, "_benchmark_parser", None)
     parts = ["python", "-m", "patchslim", NAME]
     if parser is None:
-        return " ".join(parts)
+        return " ".join(parts + (["--which", which] if which else []))
     for action in parser._actions:
         if not action.option_strings or action.dest in ("help",):
             continue
-        value = getattr(args, action.dest, action.default)
+        value = which if action.dest == "which" and which else getattr(args, action.dest, action.default)
         if value == action.default:
             continue
         flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") else action.option_strings[0]
         parts += [flag] if value is True else [flag, shlex.quote(str(value))]
-    return " ".join(parts)
+    return portable_text(" ".join(parts))
 
 
 def main(args) -> int:
+    import time
+
     import torch
     from tqdm.auto import tqdm
 
-    from patchslim.benchmarks import BENCHMARKS, write_result
+    from patchslim.benchmarks import BENCHMARKS
 
     if args.threads:
         torch.set_num_threads(args.threads)
     chosen = configs(args)
     total = sum(len(config.jobs()) for config in chosen.values())
-    command = command_line(args)
     bar = tqdm(total=total, desc="benchmark", unit="job", disable=args.no_progress, dynamic_ncols=True)
 
     def tick(description: str) -> None:
@@ -146,16 +194,19 @@ def main(args) -> int:
     results = {}
     try:
         for name, config in chosen.items():
+            start = time.perf_counter()
             result = BENCHMARKS[name][1](config, tick)
-            write_result(result, args.out, command, png=not args.no_png)
+            result.seconds = time.perf_counter() - start
+            result.write(args.out, command_line(args, name), png=not args.no_png)
             results[name] = result
     finally:
         bar.close()
     if args.json:
-        print(json.dumps({name: dict(files={k: str(v) for k, v in r.files.items()}, rows=r.rows)
+        print(json.dumps({name: dict(files={k: str(v) for k, v in r.files.items()}, rows=getattr(r, "rows", None),
+                                     seconds=r.seconds)
                           for name, r in results.items()}, default=str))
         return 0
     for name, result in results.items():
-        print(result.files["md"].read_text())
+        print(result.summary())
         print("wrote " + ", ".join(str(p) for p in result.files.values()) + "\n")
     return 0

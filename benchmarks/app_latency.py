@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
                      torch=torch.__version__, python=platform.python_version()),
         measured_at=time.strftime("%Y-%m-%d %H:%M:%S"),
+        command=" ".join(["python", "benchmarks/app_latency.py", *(sys.argv[1:] if argv is None else argv)]),
     )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(record, indent=2) + "\n")

@@ -4,28 +4,27 @@ Each page asks this module for data and draws it. Keeping the computing apart fr
 ``benchmarks/app_latency.py`` time exactly what a page does on a slider change, and lets the tests
 compare the page's readouts with direct calls to :func:`patchslim.run`.
 
-Parts of the engine that other issues deliver (metrics, explanations, visualization, evaluation) are
-looked up with :func:`optional`: while a module is missing, the page says that part is not available
-yet instead of showing made-up numbers.
+Views draw what this module hands them (pictures, numbers, figures) and never call the engine themselves.
+Nothing here imports another app module, and nothing here catches an error to hide it: a page draws each part
+inside :class:`app.panels.panel`, which shows the error in that part and logs it.
 """
 
 from __future__ import annotations
 
-import importlib
 import time
 import weakref
 from dataclasses import dataclass, field, replace
-from types import ModuleType
 from typing import Any, Callable
 
 import numpy as np
 import torch
-
 from PIL import Image
 
 import patchslim
-from patchslim import bundled
+from patchslim import bundled, explain, vis
 from patchslim.device import synchronize
+from patchslim.explain import attention
+from patchslim.metrics import flops, latency, memory
 
 # CC0 / public-domain photos shipped inside the scikit-image wheel, with the credit scikit-image gives.
 PHOTOS = (
@@ -38,20 +37,20 @@ PHOTOS = (
 BUNDLED_GALLERY_SIZE = 12
 
 
-def optional(module: str) -> ModuleType | None:
-    """Imports a part of the engine that may not exist yet; None when it is missing or broken."""
-    try:
-        return importlib.import_module(module)
-    except Exception:  # a module still being written may fail in any way; the page says "not yet"
-        return None
-
-
 # --------------------------------------------------------------------------- galleries
 
-def bundled_gallery():
-    """Canvas Fashion-MNIST test images with their true labels (for the bundled model)."""
-    from app.state import GalleryItem
+@dataclass(frozen=True)
+class GalleryItem:
+    """One gallery image: its name, the image and its true label (None when it has none)."""
 
+    name: str
+    image: Image.Image
+    label: str | None
+    credit: str
+
+
+def bundled_gallery() -> list[GalleryItem]:
+    """Canvas Fashion-MNIST test images with their true labels (for the bundled model)."""
     try:
         images, labels = bundled.load_bundled_sample()
         credit = "Fashion-MNIST test set on a 48x48 canvas (MIT licence), shipped in assets/"
@@ -70,11 +69,9 @@ def bundled_gallery():
     return items
 
 
-def photo_gallery():
+def photo_gallery() -> list[GalleryItem]:
     """scikit-image's CC0 / public-domain sample photos (no ImageNet label of their own)."""
     from skimage import data
-
-    from app.state import GalleryItem
 
     items = []
     for func, title, credit in PHOTOS:
@@ -91,12 +88,15 @@ class Timed:
     """A trace and the wall time of the forward that made it (seconds: the fastest of
     :func:`live_timing_runs` runs; one run for a large model on a CPU).
 
+    ``precision``: the model's precision (``"fp32"``, ``"bf16"``, ``"fp16"``), which sets the bytes per element
+    of its activations (the trace's logits are fp32 whatever the precision).
     ``baseline_seconds``: for a slimmed forward of a small model, the unslimmed forward timed in the same
     moment, alternating with it (so both numbers saw the same machine); None otherwise.
     """
 
     trace: patchslim.Trace
     seconds: float
+    precision: str
     baseline_seconds: float | None = None
 
 
@@ -166,14 +166,14 @@ def _timed_run(model: patchslim.LoadedModel, image: Image.Image | torch.Tensor, 
             trace, seconds = _clocked(model, batch, plan)
             runs.append(seconds)
         _seen_unslimmed(model, min(base_runs))
-        return Timed(trace, min(runs), min(base_runs))
+        return Timed(trace, min(runs), model.precision, baseline_seconds=min(base_runs))
     runs = []
     for _ in range(live_timing_runs(typical)):
         trace, seconds = _clocked(model, batch, plan)
         runs.append(seconds)
     if not plan.stages:
         _seen_unslimmed(model, min(runs))
-    return Timed(trace, min(runs))
+    return Timed(trace, min(runs), model.precision)
 
 
 def baseline(model: patchslim.LoadedModel, image: Image.Image | torch.Tensor) -> Timed:
@@ -193,54 +193,114 @@ def slimmed(model: patchslim.LoadedModel, image: Image.Image | torch.Tensor, met
 
 # --------------------------------------------------------------------------- readouts
 
-@dataclass
-class Readouts:
-    """The numbers the Explore page shows for one image and plan (None: not available yet).
+BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What the plan costs and keeps for one image, unslimmed -> slimmed (the Explore page's numbers row).
 
     Attributes:
         gmacs_before, gmacs_after: analytic GMACs per image (patchslim.metrics.flops).
         latency_before, latency_after: measured seconds of one forward each.
-        memory_before, memory_after: activation memory in MB (patchslim.metrics.memory).
+        memory_before, memory_after: analytic activation memory in MB (patchslim.metrics.memory).
         keep_ratio_reached: ``Trace.keep_ratio``.
         tokens_before, tokens_after: tokens (prefix included) per block.
-        top5_before, top5_after: ``(label, probability)`` lists.
-        flipped: whether the top-1 label changed.
-        top1_confidence_before, top1_confidence_after: probability of the unslimmed top-1 class.
-        extra: further fields for the metrics download.
     """
 
-    gmacs_before: float | None
-    gmacs_after: float | None
+    gmacs_before: float
+    gmacs_after: float
     latency_before: float
     latency_after: float
-    memory_before: float | None
-    memory_after: float | None
+    memory_before: float
+    memory_after: float
     keep_ratio_reached: float
     tokens_before: list[int]
     tokens_after: list[int]
+
+    @property
+    def gmacs_reduction(self) -> float:
+        return 1.0 - self.gmacs_after / self.gmacs_before
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """How the prediction changed for one image.
+
+    Attributes:
+        top5_before, top5_after: ``(label, probability)`` lists.
+        flipped: whether the top-1 label changed.
+        top1_confidence_before, top1_confidence_after: probability of the unslimmed top-1 class.
+    """
+
     top5_before: list[tuple[str, float]]
     top5_after: list[tuple[str, float]]
     flipped: bool
     top1_confidence_before: float
     top1_confidence_after: float
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def gmacs_reduction(self) -> float | None:
-        if self.gmacs_before is None or self.gmacs_after is None:
-            return None
-        return 1.0 - self.gmacs_after / self.gmacs_before
 
 
-def activation_mb(memory: ModuleType, trace: patchslim.Trace) -> float:
+@dataclass(frozen=True)
+class Readouts:
+    """Everything the Explore page reports for one image and plan (the downloads hold all of it)."""
+
+    costs: Costs
+    prediction: Prediction
+
+
+def activation_mb(trace: patchslim.Trace, precision: str) -> float:
     """The analytic peak activation memory of the plan itself, per image, in MB.
 
-    The app's forwards keep every block's attention for the maps; the estimate is taken for the same
-    plan without those kept maps (``plan.with_attention(())``), i.e. what the slimmed model needs.
+    The bytes per element come from the model's precision (fp32: 4, bf16 / fp16: 2), not from the trace's
+    logits, which the engine always returns as fp32. The app's forwards keep every block's attention for the
+    maps; the estimate is taken for the same plan without those kept maps (``plan.with_attention(())``), i.e.
+    what the slimmed model needs.
     """
     plain = replace(trace, plan=trace.plan.with_attention(()))
-    bytes_per_element = 2 if trace.logits.dtype != torch.float32 else 4
-    return memory.estimate_activation_memory(plain, bytes_per_element).peak_mb
+    return memory.estimate_activation_memory(plain, BYTES_PER_ELEMENT[precision]).peak_mb
+
+
+def costs(base: Timed, slim: Timed) -> Costs:
+    """GMACs, latency, memory, rho reached and tokens per block of the two forwards."""
+    comparison = flops.compare_macs(slim.trace, base.trace)
+    return Costs(
+        gmacs_before=comparison.baseline_gmacs,
+        gmacs_after=comparison.gmacs,
+        latency_before=base.seconds if slim.baseline_seconds is None else slim.baseline_seconds,
+        latency_after=slim.seconds,
+        memory_before=activation_mb(base.trace, base.precision),
+        memory_after=activation_mb(slim.trace, slim.precision),
+        keep_ratio_reached=slim.trace.keep_ratio,
+        tokens_before=base.trace.tokens_per_block,
+        tokens_after=slim.trace.tokens_per_block,
+    )
+
+
+def prediction(base: Timed, slim: Timed) -> Prediction:
+    """The two top-5 lists, whether the top-1 label flipped and its confidence before and after."""
+    probs_before, probs_after = base.trace.probabilities[0], slim.trace.probabilities[0]
+    top1 = int(probs_before.argmax())
+    return Prediction(
+        top5_before=base.trace.top_k(5),
+        top5_after=slim.trace.top_k(5),
+        flipped=int(probs_after.argmax()) != top1,
+        top1_confidence_before=float(probs_before[top1]),
+        top1_confidence_after=float(probs_after[top1]),
+    )
+
+
+def readouts(base: Timed, slim: Timed) -> Readouts:
+    """Everything the Explore page shows as numbers, from the two forwards."""
+    return Readouts(costs(base, slim), prediction(base, slim))
+
+
+def overlay(model: patchslim.LoadedModel, pixels: torch.Tensor, trace: patchslim.Trace,
+            block: int | None) -> Image.Image:
+    """The kept / dropped / merged overlay (patchslim.vis) of the image, after ``block`` (None: the last).
+
+    ``pixels``: the model's input tensor of the image (no resize on every redraw).
+    """
+    return vis.patch_overlay(pixels, model, trace, block=block, index=0)
 
 
 @dataclass(frozen=True)
@@ -253,54 +313,42 @@ class AttentionView:
     caption: str
 
 
-def attention_views(attention: ModuleType) -> dict[str, AttentionView]:
-    """The attention pictures patchslim.explain.attention offers, by the name the page shows."""
-    return {
-        "CLS attention": AttentionView(
-            lambda trace, block: attention.cls_attention(trace, block),
-            True,
-            "CLS attention: how much the class token looks at each patch in the chosen block (mean over heads). "
-            "Hatched patches had no token in that block.",
-        ),
-        "Rollout": AttentionView(
-            lambda trace, block: attention.rollout(trace),
-            False,
-            "Attention rollout (Abnar & Zuidema 2020): attention multiplied through all blocks, following "
-            "tokens through pruning and merging. Hatched patches never entered the model.",
-        ),
-    }
+ATTENTION_VIEWS = {
+    "CLS attention": AttentionView(
+        lambda trace, block: attention.cls_attention(trace, block),
+        True,
+        "CLS attention: how much the class token looks at each patch in the chosen block (mean over heads). "
+        "Hatched patches had no token in that block.",
+    ),
+    "Rollout": AttentionView(
+        lambda trace, block: attention.rollout(trace),
+        False,
+        "Attention rollout (Abnar & Zuidema 2020): attention multiplied through all blocks, following "
+        "tokens through pruning and merging. Hatched patches never entered the model.",
+    ),
+}
 
 
-def readouts(base: Timed, slim: Timed) -> Readouts:
-    """Everything the Explore page shows as numbers, from the two forwards."""
-    flops = optional("patchslim.metrics.flops")
-    memory = optional("patchslim.metrics.memory")
-    gmacs_before = gmacs_after = None
-    if flops is not None:
-        comparison = flops.compare_macs(slim.trace, base.trace)
-        gmacs_before, gmacs_after = comparison.baseline_gmacs, comparison.gmacs
-    memory_before = memory_after = None
-    if memory is not None:
-        memory_before, memory_after = (activation_mb(memory, t.trace) for t in (base, slim))
-    before, after = base.trace.top_k(5), slim.trace.top_k(5)
-    probs_before, probs_after = base.trace.probabilities[0], slim.trace.probabilities[0]
-    top1 = int(probs_before.argmax())
-    return Readouts(
-        gmacs_before=gmacs_before,
-        gmacs_after=gmacs_after,
-        latency_before=base.seconds if slim.baseline_seconds is None else slim.baseline_seconds,
-        latency_after=slim.seconds,
-        memory_before=memory_before,
-        memory_after=memory_after,
-        keep_ratio_reached=slim.trace.keep_ratio,
-        tokens_before=base.trace.tokens_per_block,
-        tokens_after=slim.trace.tokens_per_block,
-        top5_before=before,
-        top5_after=after,
-        flipped=int(probs_after.argmax()) != top1,
-        top1_confidence_before=float(probs_before[top1]),
-        top1_confidence_after=float(probs_after[top1]),
-    )
+@dataclass(frozen=True)
+class AttentionPair:
+    """The unslimmed and the slimmed attention picture on one colour scale, and the caption."""
+
+    before: Image.Image
+    after: Image.Image
+    caption: str
+
+
+def attention_pair(model: patchslim.LoadedModel, pixels: torch.Tensor, before: patchslim.Trace,
+                   after: patchslim.Trace, kind: str, block: int) -> AttentionPair:
+    """Attention map (or rollout) of the unslimmed and the slimmed forward, drawn on one colour scale."""
+    view = ATTENTION_VIEWS[kind]
+    grids = [view.grid(trace, block) for trace in (before, after)]
+    lo = min(float(np.nanmin(g)) for g in grids)
+    hi = max(float(np.nanmax(g)) for g in grids)
+    pictures = [vis.heatmap_overlay(pixels, grid, vmin=lo, vmax=hi, legend=True, title=f"{kind}, {title}",
+                                    model=model)
+                for grid, title in zip(grids, ("unslimmed", "slimmed"))]
+    return AttentionPair(pictures[0], pictures[1], view.caption + " Both maps share one colour scale.")
 
 
 # --------------------------------------------------------------------------- compare
@@ -314,6 +362,56 @@ class MethodResult:
     error: str = ""
 
 
+@dataclass(frozen=True)
+class MethodCard:
+    """What the Compare page shows for one method: its overlay, top-1 and cost, or why it could not run.
+
+    Attributes:
+        method: the method's name.
+        error: why the plan could not run ("" when it ran; then the other fields are set).
+        overlay: the kept / dropped / merged overlay with its legend.
+        label, probability: the slimmed top-1 class and its probability.
+        flipped: the top-1 differs from the unslimmed model's.
+        keep_ratio: the rho asked for; keep_ratio_reached: the rho reached.
+        gmacs, gmacs_reduction: GMACs per image and the share saved against the unslimmed forward.
+    """
+
+    method: str
+    error: str = ""
+    overlay: Image.Image | None = None
+    label: str = ""
+    probability: float = 0.0
+    flipped: bool = False
+    keep_ratio: float = 0.0
+    keep_ratio_reached: float = 0.0
+    gmacs: float = 0.0
+    gmacs_reduction: float = 0.0
+
+
+def method_cards(results: list[MethodResult], base: Timed, pixels: torch.Tensor,
+                 model: patchslim.LoadedModel) -> list[MethodCard]:
+    """One card per method (overlay drawn from ``pixels``, the model's input tensor of the image)."""
+    base_label, _ = base.trace.top_k(1)[0]
+    cards = []
+    for result in results:
+        if result.timed is None:
+            cards.append(MethodCard(result.method, error=result.error))
+            continue
+        trace = result.timed.trace
+        label, probability = trace.top_k(1)[0]
+        comparison = flops.compare_macs(trace, base.trace)
+        cards.append(MethodCard(result.method, overlay=vis.patch_overlay(pixels, model, trace, legend=True),
+                                label=label, probability=probability, flipped=label != base_label,
+                                keep_ratio=trace.plan.stages[0].keep_ratio, keep_ratio_reached=trace.keep_ratio,
+                                gmacs=comparison.gmacs, gmacs_reduction=comparison.reduction))
+    return cards
+
+
+def unslimmed_gmacs(base: Timed) -> float:
+    """GMACs per image of the unslimmed forward."""
+    return flops.gmacs(base.trace)
+
+
 CURVE_KEEP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -324,9 +422,6 @@ def flops_curve(model: patchslim.LoadedModel, image: Image.Image, method: str,
     Returns:
         one dict per keep ratio that could run: ``keep_ratio``, ``keep_ratio_reached``, ``gmacs``.
     """
-    flops = optional("patchslim.metrics.flops")
-    if flops is None:
-        return []
     batch = model.preprocess(image)
     points = []
     for rho in keep_ratios:
@@ -352,9 +447,20 @@ def explanation(model: patchslim.LoadedModel, image: Image.Image, method: str, k
     Raises:
         PlanError: the plan does not fit the model.
     """
-    explain = importlib.import_module("patchslim.explain")
     plan = patchslim.SlimPlan.from_options(method, keep_ratio, options, seed=0)
     return explain.explain(model, image, plan, attribution=attribution, share=share, progress=progress)
+
+
+def attribution_pictures(result, image: Image.Image, model: patchslim.LoadedModel) -> tuple[Image.Image, Image.Image]:
+    """The unslimmed and the slimmed attribution maps over the image, on one colour scale centred on zero."""
+    before, after = result.attribution_before, result.attribution_after
+    grids = [a.grid for a in (before, after)]
+    limit = max(float(np.nanmax(np.abs(g))) for g in grids) or 1.0
+    first, second = (vis.heatmap_overlay(image, grid, vmin=-limit, vmax=limit, cmap="RdBu_r", legend=True,
+                                         title=f"{before.method.replace('_', ' ')}, {title}", label="attribution",
+                                         model=model)
+                     for grid, title in zip(grids, ("unslimmed", "slimmed")))
+    return first, second
 
 
 # --------------------------------------------------------------------------- benchmark
@@ -370,8 +476,6 @@ def benchmark(model: patchslim.LoadedModel, image: Image.Image, methods: list[st
         one row per (method, rho): the plan, GMACs, medians, measured and ideal speed-ups; a row with an
         ``error`` for plans that do not fit the model.
     """
-    latency = importlib.import_module("patchslim.metrics.latency")
-    flops = optional("patchslim.metrics.flops")
     rows = []
     total = len(methods) * len(keep_ratios)
     for i, (method, rho) in enumerate((m, r) for m in methods for r in keep_ratios):
@@ -387,10 +491,9 @@ def benchmark(model: patchslim.LoadedModel, image: Image.Image, methods: list[st
         row = dict(method=method, keep_ratio=rho, keep_ratio_reached=trace.keep_ratio,
                    latency_ms=timing.slimmed.median_ms, latency_iqr_ms=timing.slimmed.iqr_ms,
                    baseline_ms=timing.baseline.median_ms, speedup=timing.speedup)
-        if flops is not None:
-            macs = flops.compare_macs(trace)
-            row.update(gmacs=macs.gmacs, baseline_gmacs=macs.baseline_gmacs, gmacs_reduction=macs.reduction,
-                       ideal_speedup=macs.ideal_speedup, efficiency=timing.efficiency(macs.ideal_speedup))
+        macs = flops.compare_macs(trace)
+        row.update(gmacs=macs.gmacs, baseline_gmacs=macs.baseline_gmacs, gmacs_reduction=macs.reduction,
+                   ideal_speedup=macs.ideal_speedup, efficiency=timing.efficiency(macs.ideal_speedup))
         rows.append(row)
     if progress is not None:
         progress(total, total, "done")
@@ -421,24 +524,25 @@ class AuditOutcome:
 
 def audit_data(model: patchslim.LoadedModel, source: str, upload: bytes | None = None, folder: str | None = None,
                limit: int | None = None):
-    """The labelled images of an audit (patchslim.audit.sources): the bundled sample, an uploaded zip (read in
-    memory, never extracted; traversal, absolute paths, zip bombs and duplicates are skipped and reported) or
-    a folder / CSV manifest / zip on this server.
+    """The labelled images of an audit (patchslim.data, as every command reads them): the bundled sample, an
+    uploaded zip (read in memory, never extracted; traversal, absolute paths, zip bombs and duplicates are
+    skipped and reported) or a folder / CSV manifest / zip on this server.
 
     Raises:
         PatchslimError / FileNotFoundError: nothing usable, with a message for the person.
     """
-    sources = importlib.import_module("patchslim.audit.sources")
+    from patchslim.data import load_labelled
+
     if source == "bundled":
-        data = sources.load_audit_data("bundled", model)
+        data = load_labelled("bundled", model)
     elif source == "zip":
         if not upload:
             raise patchslim.PatchslimError("no zip was uploaded")
-        data = sources.load_audit_data(upload, model, name="uploaded zip")
+        data = load_labelled(upload, model, name="uploaded zip")
     elif source == "folder":
         if not folder or not folder.strip():
             raise patchslim.PatchslimError("enter the path of a folder, a CSV manifest or a zip on this server")
-        data = sources.load_audit_data(folder.strip(), model)
+        data = load_labelled(folder.strip(), model)
     else:
         raise ValueError(f"source must be one of {AUDIT_SOURCES}, got {source!r}")
     return data.subset(limit)
@@ -446,7 +550,8 @@ def audit_data(model: patchslim.LoadedModel, source: str, upload: bytes | None =
 
 def audit_groupings(data) -> list[str]:
     """The groupings the page offers for this data (besides class, always reported)."""
-    sources = importlib.import_module("patchslim.audit.sources")
+    from patchslim.audit import sources
+
     offered = list(data.groupings)
     offered.append("brightness")
     if all(name in {c for fam in sources.FAMILIES.values() for c in fam} for name in data.class_names):
@@ -465,7 +570,8 @@ def run_audit(model: patchslim.LoadedModel, data, methods: list[str], keep_ratio
     import tempfile
     from pathlib import Path
 
-    audit = importlib.import_module("patchslim.audit")
+    from patchslim import audit
+
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="patchslim_audit_") as out:
         report = audit.run_audit(model, data, methods, keep_ratios, out, groupings=groupings, evidence=evidence,
@@ -475,9 +581,15 @@ def run_audit(model: patchslim.LoadedModel, data, methods: list[str], keep_ratio
     return AuditOutcome(report, files, time.perf_counter() - start)
 
 
+def audit_figures(report) -> dict[str, Any]:
+    """The report's accuracy-drop-vs-rho charts (plotly figures), one per grouping."""
+    from patchslim.audit import report as audit_report
+
+    return audit_report.figures(report)
+
+
 def latency_comparison(model: patchslim.LoadedModel, image: Image.Image, method: str, keep_ratio: float,
                        options: dict[str, Any], repeats: int = 10):
     """The plan timed against the unslimmed forward, interleaved (patchslim.metrics.latency), no maps kept."""
-    latency = importlib.import_module("patchslim.metrics.latency")
     plan = patchslim.SlimPlan.from_options(method, keep_ratio, options, seed=0)
     return latency.compare_latency(model, image, plan, warmup=2, repeats=repeats)

@@ -167,18 +167,8 @@ def model_names() -> list[str]:
 
 # --------------------------------------------------------------------------- images
 
-@dataclass(frozen=True)
-class GalleryItem:
-    """One gallery image: its name, the image and its true label (None when it has none)."""
-
-    name: str
-    image: Image.Image
-    label: str | None
-    credit: str
-
-
 @st.cache_resource(max_entries=2, show_spinner=False)
-def gallery(bundled_model: bool) -> list[GalleryItem]:
+def gallery(bundled_model: bool) -> list[compute.GalleryItem]:
     """The gallery for the bundled model (canvas samples) or for ImageNet models (CC0 photos)."""
     return compute.bundled_gallery() if bundled_model else compute.photo_gallery()
 

@@ -1,7 +1,8 @@
 """Drawing the results: readouts, overlays, predictions, charts and downloads.
 
-Everything here draws what the engine computed; values come from :mod:`app.compute` and the engine's
-``vis`` / ``explain`` / ``metrics`` modules. When one of those has not landed yet, the part says so.
+Every function here draws the data it is given (numbers, pictures, figures made by :mod:`app.compute`) and
+calls neither the engine nor :mod:`app.compute`: a page computes, then hands the result to a view, each pair
+inside one :class:`app.panels.panel`. ``compute`` is imported for its data types only.
 """
 
 from __future__ import annotations
@@ -12,10 +13,7 @@ import json
 
 import numpy as np
 import streamlit as st
-import torch
 from PIL import Image
-
-import patchslim
 
 from app import compute, widgets
 
@@ -26,31 +24,26 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms"
 
 
-def readout_row(r: compute.Readouts, model: patchslim.LoadedModel) -> None:
-    """GMACs, latency, memory, rho reached and tokens, each before -> after."""
+def readout_row(r: compute.Costs, device: str) -> None:
+    """GMACs, latency, memory, rho reached and tokens, each before -> after (``device``: where it ran)."""
     cols = st.columns(5)
-    if r.gmacs_after is not None:
-        cols[0].metric("GMACs per image", f"{r.gmacs_after:.3g}",
-                       delta=f"{-r.gmacs_reduction:+.0%} (from {r.gmacs_before:.3g})", delta_color="inverse",
-                       help="Analytic multiply-adds of the slimmed forward (patchslim.metrics.flops), "
-                            "selection cost included; the delta compares with the unslimmed model.", border=True)
-    else:
-        cols[0].metric("GMACs per image", "—", help="patchslim.metrics.flops is not available yet", border=True)
+    cols[0].metric("GMACs per image", f"{r.gmacs_after:.3g}",
+                   delta=f"{-r.gmacs_reduction:+.0%} (from {r.gmacs_before:.3g})", delta_color="inverse",
+                   help="Analytic multiply-adds of the slimmed forward (patchslim.metrics.flops), "
+                        "selection cost included; the delta compares with the unslimmed model.", border=True)
     cols[1].metric("Latency per image", _ms(r.latency_after),
                    delta=f"{r.latency_after / r.latency_before - 1:+.0%} (from {_ms(r.latency_before)})",
                    delta_color="inverse", border=True,
-                   help=f"Measured wall time of this image's forward on {model.device.type.upper()}, attention "
+                   help=f"Measured wall time of this image's forward on {device.upper()}, attention "
                         "maps kept: the fastest of up to 3 runs for a small model, one run for a large one "
                         "(noisy). 'Measure the speed-up properly' below and the Benchmark page take medians "
                         "over many interleaved runs.")
-    if r.memory_after is not None:
-        cols[2].metric("Activation memory", f"{r.memory_after:.3g} MB",
-                       delta=f"{r.memory_after / r.memory_before - 1:+.0%} (from {r.memory_before:.3g})",
-                       delta_color="inverse", border=True,
-                       help="Analytic peak of activation memory per image for this plan "
-                            "(patchslim.metrics.memory), without the attention maps kept for display.")
-    else:
-        cols[2].metric("Activation memory", "—", help="patchslim.metrics.memory is not available yet", border=True)
+    cols[2].metric("Activation memory", f"{r.memory_after:.3g} MB",
+                   delta=f"{r.memory_after / r.memory_before - 1:+.0%} (from {r.memory_before:.3g})",
+                   delta_color="inverse", border=True,
+                   help="Analytic peak of activation memory per image for this plan (patchslim.metrics.memory), "
+                        "without the attention maps kept for display; bytes per element from the model's "
+                        "precision (fp32: 4, bf16 / fp16: 2).")
     cols[3].metric("ρ reached", f"{r.keep_ratio_reached:.2f}", border=True,
                    help="Patch tokens left after the last block / patches of the image (N′/N).")
     cols[4].metric("Tokens in last block", f"{r.tokens_after[-1]}", delta=f"of {r.tokens_before[-1]}",
@@ -58,22 +51,14 @@ def readout_row(r: compute.Readouts, model: patchslim.LoadedModel) -> None:
                    help="Tokens (CLS included) the last block ran on; the chart below shows every block.")
 
 
-def overlay(image: Image.Image | torch.Tensor, model: patchslim.LoadedModel, trace: patchslim.Trace,
-            block: int | None) -> Image.Image | None:
-    """Draws the kept / dropped / merged overlay (patchslim.vis) and returns it for download.
-
-    ``image``: a PIL image, or the model's input tensor (cheaper: no resize on every redraw).
-    """
-    vis = compute.optional("patchslim.vis")
-    if vis is None or not hasattr(vis, "patch_overlay"):
-        widgets.not_available("Kept / dropped / merged overlay", "patchslim.vis")
-        return None
-    picture = vis.patch_overlay(image, model, trace, block=block, index=0)
-    st.image(picture, width="stretch")
-    return picture
+def picture(image: Image.Image, caption: str | None = None) -> None:
+    """A picture the width of its column (the kept / dropped / merged overlay)."""
+    st.image(image, width="stretch")
+    if caption:
+        st.caption(caption)
 
 
-def prediction_change(r: compute.Readouts, true_label: str | None) -> None:
+def prediction_change(r: compute.Prediction, true_label: str | None) -> None:
     """The label flip (or not) and the confidence change, then the two top-5 lists."""
     before_label, before_p = r.top5_before[0]
     after_label, after_p = r.top5_after[0]
@@ -93,17 +78,17 @@ def prediction_change(r: compute.Readouts, true_label: str | None) -> None:
     st.caption("➜ marks the unslimmed model's top-1 class in both lists.")
 
 
-def tokens_chart(r: compute.Readouts) -> None:
+def tokens_chart(tokens_before: list[int], tokens_after: list[int]) -> None:
     """Tokens per block, unslimmed vs slimmed."""
     import plotly.graph_objects as go
 
-    blocks = list(range(len(r.tokens_before)))
+    blocks = list(range(len(tokens_before)))
     # one constructor call with plain dicts: plotly validates it once (add_trace + update_layout took ~15 ms
     # of every slider change)
     fig = go.Figure(
-        data=[dict(type="scatter", x=blocks, y=r.tokens_before, name="unslimmed", mode="lines+markers",
+        data=[dict(type="scatter", x=blocks, y=tokens_before, name="unslimmed", mode="lines+markers",
                    line=dict(color="#888888", dash="dash")),
-              dict(type="bar", x=blocks, y=r.tokens_after, name="slimmed", marker_color="#1f77b4")],
+              dict(type="bar", x=blocks, y=tokens_after, name="slimmed", marker_color="#1f77b4")],
         layout=dict(height=260, margin=dict(l=10, r=10, t=40, b=10), font=FONT,
                     title=dict(text="Tokens per block (CLS included)", font=FONT),
                     xaxis=dict(title="block", dtick=1), yaxis=dict(title="tokens", rangemode="tozero"),
@@ -111,40 +96,26 @@ def tokens_chart(r: compute.Readouts) -> None:
     st.plotly_chart(fig, width="stretch", config={"displayModeBar": False})
 
 
-def attention_side_by_side(image: Image.Image | torch.Tensor, model: patchslim.LoadedModel,
-                           before: patchslim.Trace, after: patchslim.Trace, key: str) -> None:
-    """Attention map (or rollout) of the unslimmed and the slimmed forward, next to each other.
-
-    ``image``: a PIL image, or the model's input tensor (cheaper: no resize on every redraw).
-    """
-    attention = compute.optional("patchslim.explain.attention")
-    if attention is None:
-        widgets.not_available("Attention maps and rollout", "patchslim.explain.attention")
-        return
-    views_available = compute.attention_views(attention)
+def attention_controls(kinds: dict[str, bool], depth: int, key: str) -> tuple[str, int]:
+    """Which attention picture and which block; ``kinds``: name -> whether it depends on the block."""
     kind_col, block_col = st.columns([2, 3])
-    kind = kind_col.radio("Show", list(views_available), horizontal=True, key=f"{key}_attention_kind")
-    depth = model.spec.depth
+    kind = kind_col.radio("Show", list(kinds), horizontal=True, key=f"{key}_attention_kind")
     st.session_state.setdefault(f"{key}_attention_block::{depth}", depth - 1)  # default: the last block
     block = block_col.slider("Block", 0, depth - 1, key=f"{key}_attention_block::{depth}",
-                             disabled=not views_available[kind].per_block)
-    grids = [views_available[kind].grid(trace, block) for trace in (before, after)]
-    vis = compute.optional("patchslim.vis")
-    lo = min(float(np.nanmin(g)) for g in grids)  # one colour scale for both maps
-    hi = max(float(np.nanmax(g)) for g in grids)
-    cols = st.columns(2)
-    for col, grid, title in zip(cols, grids, ("unslimmed", "slimmed")):
-        with col:
-            if vis is None or not hasattr(vis, "heatmap_overlay"):
-                widgets.not_available("Heatmap drawing", "patchslim.vis")
-                continue
-            st.image(vis.heatmap_overlay(image, grid, vmin=lo, vmax=hi, legend=True, title=f"{kind}, {title}",
-                                         model=model), width="stretch")
-    st.caption(views_available[kind].caption + " Both maps share one colour scale.")
+                             disabled=not kinds[kind])
+    return kind, block
 
 
-def metrics_record(r: compute.Readouts, settings, picked) -> dict:
+def attention_pair(pair: compute.AttentionPair) -> None:
+    """The unslimmed and the slimmed attention picture next to each other, and the caption."""
+    for col, image in zip(st.columns(2), (pair.before, pair.after)):
+        col.image(image, width="stretch")
+    st.caption(pair.caption)
+
+
+def metrics_record(readouts: compute.Readouts, settings, picked) -> dict:
     """The run's numbers as one flat dict (for the JSON / CSV downloads)."""
+    r, p = readouts.costs, readouts.prediction
     return dict(
         model=settings.choice.model.name,
         weights=settings.choice.model.weights_source,
@@ -165,12 +136,11 @@ def metrics_record(r: compute.Readouts, settings, picked) -> dict:
         memory_mb_after=r.memory_after,
         tokens_per_block_before=" ".join(map(str, r.tokens_before)),
         tokens_per_block_after=" ".join(map(str, r.tokens_after)),
-        top1_before=r.top5_before[0][0],
-        top1_after=r.top5_after[0][0],
-        label_flipped=r.flipped,
-        top1_confidence_before=r.top1_confidence_before,
-        top1_confidence_after=r.top1_confidence_after,
-        **r.extra,
+        top1_before=p.top5_before[0][0],
+        top1_after=p.top5_after[0][0],
+        label_flipped=p.flipped,
+        top1_confidence_before=p.top1_confidence_before,
+        top1_confidence_after=p.top1_confidence_after,
     )
 
 
@@ -196,7 +166,8 @@ def downloads(overlay_image: Image.Image | None, r: compute.Readouts, settings, 
         cols[0].download_button("Overlay (PNG)", png, f"{stem}_overlay.png", "image/png", width="stretch",
                                 on_click="ignore")
     else:
-        cols[0].button("Overlay (PNG)", disabled=True, help="patchslim.vis is not available yet", width="stretch")
+        cols[0].button("Overlay (PNG)", disabled=True, help="the overlay could not be drawn (see above)",
+                       width="stretch")
     cols[1].download_button("Metrics (JSON)", lambda: json.dumps(record, indent=2), f"{stem}_metrics.json",
                             "application/json", width="stretch", on_click="ignore")
     cols[2].download_button("Metrics (CSV)", csv_text, f"{stem}_metrics.csv", "text/csv", width="stretch",
@@ -209,42 +180,29 @@ PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F
            "#999999", "#8C564B", "#7F7F7F", "#BCBD22")
 
 
-def method_colour(method: str) -> str:
-    """A stable colour per method (Okabe-Ito first), the same in every chart."""
-    names = patchslim.method_names()
-    return PALETTE[names.index(method) % len(PALETTE)] if method in names else "#333333"
+def method_colours(names: list[str]) -> dict[str, str]:
+    """A stable colour per method (Okabe-Ito first, in registry order), the same in every chart."""
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
 
 
-def method_grid(results: list[compute.MethodResult], base: compute.Timed, pixels: torch.Tensor,
-                model: patchslim.LoadedModel, columns: int = 4) -> None:
-    """One card per method: overlay (drawn from ``pixels``, the model's input tensor of the image), top-1
-    (flip marked), GMACs and rho reached."""
-    vis = compute.optional("patchslim.vis")
-    flops = compute.optional("patchslim.metrics.flops")
-    base_label, _ = base.trace.top_k(1)[0]
-    for start in range(0, len(results), columns):
+OTHER_COLOUR = "#333333"
+
+
+def method_grid(cards: list[compute.MethodCard], columns: int = 4) -> None:
+    """One card per method: overlay, top-1 (flip marked), GMACs and rho reached, or why it could not run."""
+    for start in range(0, len(cards), columns):
         cols = st.columns(columns)
-        for col, result in zip(cols, results[start:start + columns]):
+        for col, card in zip(cols, cards[start:start + columns]):
             with col.container(border=True):
-                st.markdown(f"#### {result.method}")
-                if result.timed is None:
-                    st.warning(result.error)
+                st.markdown(f"#### {card.method}")
+                if card.error:
+                    st.warning(card.error)
                     continue
-                trace = result.timed.trace
-                if vis is not None:
-                    st.image(vis.patch_overlay(pixels, model, trace, legend=True),
-                             width="stretch")
-                else:
-                    widgets.not_available("Overlay", "patchslim.vis")
-                label, prob = trace.top_k(1)[0]
-                flip = ":red[**label flipped**]" if label != base_label else "same as unslimmed"
-                st.markdown(f"**{label}** {prob:.0%} · {flip}")
-                if flops is not None:
-                    comparison = flops.compare_macs(trace, base.trace)
-                    st.markdown(f"{comparison.gmacs:.3g} GMACs ({-comparison.reduction:+.0%}) · "
-                                f"ρ reached {trace.keep_ratio:.2f}")
-                else:
-                    st.markdown(f"ρ reached {trace.keep_ratio:.2f}")
+                st.image(card.overlay, width="stretch")
+                flip = ":red[**label flipped**]" if card.flipped else "same as unslimmed"
+                st.markdown(f"**{card.label}** {card.probability:.0%} · {flip}")
+                st.markdown(f"{card.gmacs:.3g} GMACs ({-card.gmacs_reduction:+.0%}) · "
+                            f"ρ reached {card.keep_ratio_reached:.2f}")
 
 
 def _layout(fig, title: str, x_title: str, y_title: str, height: int = 420) -> None:
@@ -255,29 +213,25 @@ def _layout(fig, title: str, x_title: str, y_title: str, height: int = 420) -> N
     fig.update_yaxes(title=y_title, rangemode="tozero")
 
 
-def flops_curve_chart(curves: list[dict], results: list[compute.MethodResult], base: compute.Timed) -> None:
+def flops_curve_chart(curves: list[dict], cards: list[compute.MethodCard], base_gmacs: float,
+                      colours: dict[str, str]) -> None:
     """GMACs vs rho per method, this image's points at the chosen rho marked with stars."""
     import plotly.graph_objects as go
 
-    flops = compute.optional("patchslim.metrics.flops")
-    if flops is None or not curves:
-        widgets.not_available("GMACs across ρ", "patchslim.metrics.flops")
-        return
     fig = go.Figure()
     for method in dict.fromkeys(p["method"] for p in curves):
         points = [p for p in curves if p["method"] == method]
         fig.add_trace(go.Scatter(x=[p["keep_ratio"] for p in points], y=[p["gmacs"] for p in points],
                                  mode="lines+markers", name=method, legendgroup=method,
-                                 line=dict(color=method_colour(method), width=3)))
-    here = [r for r in results if r.timed is not None]
+                                 line=dict(color=colours.get(method, OTHER_COLOUR), width=3)))
+    here = [card for card in cards if not card.error]
     fig.add_trace(go.Scatter(
-        x=[r.timed.trace.plan.stages[0].keep_ratio for r in here],
-        y=[flops.gmacs(r.timed.trace) for r in here], mode="markers", name="this image, chosen ρ",
-        marker=dict(symbol="star", size=18, color=[method_colour(r.method) for r in here],
+        x=[card.keep_ratio for card in here], y=[card.gmacs for card in here], mode="markers",
+        name="this image, chosen ρ",
+        marker=dict(symbol="star", size=18, color=[colours.get(card.method, OTHER_COLOUR) for card in here],
                     line=dict(color="black", width=1.5)),
-        text=[r.method for r in here], hovertemplate="%{text}: %{y:.3g} GMACs<extra>this image</extra>",
+        text=[card.method for card in here], hovertemplate="%{text}: %{y:.3g} GMACs<extra>this image</extra>",
     ))
-    base_gmacs = flops.gmacs(base.trace)
     fig.add_hline(y=base_gmacs, line=dict(color="#555555", dash="dot"),
                   annotation_text=f"unslimmed {base_gmacs:.3g}", annotation_position="top left")
     _layout(fig, "GMACs per image vs keep ratio ρ", "keep ratio ρ (requested)", "GMACs per image", height=560)
@@ -287,7 +241,7 @@ def flops_curve_chart(curves: list[dict], results: list[compute.MethodResult], b
 
 
 def accuracy_curve_chart(table, source_model: str | None, model_name: str, keep_ratio: float,
-                         results: list[compute.MethodResult]) -> None:
+                         colours: dict[str, str]) -> None:
     """Top-1 vs rho from benchmarks/results/accuracy.csv, the chosen rho marked."""
     import plotly.graph_objects as go
 
@@ -304,7 +258,7 @@ def accuracy_curve_chart(table, source_model: str | None, model_name: str, keep_
         rows = table[table["method"] == method].sort_values("keep_ratio")
         base = rows["base_method"].iloc[0] if "base_method" in rows else method
         fig.add_trace(go.Scatter(x=rows["keep_ratio"], y=rows["top1"], mode="lines+markers", name=method,
-                                 line=dict(color=method_colour(base), width=3)))
+                                 line=dict(color=colours.get(base, OTHER_COLOUR), width=3)))
     fig.add_vline(x=keep_ratio, line=dict(color="black", dash="dash", width=2),
                   annotation_text=f"chosen ρ = {keep_ratio:.2f}", annotation_position="top")
     _layout(fig, "Top-1 accuracy vs keep ratio ρ", "keep ratio ρ (requested)", "top-1 accuracy", height=560)
@@ -317,8 +271,8 @@ def accuracy_curve_chart(table, source_model: str | None, model_name: str, keep_
 
 # --------------------------------------------------------------------------- explain
 
-def explanation(result, image: Image.Image, model: patchslim.LoadedModel, share: float) -> None:
-    """Kept evidence and the two attribution maps on one symmetric colour scale."""
+def explanation(result, pictures: tuple[Image.Image, Image.Image], share: float) -> None:
+    """Kept evidence and the two attribution maps (drawn on one symmetric colour scale)."""
     evidence = result.evidence
     before, after = result.attribution_before, result.attribution_after
     cols = st.columns(4)
@@ -335,17 +289,8 @@ def explanation(result, image: Image.Image, model: patchslim.LoadedModel, share:
     cols[3].metric("Attribution time", f"{seconds:.1f} s", border=True,
                    delta=f"{sum(a.evaluations for a in (before, after) if a is not None)} forwards",
                    delta_color="off", delta_arrow="off")
-    vis = compute.optional("patchslim.vis")
-    if vis is None:
-        widgets.not_available("Attribution maps", "patchslim.vis")
-        return
-    grids = [a.grid for a in (before, after)]
-    limit = max(float(np.nanmax(np.abs(g))) for g in grids) or 1.0
-    left, right = st.columns(2)
-    for col, grid, title in zip((left, right), grids, ("unslimmed", "slimmed")):
-        col.image(vis.heatmap_overlay(image, grid, vmin=-limit, vmax=limit, cmap="RdBu_r", legend=True,
-                                      title=f"{before.method.replace('_', ' ')}, {title}",
-                                      label="attribution", model=model), width="stretch")
+    for col, image in zip(st.columns(2), pictures):
+        col.image(image, width="stretch")
     st.caption("Red: patches that push the prediction towards the class; blue: away from it. Both maps share "
                "one colour scale centred on zero; hatched patches were dropped.")
     if evidence.dropped_top_patch_ids:
@@ -355,7 +300,7 @@ def explanation(result, image: Image.Image, model: patchslim.LoadedModel, share:
 
 # --------------------------------------------------------------------------- benchmark
 
-def benchmark_results(rows: list[dict], model: patchslim.LoadedModel) -> None:
+def benchmark_results(rows: list[dict], model_name: str, colours: dict[str, str]) -> None:
     """The table (with a CSV download) and measured vs ideal speed-up per plan."""
     import pandas as pd
     import plotly.graph_objects as go
@@ -386,23 +331,23 @@ def benchmark_results(rows: list[dict], model: patchslim.LoadedModel) -> None:
     fig = go.Figure()
     labels = [f"{m} ρ={r:g}" for m, r in zip(ok["method"], ok["keep_ratio"])]
     fig.add_trace(go.Bar(x=labels, y=ok["speedup"], name="measured speed-up",
-                         marker_color=[method_colour(m) for m in ok["method"]]))
+                         marker_color=[colours.get(m, OTHER_COLOUR) for m in ok["method"]]))
     if "ideal_speedup" in ok:
         fig.add_trace(go.Scatter(x=labels, y=ok["ideal_speedup"], name="ideal (GMAC ratio)", mode="markers",
                                  marker=dict(symbol="line-ew-open", size=26, line=dict(width=3, color="black"))))
     fig.add_hline(y=1.0, line=dict(color="#555555", dash="dot"))
-    fig.update_layout(height=440, font=FONT, title=dict(text=f"Speed-up over the unslimmed {model.name}",
+    fig.update_layout(height=440, font=FONT, title=dict(text=f"Speed-up over the unslimmed {model_name}",
                                                         font=dict(size=18)),
                       yaxis_title="× faster", margin=dict(l=10, r=10, t=60, b=10),
                       legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1))
     st.plotly_chart(fig, width="stretch", config={"displayModeBar": False})
-    st.download_button("Table (CSV)", frame.to_csv(index=False), f"patchslim_benchmark_{model.name}.csv",
+    st.download_button("Table (CSV)", frame.to_csv(index=False), f"patchslim_benchmark_{model_name}.csv",
                        "text/csv")
 
 
 # --------------------------------------------------------------------------- latency
 
-def latency_comparison(timing, r: compute.Readouts) -> None:
+def latency_comparison(timing, r: compute.Costs) -> None:
     """Medians of the interleaved measurement, and the measured vs the ideal speed-up."""
     cols = st.columns(4)
     cols[0].metric("Unslimmed (median)", f"{timing.baseline.median_ms:.1f} ms",
@@ -418,13 +363,8 @@ def latency_comparison(timing, r: compute.Readouts) -> None:
 
 # --------------------------------------------------------------------------- audit (patchslim.audit)
 
-def audit_results(outcome: compute.AuditOutcome) -> None:
-    """An audit's report: headline numbers, the disparity flags in plain words, charts, tables, skipped
-    items and downloads (CSV, JSON, the self-contained HTML report)."""
-    import pandas as pd
-
-    from patchslim.audit import report as audit_report
-
+def audit_summary(outcome: compute.AuditOutcome) -> None:
+    """An audit's headline numbers and its disparity flags in plain words."""
     report = outcome.report
     cols = st.columns(4)
     cols[0].metric("Images audited", f"{report.audited}", border=True,
@@ -452,10 +392,21 @@ def audit_results(outcome: compute.AuditOutcome) -> None:
         with st.expander(f"{len(calm)} combinations without a flag"):
             st.markdown("\n".join(f"- {d.message}" for d in calm))
     st.caption(" ".join(report.notes))
+
+
+def audit_charts(figures: dict) -> None:
+    """The accuracy drop by group vs rho, one plotly figure per grouping."""
     st.subheader("Accuracy drop by group vs ρ")
-    for by, fig in audit_report.figures(report).items():
+    for by, fig in figures.items():
         fig.update_layout(font=FONT, title=dict(font=dict(size=18)))
         st.plotly_chart(fig, width="stretch", config={"displayModeBar": False}, key=f"audit_chart_{by}")
+
+
+def audit_details(outcome: compute.AuditOutcome) -> None:
+    """An audit's tables, skipped items and downloads (CSV, JSON, the self-contained HTML report)."""
+    import pandas as pd
+
+    report = outcome.report
     st.subheader("Tables")
     rows = pd.DataFrame([r.__dict__ for r in report.rows])
     for by in report.groupings:

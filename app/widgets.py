@@ -1,4 +1,4 @@
-"""Drawing helpers the pages share: the image picker, predictions, method card, "not available yet" notes."""
+"""Drawing helpers the pages share: the image picker, predictions, the method card."""
 
 from __future__ import annotations
 
@@ -85,15 +85,9 @@ def image_picker(model: patchslim.LoadedModel) -> PickedImage | None:
     return PickedImage(item.name, item.image, f"{gallery_key}:{index}", item.label, item.credit)
 
 
-def not_available(what: str, module: str) -> None:
-    """The honest placeholder for a part whose engine module has not landed yet."""
-    st.info(f"{what}: not available yet (`{module}` is not part of this installation yet).", icon=":material/hourglass_empty:")
-
-
-def method_card(method: str) -> None:
+def method_card(slim: patchslim.methods.SlimMethod) -> None:
     """The method's equation and one paragraph on how it works, for teaching."""
-    slim = patchslim.get_method(method)
-    st.subheader(f"How `{method}` works")
+    st.subheader(f"How `{slim.name}` works")
     if slim.equation:
         st.latex(slim.equation)
     if slim.explanation:

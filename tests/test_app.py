@@ -308,6 +308,6 @@ def test_readouts_compare_with_the_unslimmed_time_taken_in_the_same_moment(monke
     monkeypatch.setitem(compute._TYPICAL_SECONDS, engine_model.model, 0.001)  # cheap, whatever the machine's load
     slim = compute.slimmed(engine_model, first_gallery_image, "random", 0.5)
     assert slim.baseline_seconds is not None
-    assert compute.readouts(base, slim).latency_before == slim.baseline_seconds
+    assert compute.readouts(base, slim).costs.latency_before == slim.baseline_seconds
     alone = replace(slim, baseline_seconds=None)  # a large model: the image's unslimmed forward, timed once
-    assert compute.readouts(base, alone).latency_before == base.seconds
+    assert compute.readouts(base, alone).costs.latency_before == base.seconds

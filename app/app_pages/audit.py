@@ -7,7 +7,8 @@ import streamlit as st
 import patchslim
 from patchslim import bundled
 
-from app import compute, sidebar, state, views, widgets
+from app import compute, sidebar, state, views
+from app.panels import panel
 
 settings = sidebar.current()
 model = settings.choice.model
@@ -19,10 +20,6 @@ st.markdown(
     "whether one group is **hurt more than the others beyond the noise** (the survey's §5.5 concern about "
     "underrepresented classes and subgroups)."
 )
-if compute.optional("patchslim.audit") is None:
-    widgets.not_available("The audit", "patchslim.audit")
-    st.stop()
-
 BUNDLED = "Bundled canvas sample (built-in groups)"
 UPLOAD = "Upload a zip"
 FOLDER = "A folder, CSV or zip on this server"
@@ -65,16 +62,24 @@ if st.button("Run the audit", type="primary", disabled=not ready):
     def progress(done: int, total: int) -> None:
         bar.progress(done / max(total, 1), text=f"{done:,} of {total:,} image forwards")
 
-    try:
-        kind = {BUNDLED: "bundled", UPLOAD: "zip", FOLDER: "folder"}[source]
-        data = compute.audit_data(model, kind, upload.getvalue() if upload is not None else None, folder, int(limit))
-        outcome = compute.run_audit(model, data, methods, sorted(ratios, reverse=True), compute.audit_groupings(data),
-                                    evidence, progress)
-        state.remember(key, outcome)
-    except (patchslim.PatchslimError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
-        st.error(f"The audit could not run: {exc}")
-    bar.empty()
+    with panel("The audit run"):
+        try:
+            kind = {BUNDLED: "bundled", UPLOAD: "zip", FOLDER: "folder"}[source]
+            data = compute.audit_data(model, kind, upload.getvalue() if upload is not None else None, folder,
+                                      int(limit))
+            outcome = compute.run_audit(model, data, methods, sorted(ratios, reverse=True),
+                                        compute.audit_groupings(data), evidence, progress)
+            state.remember(key, outcome)
+        except (patchslim.PatchslimError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+            st.error(f"The audit could not run: {exc}")
+        finally:
+            bar.empty()
 if settings.choice.random_weights:
     st.warning("The model runs with random weights, so accuracies mean nothing here.")
 if outcome is not None:
-    views.audit_results(outcome)
+    with panel("Audit summary"):
+        views.audit_summary(outcome)
+    with panel("Audit charts"):
+        views.audit_charts(compute.audit_figures(outcome.report))
+    with panel("Audit tables and downloads"):
+        views.audit_details(outcome)

@@ -6,7 +6,8 @@ import streamlit as st
 
 from patchslim.errors import PatchslimError
 
-from app import compute, sidebar, state, views, widgets
+from app import compute, features, sidebar, state, views, widgets
+from app.panels import panel
 
 settings = sidebar.current()
 model = settings.choice.model
@@ -14,9 +15,8 @@ model = settings.choice.model
 st.title("Explain")
 st.caption("Captum attributions of the unslimmed and the slimmed model for the same class, and the share of "
            "the unslimmed model's evidence that slimming kept.")
-explain = compute.optional("patchslim.explain")
-if explain is None or not hasattr(explain, "explain"):
-    widgets.not_available("Attributions", "patchslim.explain")
+if not features.INSTALLED.attributions:
+    st.info(features.MISSING_HELP["attributions"], icon=":material/extension_off:")
     st.stop()
 
 picked = widgets.image_picker(model)
@@ -31,22 +31,23 @@ share = share_col.slider("Evidence = the top share of patches", 0.05, 0.5, 0.1, 
 key = (settings.choice.key, picked.key, settings.method, settings.keep_ratio, settings.options_key, how, share)
 result = state.remembered(key)
 if run_col.button("Explain", type="primary", width="stretch") or result is not None:
-    if result is None:
-        bar = st.progress(0.0, text="Attributing the unslimmed model…")
+    with panel("Attributions"):
+        if result is None:
+            bar = st.progress(0.0, text="Attributing the unslimmed model…")
 
-        def progress(done: int, total: int) -> None:
-            part = "unslimmed" if done <= total // 2 else "slimmed"
-            bar.progress(min(done / total, 1.0), text=f"Attributing the {part} model: {done}/{total} forwards")
+            def progress(done: int, total: int) -> None:
+                part = "unslimmed" if done <= total // 2 else "slimmed"
+                bar.progress(min(done / total, 1.0), text=f"Attributing the {part} model: {done}/{total} forwards")
 
-        try:
-            result = compute.explanation(model, picked.image, settings.method, settings.keep_ratio,
-                                         settings.options, how, share, progress)
-        except PatchslimError as exc:
+            try:
+                result = compute.explanation(model, picked.image, settings.method, settings.keep_ratio,
+                                             settings.options, how, share, progress)
+            except PatchslimError as exc:
+                bar.empty()
+                st.error(f"This plan cannot run: {exc}")
+                st.stop()
             bar.empty()
-            st.error(f"This plan cannot run: {exc}")
-            st.stop()
-        bar.empty()
-        state.remember(key, result)
-    views.explanation(result, picked.image, model, share)
+            state.remember(key, result)
+        views.explanation(result, compute.attribution_pictures(result, picked.image, model), share)
 else:
     st.info("Attributions take a few seconds to a minute (each is dozens of forwards): press **Explain**.")

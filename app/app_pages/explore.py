@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import streamlit as st
 
+import patchslim
 from patchslim.errors import PatchslimError
 
 from app import compute, sidebar, state, views, widgets
+from app.panels import panel
 
 settings = sidebar.current()
 model = settings.choice.model
@@ -16,19 +18,24 @@ picked = widgets.image_picker(model)
 if picked is None:
     st.stop()
 
-base = state.baseline(settings.choice.key, picked.key, model, picked.image)
-try:
-    slim = state.slimmed(settings.choice.key, picked.key, settings.method, settings.keep_ratio,
-                         settings.options_key, model, picked.image)
-except PatchslimError as exc:
-    st.error(f"This plan cannot run: {exc}")
+with panel("The forwards") as forwards:
+    base = state.baseline(settings.choice.key, picked.key, model, picked.image)
+    try:
+        slim = state.slimmed(settings.choice.key, picked.key, settings.method, settings.keep_ratio,
+                             settings.options_key, model, picked.image)
+    except PatchslimError as exc:
+        st.error(f"This plan cannot run: {exc}")
+        st.stop()
+    pixels = state.model_input(settings.choice.key, picked.key, model, picked.image)  # what the model saw
+if forwards.failed:  # the panel says why; nothing below can be drawn without the forwards
     st.stop()
-readouts = compute.readouts(base, slim)
-pixels = state.model_input(settings.choice.key, picked.key, model, picked.image)  # what the model saw, for drawing
 
 # --- the numbers, in one row a projector can show
-views.readout_row(readouts, model)
-with st.expander("Measure the speed-up properly (interleaved runs, median)"):
+costs = prediction = overlay = None  # each set by its panel, unless that panel fails
+with panel("Numbers"):
+    costs = compute.costs(base, slim)
+    views.readout_row(costs, model.device.type)
+with st.expander("Measure the speed-up properly (interleaved runs, median)"), panel("Speed-up measurement"):
     key = ("latency", settings.choice.key, picked.key, settings.method, settings.keep_ratio, settings.options_key)
     timing = state.remembered(key)
     if st.button("Measure", key="explore_measure"):
@@ -37,7 +44,7 @@ with st.expander("Measure the speed-up properly (interleaved runs, median)"):
                                                 settings.options)
         state.remember(key, timing)
     if timing is not None:
-        views.latency_comparison(timing, readouts)
+        views.latency_comparison(timing, costs or compute.costs(base, slim))
     else:
         st.caption("The live latency above is one forward each. This runs both forwards ten times, alternating, "
                    "and compares the measured speed-up with the ideal one (the GMAC ratio).")
@@ -52,19 +59,29 @@ with left:
         "Watch the tokens layer by layer", list(range(depth + 1)), key=f"explore_block::{depth}",
         format_func=lambda b: "after the last block" if b == depth else f"entering block {b}",
         help="Block 0 is the input: what the model sees after input pruning.")
-    overlay = views.overlay(pixels, model, slim.trace, None if block == depth else block)
-    caption = f"{picked.name}" + (f" · true label: **{picked.label}**" if picked.label else "")
-    st.caption(caption + f" · {picked.credit}")
+    with panel("Kept / dropped / merged overlay"):
+        overlay = compute.overlay(model, pixels, slim.trace, None if block == depth else block)
+        caption = f"{picked.name}" + (f" · true label: **{picked.label}**" if picked.label else "")
+        views.picture(overlay, caption + f" · {picked.credit}")
 with right:
     st.subheader("Top-5 before and after")
-    views.prediction_change(readouts, picked.label)
+    with panel("Top-5 before and after"):
+        prediction = compute.prediction(base, slim)
+        views.prediction_change(prediction, picked.label)
 
-views.tokens_chart(readouts)
+with panel("Tokens per block"):
+    views.tokens_chart(base.trace.tokens_per_block, slim.trace.tokens_per_block)
 
 st.subheader("Attention: unslimmed vs slimmed")
-views.attention_side_by_side(pixels, model, base.trace, slim.trace, key="explore")
+with panel("Attention maps"):
+    kind, attention_block = views.attention_controls(
+        {name: view.per_block for name, view in compute.ATTENTION_VIEWS.items()}, model.spec.depth, key="explore")
+    views.attention_pair(compute.attention_pair(model, pixels, base.trace, slim.trace, kind, attention_block))
 
-widgets.method_card(settings.method)
+with panel(f"How {settings.method} works"):
+    widgets.method_card(patchslim.get_method(settings.method))
 
 st.subheader("Downloads")
-views.downloads(overlay, readouts, settings, picked)
+with panel("Downloads"):
+    readouts = compute.Readouts(costs, prediction) if costs and prediction else compute.readouts(base, slim)
+    views.downloads(overlay, readouts, settings, picked)

@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from patchslim.evaluate import evaluate, load_data, parse_keep_ratios, parse_variants, write_outputs
+    from patchslim.data import load_labelled
+    from patchslim.evaluate import evaluate, parse_keep_ratios, parse_variants, write_outputs
     from patchslim.models import load_model
 
     if args.threads:
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model, device="cpu", weights=args.weights)
     labels = args.methods.split(",") if args.methods else default_variants(model.spec.depth)
     variants = parse_variants(labels)
-    data = load_data(args.data, model).subset(args.limit)
+    data = load_labelled(args.data, model).subset(args.limit)
     print(f"{model.name} ({model.weights_source}); {data.name}; variants: {', '.join(labels)}", flush=True)
     t0 = time.time()
     result = evaluate(model, data, variants, parse_keep_ratios(args.keep), batch_size=args.batch_size)

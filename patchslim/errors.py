@@ -41,3 +41,12 @@ class UnknownMethodError(PlanError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class DataError(PatchslimError, ValueError):
+    """Labelled data cannot be used: an unknown kind of source, a bad manifest or zip, a canvas set asked for
+    another model, a bad ``--limit``, or no usable labelled image at all (the message lists what was left out)."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """The data folder, manifest, zip or Fashion-MNIST files are not there."""

@@ -5,15 +5,10 @@ scored by top-1 against the labels and by *agreement* with the unslimmed predict
 the decision unchanged, which needs no labels). The keep ratio each plan actually reached is averaged too
 (``grid`` rounds to a G x G grid, multi-stage plans compound, Bernoulli ``rl`` adapts per image).
 
-Data sources (:func:`load_data`):
-
-- ``"bundled"``: the labelled canvas test images shipped in ``assets/`` (the first images of the canvas test
-  set; ``fashion-vit`` only);
-- ``"fashion-mnist"``: the full, fixed 10,000-image canvas Fashion-MNIST test set (``fashion-vit`` only;
-  needs the Debian package ``dataset-fashion-mnist``);
-- a folder ``ROOT/<class>/<image>``: class folders named like the model's classes (exactly, ignoring case
-  and punctuation, by class index, or by ImageNet synset id for 1000-class models). Folders that match no
-  class are reported with their image counts, never guessed; unreadable files are reported and skipped.
+The data is :class:`~patchslim.data.LabelledImages` from :func:`patchslim.data.load_labelled`, the data path
+every command shares (the bundled canvas sets, class or grouped folders, CSV manifests, zips). Labels that
+match no class and files left out are carried into the result; an image that fails to decode is left out of
+the counts and listed too.
 
 Everything returns dataclasses; :func:`write_outputs` writes CSV, JSON, a markdown table and a plotly plot.
 """
@@ -28,194 +23,15 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
-import numpy as np
-import torch
-
-from patchslim.errors import ImageError, PatchslimError, PlanError
+from patchslim.data import LabelledImages
+from patchslim.errors import DataError, PatchslimError, PlanError
 from patchslim.figures import write_png
 from patchslim.methods import get_method
 from patchslim.plan import SlimPlan
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_KEEP_RATIOS = (1.0, 0.9, 0.7, 0.5, 0.3)
-
-
-# --------------------------------------------------------------------------- data
-
-@dataclass
-class LabelledImages:
-    """Labelled images to evaluate on, loaded batch by batch.
-
-    Attributes:
-        name: where they came from, in words.
-        labels: ``[n]`` class indices.
-        loader: ``(start, stop) -> [stop - start, C, H, W]`` model input.
-        unknown_labels: folder name -> number of images in it that match none of the model's classes
-            (not evaluated).
-        unreadable: files that could not be read as images (not evaluated).
-    """
-
-    name: str
-    labels: np.ndarray
-    loader: Callable[[int, int], torch.Tensor]
-    unknown_labels: dict[str, int] = field(default_factory=dict)
-    unreadable: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yields ``(images [B, C, H, W], labels [B])`` in order."""
-        for start in range(0, len(self), batch_size):
-            stop = min(start + batch_size, len(self))
-            yield self.loader(start, stop), torch.from_numpy(self.labels[start:stop])
-
-    def subset(self, limit: int | None) -> "LabelledImages":
-        """The first ``limit`` images (all when None)."""
-        if limit is None or limit >= len(self):
-            return self
-        if limit < 1:
-            raise PatchslimError(f"--limit must be at least 1, got {limit}")
-        return LabelledImages(f"{self.name} (first {limit})", self.labels[:limit], self.loader,
-                              self.unknown_labels, self.unreadable)
-
-
-def canvas_images(canvases: np.ndarray, labels: np.ndarray, name: str) -> LabelledImages:
-    """Canvas Fashion-MNIST arrays (``[n, 48, 48]`` uint8) as evaluation data for ``fashion-vit``."""
-    from patchslim import bundled
-
-    return LabelledImages(name, np.asarray(labels, dtype=np.int64),
-                          lambda a, b: bundled.to_model_input(canvases[a:b]))
-
-
-def load_data(source: str, model: Any) -> LabelledImages:
-    """``"bundled"``, ``"fashion-mnist"`` or a folder of class subfolders, for ``model``.
-
-    Raises:
-        PatchslimError: a canvas data set asked for another model, or a folder without usable images.
-        FileNotFoundError: the folder or the Fashion-MNIST files are missing.
-    """
-    from patchslim import bundled
-
-    if source in ("bundled", "fashion-mnist"):
-        if model.name != bundled.BUNDLED_NAME:
-            raise PatchslimError(
-                f"--data {source} holds canvas Fashion-MNIST images labelled for {bundled.BUNDLED_NAME!r}; "
-                f"model {model.name!r} needs a folder ROOT/<class>/<image> named by its own classes"
-            )
-        if source == "bundled":
-            images, labels = bundled.load_bundled_sample()
-            return canvas_images(images, labels, f"bundled canvas test sample ({len(labels)} images)")
-        images, labels = bundled.canvas_test_set()
-        return canvas_images(images, labels, f"canvas Fashion-MNIST test set ({len(labels)} images)")
-    return folder_images(source, model)
-
-
-def _normalize(name: str) -> str:
-    return re.sub(r"[^0-9a-z]+", "", name.lower())
-
-
-def class_lookup(class_names: Sequence[str]) -> Callable[[str], int | None]:
-    """A function from a folder name to a class index (None: no class matches).
-
-    Matches, in order: the exact class name; the name ignoring case and punctuation (``t_shirt_top`` for
-    ``T-shirt/top``); the class index (``3``); for 1000-class ImageNet models the synset id (``n01440764``)
-    and the first comma-separated synonym.
-    """
-    exact = {name: i for i, name in enumerate(class_names)}
-    loose: dict[str, int] = {}
-    for i, name in enumerate(class_names):
-        loose.setdefault(_normalize(name), i)
-        loose.setdefault(_normalize(name.split(",")[0]), i)
-    synsets: dict[str, int] = {}
-    if len(class_names) == 1000:
-        try:
-            from timm.data import ImageNetInfo
-
-            info = ImageNetInfo()
-            synsets = {info.index_to_label_name(i): i for i in range(1000)}
-        except Exception:  # pragma: no cover - timm without ImageNet info
-            synsets = {}
-
-    def lookup(folder: str) -> int | None:
-        if folder in exact:
-            return exact[folder]
-        if folder in synsets:
-            return synsets[folder]
-        if folder.isdigit() and int(folder) < len(class_names):
-            return int(folder)
-        return loose.get(_normalize(folder)) if _normalize(folder) else None
-
-    return lookup
-
-
-def scan_folder(root: str | Path, class_names: Sequence[str]) -> tuple[list[Path], np.ndarray, dict[str, int]]:
-    """Image files of ``root/<class>/`` with their class indices, and the folders matching no class.
-
-    Images lying in ``root`` itself have no class and are reported under ``"(no class folder)"``.
-
-    Raises:
-        FileNotFoundError / PatchslimError: the root is missing or not a folder.
-    """
-    root = Path(root)
-    if not root.exists():
-        raise FileNotFoundError(2, "No such data folder (use bundled, fashion-mnist or a folder)", str(root))
-    if not root.is_dir():
-        raise PatchslimError(f"--data {root} is not a folder of class subfolders")
-    lookup = class_lookup(class_names)
-    paths: list[Path] = []
-    labels: list[int] = []
-    unknown: dict[str, int] = {}
-    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    if loose:
-        unknown["(no class folder)"] = len(loose)
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        index = lookup(folder.name)
-        if index is None:
-            if files:
-                unknown[folder.name] = len(files)
-            continue
-        paths.extend(files)
-        labels.extend([index] * len(files))
-    return paths, np.asarray(labels, dtype=np.int64), unknown
-
-
-def folder_images(root: str | Path, model: Any) -> LabelledImages:
-    """A folder ``ROOT/<class>/<image>`` as evaluation data for ``model`` (images read when batched).
-
-    Raises:
-        PatchslimError: no image in any folder named after one of the model's classes.
-    """
-    from patchslim.images import open_image
-
-    paths, labels, unknown = scan_folder(root, model.class_names)
-    readable: list[Path] = []
-    kept_labels: list[int] = []
-    unreadable: list[str] = []
-    for path, label in zip(paths, labels):
-        try:
-            open_image(path)  # checks each file once, so a bad file is reported, not fatal mid-run
-        except ImageError as exc:
-            unreadable.append(f"{path}: {exc}")
-            continue
-        readable.append(path)
-        kept_labels.append(int(label))
-    if not readable:
-        examples = ", ".join(list(model.class_names)[:4])
-        found = f" (folders matching no class: {', '.join(sorted(unknown))})" if unknown else ""
-        raise PatchslimError(
-            f"no labelled images in {root}: expected ROOT/<class>/<image> with class folders named like "
-            f"{model.name}'s classes (e.g. {examples}, or the class index){found}"
-        )
-
-    def loader(a: int, b: int) -> torch.Tensor:
-        return model.preprocess([open_image(p) for p in readable[a:b]]).cpu()
-
-    return LabelledImages(f"folder {root} ({len(readable)} images)", np.asarray(kept_labels, dtype=np.int64),
-                          loader, unknown, unreadable)
 
 
 # --------------------------------------------------------------------------- what to evaluate
@@ -350,11 +166,13 @@ class EvaluationResult:
     Attributes:
         model, weights: the model and where its weights came from.
         data: the data's description.
-        n: images evaluated.
+        n: images evaluated (those of the data that decoded).
         baseline_top1: the unslimmed model's top-1.
         baseline_gmacs: the unslimmed model's GMACs per image (NaN when unknown).
         rows: one per (method, keep ratio), in the order asked.
-        unknown_labels, unreadable: what was not evaluated and why.
+        unknown_labels: folder or label -> images not evaluated because it matches none of the model's classes.
+        unreadable: ``"item: reason"`` of every file left out (not decodable, not an image, a duplicate, an
+            unsafe zip member, ...).
         seconds: wall time.
         settings: batch size, seed, device, options.
     """
@@ -452,7 +270,7 @@ class EvaluationResult:
             lines += ["", "Not evaluated (folders matching no class): "
                       + ", ".join(f"{k} ({v})" for k, v in sorted(self.unknown_labels.items()))]
         if self.unreadable:
-            lines += ["", f"Unreadable files skipped: {len(self.unreadable)}"]
+            lines += ["", f"Files left out: {len(self.unreadable)} (listed with reasons in the JSON)"]
         return "\n".join(lines) + "\n"
 
 
@@ -514,20 +332,22 @@ def _gmacs_function() -> Callable | None:
 
 
 def evaluate(model: Any, data: LabelledImages, variants: Sequence[Variant], keep_ratios: Sequence[float],
-             batch_size: int = 256, seed: int = 0, progress: bool = True) -> EvaluationResult:
+             batch_size: int = 256, seed: int = 0, progress: bool = True, workers: int = 0) -> EvaluationResult:
     """Top-1 and agreement of every variant at every keep ratio on ``data``.
 
     Args:
         model: a :class:`~patchslim.models.LoadedModel`.
-        data: from :func:`load_data` (or :func:`canvas_images` / :func:`folder_images`).
+        data: from :func:`patchslim.data.load_labelled` (or :func:`patchslim.data.canvas_images`).
         variants: from :func:`parse_variants`.
         keep_ratios: rho values (requested).
         batch_size: images per forward.
         seed: the plans' seed (``random`` and sampled decisions).
         progress: show a tqdm bar (on stderr).
+        workers: processes decoding image files (0: this one).
 
     Raises:
         PlanError: a plan that does not fit the model (checked before any image runs).
+        DataError: none of the images could be decoded.
     """
     from tqdm.auto import tqdm
 
@@ -543,15 +363,22 @@ def evaluate(model: Any, data: LabelledImages, variants: Sequence[Variant], keep
                 action.method.check(dict(action.stage.options), action.stage.keep_ratio, model)
             plans.append((variant, ratio, plan))
     gmacs_of = _gmacs_function()
-    n = len(data)
+    n = 0
     stats = {i: dict(correct=0, agree=0, reached=0.0, mean_ratio=0.0, gmacs=0.0) for i in range(len(plans))}
     base_correct, base_gmacs = 0, 0.0
     t0 = time.time()
-    bar = tqdm(total=n * (1 + len(plans)), disable=not progress, desc="evaluate", unit="img", unit_scale=True)
-    for images, labels in data.batches(batch_size):
-        images = images.to(model.device)
-        labels = labels.to(model.device)
-        b = len(labels)
+    left_out = [f"{s.item}: {s.reason}" for s in data.skipped if s.kind not in ("label", "class", "group")]
+    bar = tqdm(total=len(data) * (1 + len(plans)), disable=not progress, desc="evaluate", unit="img",
+               unit_scale=True)
+    for batch in data.batches(model, batch_size, workers):
+        left_out += [f"{data.items[i]}: could not be decoded: {message}" for i, message in batch.errors.items()]
+        bar.update(len(batch.errors) * (1 + len(plans)))
+        b = int(batch.ok.sum())
+        if not b:
+            continue
+        n += b
+        images = batch.images.to(model.device)
+        labels = batch.labels(data).to(model.device)
         base = run(model, images)
         base_pred = base.logits.argmax(-1)
         base_correct += int((base_pred == labels).sum())
@@ -570,6 +397,8 @@ def evaluate(model: Any, data: LabelledImages, variants: Sequence[Variant], keep
                 s["gmacs"] += gmacs_of(trace) * b
             bar.update(b)
     bar.close()
+    if not n:
+        raise DataError(f"none of the {len(data)} images of {data.name} could be decoded (e.g. {left_out[-1]})")
     rows = []
     for i, (variant, ratio, _) in enumerate(plans):
         s = stats[i]
@@ -583,7 +412,7 @@ def evaluate(model: Any, data: LabelledImages, variants: Sequence[Variant], keep
     return EvaluationResult(
         model=model.name, weights=model.weights_source, data=data.name, n=n, baseline_top1=base_correct / n,
         rows=rows, baseline_gmacs=base_gmacs / n if gmacs_of is not None else float("nan"),
-        unknown_labels=dict(data.unknown_labels), unreadable=list(data.unreadable),
+        unknown_labels={s.item: s.count for s in data.skipped if s.kind == "label"}, unreadable=left_out,
         seconds=time.time() - t0,
         settings=dict(batch_size=batch_size, seed=seed, device=str(model.device), precision=model.precision,
                       variants=[asdict(v) for v in variants]),

@@ -20,13 +20,9 @@ import patchslim
 from patchslim.audit import run_audit
 from patchslim.audit.report import build_report, groups_csv, html_report, disparity_csv
 from patchslim.audit.runner import AuditJob, audit_plans
-from patchslim.audit.sources import (
-    brightness,
-    builtin_grouping,
-    load_audit_data,
-    parse_groupings,
-)
+from patchslim.audit.sources import builtin_grouping, parse_groupings
 from patchslim.audit.stats import bootstrap_means, disparity, mean_interval, rng_for
+from patchslim.data import brightness, load_labelled
 from patchslim.errors import PatchslimError
 from patchslim.evaluate import parse_variants
 
@@ -72,7 +68,7 @@ def test_class_layout_reports_unknown_labels_empty_classes_and_non_images(tmp_pa
     (root / "Sandal").mkdir()
     _write(root / "Trouser" / "notes.txt", b"not an image")
     _write(root / "loose.png", _png(40))
-    data = load_audit_data(root, tiny)
+    data = load_labelled(root, tiny)
     assert len(data) == 9
     assert sorted(set(data.labels.tolist())) == [0, 1, 8]
     assert data.groupings == {}
@@ -92,7 +88,7 @@ def test_group_layout_detects_groups_and_empty_groups(tmp_path, tiny):
                 _write(root / g / c / f"{i}.png", _png(offset + 10 * k + i))
     (root / "night" / "Coat").mkdir(parents=True)
     _write(root / "outdoor" / "stray.png", _png(999))
-    data = load_audit_data(root, tiny)
+    data = load_labelled(root, tiny)
     assert len(data) == 8
     assert sorted(set(data.groupings["group"])) == ["indoor", "outdoor"]
     reasons = _reasons(data)
@@ -101,7 +97,7 @@ def test_group_layout_detects_groups_and_empty_groups(tmp_path, tiny):
     assert "not in a class folder" in reasons["outdoor/stray.png"]
     assert parse_groupings(None, data) == ["group"]
     with pytest.raises(PatchslimError, match="no usable labelled images"):
-        load_audit_data(root, tiny, layout="class")  # forced: the group folders are no classes
+        load_labelled(root, tiny, layout="class")  # forced: the group folders are no classes
 
 
 def test_csv_manifest_with_groups_unknown_labels_and_missing_files(tmp_path, tiny):
@@ -111,7 +107,7 @@ def test_csv_manifest_with_groups_unknown_labels_and_missing_files(tmp_path, tin
     manifest.write_text("path,label,group\n"
                         "img/0.png,Dress,young\nimg/1.png,3,old\nimg/2.png,Pullover,old\n"
                         "img/3.png,unicorn,old\nimg/missing.png,Dress,young\nimg/0.png,Dress,young\n")
-    data = load_audit_data(manifest, tiny)
+    data = load_labelled(manifest, tiny)
     assert len(data) == 3
     assert data.labels.tolist() == [3, 3, 2]
     assert data.groupings["group"].tolist() == ["young", "old", "old"]
@@ -122,7 +118,7 @@ def test_csv_manifest_with_groups_unknown_labels_and_missing_files(tmp_path, tin
     bad = tmp_path / "bad.csv"
     bad.write_text("file,class\na.png,Dress\n")
     with pytest.raises(PatchslimError, match="path,label"):
-        load_audit_data(bad, tiny)
+        load_labelled(bad, tiny)
 
 
 def test_duplicates_are_skipped_with_the_first_copy_named(tmp_path, tiny):
@@ -131,7 +127,7 @@ def test_duplicates_are_skipped_with_the_first_copy_named(tmp_path, tiny):
     _write(root / "Bag" / "b.png", _png(1))  # same bytes
     _write(root / "Shirt" / "c.png", _png(1))  # same bytes, other class
     _write(root / "Shirt" / "d.png", _png(2))
-    data = load_audit_data(root, tiny)
+    data = load_labelled(root, tiny)
     assert data.items == ["Bag/a.png", "Shirt/d.png"]
     dupes = _reasons(data, "duplicate")
     assert dupes == {"Bag/b.png": "same content as Bag/a.png", "Shirt/c.png": "same content as Bag/a.png"}
@@ -159,7 +155,7 @@ def test_zip_traversal_absolute_paths_and_bombs_are_skipped_and_nothing_is_writt
     before = _tree(tmp_path)
     zipped = tmp_path / "upload.zip"
     _zip(entries, zipped)
-    data = load_audit_data(zipped, tiny)
+    data = load_labelled(zipped, tiny)
     assert len(data) == 6 and set(data.labels.tolist()) == {4, 8}
     reasons = _reasons(data, "archive")
     assert "path traversal" in reasons["../../evil.png"]
@@ -168,10 +164,10 @@ def test_zip_traversal_absolute_paths_and_bombs_are_skipped_and_nothing_is_writt
     assert "absolute path" in reasons["C:/windows/abs.png"]
     assert "zip bomb" in reasons["wrap/Coat/bomb.bmp"]
     # Caps on file count and total size: what is past them is reported, the rest audited.
-    capped = load_audit_data(zipped.read_bytes(), tiny, max_files=4)
+    capped = load_labelled(zipped.read_bytes(), tiny, max_files=4)
     assert len(capped) == 4
     assert any("cap of 4 files" in s.reason and s.count == 2 for s in capped.skipped)
-    small = load_audit_data(zipped.read_bytes(), tiny, max_bytes=3 * len(_png(60)) + 10)
+    small = load_labelled(zipped.read_bytes(), tiny, max_bytes=3 * len(_png(60)) + 10)
     assert 1 <= len(small) <= 3
     assert any("unpack to more than" in s.reason for s in small.skipped)
     # The audit of the zip writes only into its output folder.
@@ -187,7 +183,7 @@ def test_zip_traversal_absolute_paths_and_bombs_are_skipped_and_nothing_is_writt
 def test_zip_manifest_paths_stay_inside_the_zip(tmp_path, tiny):
     entries = {"a.png": _png(90), "b.png": _png(91),
                "labels.csv": b"path,label\na.png,Sneaker\nb.png,Sandal\n../outside.png,Sandal\n/abs.png,Bag\n"}
-    data = load_audit_data(_zip(entries), tiny)
+    data = load_labelled(_zip(entries), tiny)
     assert data.labels.tolist() == [7, 5]
     reasons = _reasons(data)
     assert "leaves the zip" in reasons["../outside.png"] and "leaves the zip" in reasons["/abs.png"]
@@ -260,7 +256,7 @@ def test_disparity_flags_a_group_clearly_hurt_more_and_not_equal_groups():
 # --------------------------------------------------------------------------- runner
 
 def _canvas_data(tiny, n: int = 36):
-    return load_audit_data("bundled", tiny).subset(n)
+    return load_labelled("bundled", tiny).subset(n)
 
 
 def test_an_interrupted_audit_resumes_to_the_same_result(tmp_path, tiny):

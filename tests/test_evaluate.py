@@ -10,12 +10,10 @@ from PIL import Image
 
 import patchslim
 from patchslim import bundled
+from patchslim.data import canvas_images, class_lookup, load_labelled
 from patchslim.errors import PlanError, UnknownMethodError
 from patchslim.evaluate import (
-    canvas_images,
-    class_lookup,
     evaluate,
-    folder_images,
     parse_keep_ratios,
     parse_variants,
     write_outputs,
@@ -68,14 +66,14 @@ def test_evaluate_shapes_and_rho_one_is_the_unslimmed_model(model, sample_data):
 
 
 def test_folder_labels_and_unknown_folders_are_reported(model, image_folder):
-    data = folder_images(image_folder, model)
-    assert len(data) == 8
+    data = load_labelled(image_folder, model)
+    assert len(data) == 9  # broken.png is listed; it fails when decoded
     assert sorted(set(data.labels.tolist())) == [0, 1, 8, 9]
-    assert data.unknown_labels == {"hats": 2}
-    assert len(data.unreadable) == 1 and "broken.png" in data.unreadable[0]
+    assert {s.item: s.count for s in data.skipped if s.kind == "label"} == {"hats": 2}
     result = evaluate(model, data, parse_variants("random"), [1.0], batch_size=3, progress=False)
     assert result.unknown_labels == {"hats": 2} and result.n == 8
-    assert "hats (2)" in result.markdown()
+    assert len(result.unreadable) == 1 and "bag/broken.png: could not be decoded" in result.unreadable[0]
+    assert "hats (2)" in result.markdown() and "Files left out: 1" in result.markdown()
 
 
 def test_class_lookup_matches_names_indices_never_guesses():

@@ -9,7 +9,9 @@ group that is hurt more than the others beyond the noise::
     report = run_audit(model, "photos/", ["random", "evit"], [0.7, 0.5], "audit_out")
     report.flagged()
 
-Modules: :mod:`~patchslim.audit.sources` (folders, CSV manifests, zips, with every bad input reported),
+The labelled images come from :mod:`patchslim.data` (folders, grouped folders, CSV manifests, zips, the
+bundled sets, with every bad input reported), the data path every command shares. Modules:
+:mod:`~patchslim.audit.sources` (groupings: the data's own groups, brightness, class families),
 :mod:`~patchslim.audit.runner` (the resumable method x rho x shard job), :mod:`~patchslim.audit.stats`
 (bootstrap, disparity), :mod:`~patchslim.audit.report` (CSV, JSON, self-contained HTML).
 """
@@ -21,11 +23,12 @@ from typing import Any, Callable, Sequence
 
 from patchslim.audit.report import AuditReport, build_report, write_report  # noqa: F401
 from patchslim.audit.runner import AuditJob, AuditPlan, audit_plans, clear_parts  # noqa: F401
-from patchslim.audit.sources import AuditData, Skipped, load_audit_data, parse_groupings  # noqa: F401
+from patchslim.audit.sources import parse_groupings  # noqa: F401
 from patchslim.audit.stats import Disparity, Estimate, disparity, mean_interval  # noqa: F401
+from patchslim.data import LabelledImages, load_labelled
 
 
-def run_audit(model: Any, data: str | Path | bytes | AuditData, methods: str | Sequence[str],
+def run_audit(model: Any, data: str | Path | bytes | LabelledImages, methods: str | Sequence[str],
               keep_ratios: str | Sequence[float], out_dir: str | Path, groupings: str | Sequence[str] | None = None,
               evidence: bool = False, batch_size: int = 64, shard_size: int = 1000, workers: int = 0, seed: int = 0,
               limit: int | None = None, options: dict[str, str] | None = None, fresh: bool = False,
@@ -35,7 +38,8 @@ def run_audit(model: Any, data: str | Path | bytes | AuditData, methods: str | S
 
     Args:
         model: a :class:`~patchslim.models.LoadedModel`.
-        data: ``"bundled"``, ``"fashion-mnist"``, a folder, a CSV manifest, a zip (path or bytes), or loaded data.
+        data: ``"bundled"``, ``"fashion-mnist"``, a folder, a CSV manifest, a zip (path or bytes), or
+            :class:`~patchslim.data.LabelledImages` from :func:`~patchslim.data.load_labelled`.
         methods: ``"random,evit"`` or a list (``METHOD@B`` places a method, as in ``evaluate``).
         keep_ratios: ``"0.7,0.5"`` or a list.
         out_dir: the output folder (parts, CSV, JSON, HTML); the only place anything is written.
@@ -43,7 +47,7 @@ def run_audit(model: Any, data: str | Path | bytes | AuditData, methods: str | S
             family for the bundled canvases); ``class`` is always reported.
         evidence: also measure the share of kept evidence.
         batch_size, shard_size, workers, seed: see :class:`~patchslim.audit.runner.AuditJob`.
-        limit: audit at most this many images (evenly spaced).
+        limit: audit this many images (:meth:`~patchslim.data.LabelledImages.subset`: evenly spaced).
         options: method options (``KEY=VALUE`` as in ``evaluate --opt``).
         fresh: discard the parts of an earlier audit in ``out_dir`` first.
         progress: ``progress(done, total)`` in single-image forwards.
@@ -55,8 +59,8 @@ def run_audit(model: Any, data: str | Path | bytes | AuditData, methods: str | S
 
     variants = parse_variants(methods, options)
     ratios = parse_keep_ratios(keep_ratios)
-    if not isinstance(data, AuditData):
-        data = load_audit_data(data, model)
+    if not isinstance(data, LabelledImages):
+        data = load_labelled(data, model)
     data = data.subset(limit)
     chosen = parse_groupings(groupings, data)
     if fresh:

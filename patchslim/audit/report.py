@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from patchslim.audit.runner import AuditJob, job_settings, read_outcomes
-from patchslim.audit.sources import ALL_GROUP, Skipped, builtin_grouping
+from patchslim.audit.sources import builtin_grouping
 from patchslim.audit.stats import (
     LEVEL,
     MIN_GROUP_IMAGES,
@@ -38,6 +38,7 @@ from patchslim.audit.stats import (
     disparity_sentence,
     mean_interval,
 )
+from patchslim.data import ALL_GROUP, Skipped
 
 
 @dataclass(frozen=True)

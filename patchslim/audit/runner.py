@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from patchslim.audit.sources import AuditData, iter_batches
+from patchslim.data import LabelledImages, iter_batches
 from patchslim.errors import PatchslimError
 from patchslim.evaluate import Variant
 from patchslim.plan import SlimPlan
@@ -112,7 +112,7 @@ class AuditJob:
 
     Attributes:
         model: a :class:`~patchslim.models.LoadedModel`.
-        data: from :func:`~patchslim.audit.sources.load_audit_data`.
+        data: from :func:`~patchslim.data.load_labelled`.
         plans: from :func:`audit_plans`.
         out_dir: the output folder (the only place anything is written).
         batch_size: images per forward.
@@ -125,7 +125,7 @@ class AuditJob:
     """
 
     model: Any
-    data: AuditData
+    data: LabelledImages
     plans: list[AuditPlan]
     out_dir: Path
     batch_size: int = 64
@@ -338,7 +338,7 @@ class Outcomes:
     Attributes:
         ok: ``[n]`` which images were decoded and ran.
         pred, conf, correct: ``[n]`` the unslimmed prediction, its probability, whether it was right.
-        brightness: ``[n]`` :func:`~patchslim.audit.sources.brightness`.
+        brightness: ``[n]`` :func:`~patchslim.data.brightness`.
         errors: item index -> why it could not be decoded.
         plans: plan key -> dict of ``[n]`` arrays ``pred``, ``conf`` (probability of the unslimmed
             prediction), ``correct``, ``evidence``, ``gmacs``, ``reached`` (NaN / -1 where not ok) and

@@ -7,6 +7,7 @@ import shlex
 import sys
 
 from patchslim.commands.common import add_model_arguments
+from patchslim.data import LAYOUTS, LIMIT_HELP, SOURCES_HELP
 
 NAME = "audit"
 HELP = ("Audit methods x keep ratios on labelled, grouped images (ROOT/<group>/<class>/<image>, "
@@ -18,10 +19,8 @@ HELP = ("Audit methods x keep ratios on labelled, grouped images (ROOT/<group>/<
 
 def add_arguments(parser) -> None:
     add_model_arguments(parser, "fashion-vit")
-    parser.add_argument("--data", required=True,
-                        help="bundled, fashion-mnist, a folder ROOT/<class>/<image> or ROOT/<group>/<class>/<image>, "
-                             "a CSV manifest (path,label[,group]) or a .zip of either")
-    parser.add_argument("--layout", default="auto", choices=("auto", "class", "group"),
+    parser.add_argument("--data", required=True, help=SOURCES_HELP)
+    parser.add_argument("--layout", default="auto", choices=LAYOUTS,
                         help="folder layout (auto: detected from which folder level matches the classes)")
     parser.add_argument("--methods", required=True, help="comma-separated methods (METHOD@B places one)")
     parser.add_argument("--keep", default="0.7,0.5", help="comma-separated keep ratios rho")
@@ -32,7 +31,7 @@ def add_arguments(parser) -> None:
                              "the data's groups, or brightness,family for the canvas data")
     parser.add_argument("--evidence", action="store_true",
                         help="also measure the share of kept evidence (top 10%% patches by attention rollout)")
-    parser.add_argument("--limit", type=int, default=None, help="audit at most N images (evenly spaced)")
+    parser.add_argument("--limit", type=int, default=None, help=LIMIT_HELP)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--shard-size", type=int, default=1000,
                         help="images per shard: the unit of resumption and of distribution")
@@ -72,16 +71,17 @@ def main(args) -> int:
 
     from patchslim.audit.report import build_report, markdown_summary, write_report
     from patchslim.audit.runner import AuditJob, audit_plans, clear_parts
-    from patchslim.audit.sources import load_audit_data, parse_groupings
+    from patchslim.audit.sources import parse_groupings
     from patchslim.cli import parse_opts
     from patchslim.commands.common import load_model_from_args
+    from patchslim.data import load_labelled
     from patchslim.evaluate import parse_keep_ratios, parse_variants
 
     variants = parse_variants(args.methods, parse_opts(args.opt))
     ratios = parse_keep_ratios(args.keep)
     part = _part(args.part)
     model = load_model_from_args(args)
-    data = load_audit_data(args.data, model, layout=args.layout).subset(args.limit)
+    data = load_labelled(args.data, model, layout=args.layout).subset(args.limit)
     groupings = parse_groupings(args.groups, data)
     if args.fresh:
         clear_parts(args.out)

@@ -7,6 +7,7 @@ import shlex
 import sys
 
 from patchslim.commands.common import add_model_arguments
+from patchslim.data import LAYOUTS, LIMIT_HELP, SOURCES_HELP
 
 NAME = "evaluate"
 HELP = ("Top-1 accuracy and agreement with the unslimmed model for methods x keep ratios on a labelled "
@@ -15,9 +16,9 @@ HELP = ("Top-1 accuracy and agreement with the unslimmed model for methods x kee
 
 def add_arguments(parser) -> None:
     add_model_arguments(parser, "fashion-vit")
-    parser.add_argument("--data", required=True,
-                        help="bundled (shipped sample), fashion-mnist (full canvas test set) or a folder "
-                             "ROOT/<class>/<image>")
+    parser.add_argument("--data", required=True, help=SOURCES_HELP)
+    parser.add_argument("--layout", default="auto", choices=LAYOUTS,
+                        help="folder layout (auto: detected from which folder level matches the classes)")
     parser.add_argument("--methods", required=True,
                         help="comma-separated methods; METHOD@B acts before block B (e.g. entropy@1, "
                              "attention@3+6+9)")
@@ -25,8 +26,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--opt", action="append", metavar="KEY=VALUE",
                         help="method option, repeatable: KEY=VALUE for every method having it, "
                              "METHOD.KEY=VALUE for one")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    parser.add_argument("--limit", type=int, default=None, help=LIMIT_HELP)
     parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--workers", type=int, default=0, help="decoding worker processes for image files")
     parser.add_argument("--seed", type=int, default=0, help="seed of the plans (random, sampled decisions)")
     parser.add_argument("--out", default=None, help="folder for accuracy.csv/.json/.md/.html/.png")
     parser.add_argument("--stem", default="accuracy", help="file name stem of the outputs")
@@ -38,14 +40,15 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     from patchslim.cli import parse_opts
     from patchslim.commands.common import load_model_from_args
-    from patchslim.evaluate import evaluate, load_data, parse_keep_ratios, parse_variants, write_outputs
+    from patchslim.data import load_labelled
+    from patchslim.evaluate import evaluate, parse_keep_ratios, parse_variants, write_outputs
 
     variants = parse_variants(args.methods, parse_opts(args.opt))
     ratios = parse_keep_ratios(args.keep)
     model = load_model_from_args(args)
-    data = load_data(args.data, model).subset(args.limit)
+    data = load_labelled(args.data, model, layout=args.layout).subset(args.limit)
     result = evaluate(model, data, variants, ratios, batch_size=args.batch_size, seed=args.seed,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, workers=args.workers)
     written = {}
     if args.out:
         command = "python -m patchslim " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \

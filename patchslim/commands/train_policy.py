@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from patchslim.commands.common import add_model_arguments
+from patchslim.data import CANVAS_SETS, LAYOUTS, LIMIT_HELP
 
 NAME = "train-policy"
 HELP = ("Train the rl method's policy (REINFORCE, eq. 14-15) for a model; resumable: rerun the same command "
@@ -18,8 +19,14 @@ def add_arguments(parser) -> None:
                         weights_help="local .safetensors/.pth weights file of the ViT",
                         no_pretrained_help="random ViT weights (pipeline tests only)")
     parser.add_argument("--data", default="fashion-mnist",
-                        help="fashion-mnist or bundled (both: the canvas Fashion-MNIST TRAINING set, fresh "
-                             "random positions; never the test images), or a folder ROOT/<class>/<image>")
+                        help="fashion-mnist or bundled: here both mean the canvas Fashion-MNIST TRAINING set (fresh "
+                             "random positions every epoch; never the test images that evaluate and audit use); "
+                             "or a folder ROOT/<class>/<image> or ROOT/<group>/<class>/<image>, a CSV manifest "
+                             "path,label[,group], or a .zip of any of these (read as evaluate and audit read them)")
+    parser.add_argument("--layout", default="auto", choices=LAYOUTS,
+                        help="folder layout (auto: detected from which folder level matches the classes)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help=LIMIT_HELP + "; taken before the validation images are held out")
     parser.add_argument("--keep", default="0.5",
                         help="keep ratio rho to train for; several (0.3,0.5,0.7) train one policy for all")
     parser.add_argument("--lambda", dest="lam", type=float, default=0.9,
@@ -55,7 +62,8 @@ def main(args) -> int:
 
     from patchslim import bundled
     from patchslim.commands.common import load_model_from_args
-    from patchslim.errors import PatchslimError
+    from patchslim.data import decode, limit_indices, load_labelled
+    from patchslim.errors import DataError, PatchslimError
     from patchslim.policy import TrainConfig, default_policy_path, train_policy
 
     if args.threads:
@@ -64,11 +72,15 @@ def main(args) -> int:
     model = load_model_from_args(args)
     out = Path(args.out) if args.out else default_policy_path(model.name)
 
-    if args.data in ("fashion-mnist", "bundled"):
+    if args.data in CANVAS_SETS:
         if model.name != bundled.BUNDLED_NAME:
-            raise PatchslimError(f"--data {args.data} is canvas Fashion-MNIST for {bundled.BUNDLED_NAME!r}; "
-                                 f"give {model.name!r} a folder ROOT/<class>/<image>")
+            raise DataError(f"--data {args.data} holds canvas Fashion-MNIST images labelled for "
+                            f"{bundled.BUNDLED_NAME!r}; model {model.name!r} needs a folder, a CSV manifest or a "
+                            "zip labelled with its own classes")
         items, labels = bundled.load_fashion_mnist("train")
+        n_all = len(items)
+        chosen = limit_indices(n_all, args.limit)
+        items, labels = items[chosen], labels[chosen]
         n_val = max(0, min(args.val, len(items) // 5))
         train_items, train_labels = items[: len(items) - n_val], labels[: len(items) - n_val]
         val_items, val_labels = items[len(items) - n_val:], labels[len(items) - n_val:]
@@ -91,11 +103,10 @@ def main(args) -> int:
             for a in range(0, n_val, 500):
                 yield (bundled.to_model_input(val_canvases[a:a + 500]),
                        torch.from_numpy(val_labels[a:a + 500]))
-        data_name = "canvas Fashion-MNIST train split (fresh random positions)"
+        data_name = "canvas Fashion-MNIST train split (fresh random positions)" + (
+            f" ({len(items)} of {n_all}, evenly spaced)" if len(items) < n_all else "")
     else:
-        from patchslim.evaluate import folder_images
-
-        data = folder_images(args.data, model)
+        data = load_labelled(args.data, model, layout=args.layout).subset(args.limit)
         n_all = len(data)
         perm = np.random.default_rng([args.seed, 7]).permutation(n_all)
         n_val = min(args.val, n_all // 5)
@@ -104,9 +115,18 @@ def main(args) -> int:
         if n_train < 1:
             raise PatchslimError(f"no training images left in {args.data}")
 
+        failed: set[int] = set()
+
         def load(indices):
-            return torch.cat([data.loader(int(i), int(i) + 1) for i in indices]), \
-                torch.from_numpy(data.labels[indices])
+            batch = decode(data, model, indices)
+            for i, message in batch.errors.items():  # left out of every batch; said once
+                if i not in failed:
+                    failed.add(i)
+                    print(f"left out {data.items[i]}: could not be decoded: {message}", file=sys.stderr, flush=True)
+            if not batch.ok.any():
+                raise DataError(f"none of the {len(indices)} images of a batch could be decoded "
+                                f"(e.g. {data.items[int(indices[0])]})")
+            return batch.images, batch.labels(data)
 
         def batch_fn(step: int):
             epoch, j = divmod(step, steps_per_epoch)
@@ -116,7 +136,7 @@ def main(args) -> int:
         def val_batches():
             for a in range(0, n_val, 100):
                 yield load(val_idx[a:a + 100])
-        data_name = f"folder {args.data}"
+        data_name = data.name
 
     steps_per_epoch = max(1, math.ceil(n_train / args.batch_size))
     steps = args.steps if args.steps is not None else (

@@ -141,6 +141,84 @@ def test_unknown_benchmark_is_one_error_line(capsys):
     assert err.startswith("error: --which") and "table3" in err and "Traceback" not in err
 
 
+def test_which_all_is_every_benchmark_and_costs_the_cost_tables():
+    from patchslim.benchmarks import BENCHMARKS, GROUPS
+    from patchslim.cli import build_parser
+    from patchslim.commands.benchmark import configs
+
+    def chosen(*argv):
+        return list(configs(build_parser().parse_args(["benchmark", *argv])))
+
+    assert chosen("--which", "all") == list(BENCHMARKS) == ["accuracy", "audit_fashion", "figure1", "table2",
+                                                              "table1", "table3", "target"]
+    assert chosen() == list(GROUPS["costs"]) == ["figure1", "table2", "table1", "table3", "target"]
+    assert chosen("--which", "target,accuracy") == ["accuracy", "target"]  # the accuracy table first
+
+
+def test_each_file_records_the_command_that_remakes_it_alone():
+    from patchslim.cli import build_parser
+    from patchslim.commands.benchmark import command_line
+
+    args = build_parser().parse_args(["benchmark", "--which", "all", "--out", str(Path.cwd() / "x" / "out"),
+                                      "--limit", "100", "--no-progress"])
+    command = command_line(args, "table2")
+    assert command == "python -m patchslim benchmark --which table2 --out x/out --limit 100 --no-progress"
+    again = build_parser().parse_args(command.split()[3:])
+    assert command_line(again) == command
+
+
+def test_portable_text_keeps_no_absolute_path():
+    root = common.PACKAGE_ROOT
+    text = (f"fashion-vit (file {root / 'assets' / 'fashion_vit.safetensors'}); no policy at /srv/x/p.safetensors. "
+            "rho 0.7/0.5, https://cdn.plot.ly/plotly.min.js, C:\\Users\\me\\w.pt, top-1 / top-5")
+    assert common.portable_text(text) == ("fashion-vit (file assets/fashion_vit.safetensors); no policy at "
+                                          "p.safetensors. rho 0.7/0.5, https://cdn.plot.ly/plotly.min.js, w.pt, "
+                                          "top-1 / top-5")
+    model = patchslim.load_model("fashion-vit", device="cpu")
+    source = common.portable_model(model).weights_source
+    assert source.startswith("file ") and source.endswith("fashion_vit.safetensors") and " /" not in source
+
+
+@pytest.fixture(scope="module")
+def labelled_written(tmp_path_factory):
+    """The accuracy table and the worked audit, tiny: 16 bundled images, random weights, one method."""
+    out = tmp_path_factory.mktemp("labelled")
+    code = main(["benchmark", "--which", "accuracy,audit_fashion", "--out", str(out), "--data", "bundled",
+                 "--limit", "16", "--methods", "random", "--ratios", "1.0,0.5", "--no-pretrained",
+                 "--work", str(out / "work"), "--no-png", "--no-progress"])
+    assert code == 0
+    return out
+
+
+def test_accuracy_table_files_name_their_command(labelled_written):
+    record = json.loads((labelled_written / "accuracy.json").read_text())
+    assert record["command"].startswith("python -m patchslim benchmark --which accuracy ")
+    assert record["n"] == 16 and {r["method"] for r in record["rows"]} == {"random"}
+    assert f"Command: `{record['command']}`" in (labelled_written / "accuracy.md").read_text()
+    rows = read(labelled_written / "accuracy.csv")  # a plain table: the header is its first line
+    assert {float(r["keep_ratio"]) for r in rows} == {1.0, 0.5}
+
+
+def test_audit_example_files_name_their_command(labelled_written):
+    folder = labelled_written / "audit_fashion"
+    assert {p.name for p in folder.iterdir()} == {"audit.html", "audit.json", "audit_groups.csv",
+                                                  "audit_disparity.csv", "audit_skipped.csv", "summary.txt"}
+    command = json.loads((folder / "audit.json").read_text())["command"]
+    assert command.startswith("python -m patchslim benchmark --which audit_fashion ")
+    assert (folder / "summary.txt").read_text().startswith(f"Command: {command}\n")
+    assert (labelled_written / "work" / "parts").is_dir()  # the resumable parts stay out of the results
+    assert read(folder / "audit_groups.csv")[0]["method"] == "random"
+
+
+def test_written_files_hold_no_absolute_path(labelled_written, written):
+    for folder in (labelled_written, written):
+        for path in folder.rglob("*"):
+            if (path.is_file() and path.suffix in {".md", ".json", ".csv", ".txt", ".html"}
+                    and "work" not in path.relative_to(folder).parts):
+                text = path.read_text(encoding="utf-8")
+                assert str(folder) not in text and str(common.PACKAGE_ROOT) not in text, path.name
+
+
 # --------------------------------------------------------------------------- hot-path fixes the benchmarks led to
 
 @pytest.mark.parametrize("method, options", [("evit", {}), ("attention", {"score": "cls"})])

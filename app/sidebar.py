@@ -17,7 +17,8 @@ from patchslim.device import available_devices
 from patchslim.errors import PatchslimError
 from patchslim.methods import OptionSpec
 
-from app import state
+from app import model_sources, state
+from app.panels import panel
 
 FRIENDLY = {
     "deit_small_patch16_224": "DeiT-S (ImageNet)",
@@ -27,6 +28,7 @@ FRIENDLY = {
     "deit_small_distilled_patch16_224": "DeiT-S distilled (ImageNet)",
     bundled.BUNDLED_NAME: "fashion-vit (bundled, Fashion-MNIST)",
 }
+TYPED_SOURCE = "Another model: type its source…"
 
 
 @dataclass
@@ -57,9 +59,15 @@ def draw() -> Settings:
     """Draws the sidebar and stores the result in ``st.session_state["settings"]``."""
     with st.sidebar:
         st.header("Model")
-        names = state.model_names()
+        names = state.model_names() + state.local_model_choices() + [TYPED_SOURCE]
         name = st.selectbox("Model", names, key="model_name", format_func=lambda n: FRIENDLY.get(n, n))
-        if name != bundled.BUNDLED_NAME:
+        if name == TYPED_SOURCE:
+            name = st.text_input(
+                "Model source", key="model_source", placeholder="local-dir:NAME or hf-hub:org/name",
+                help="A timm model folder inside the models folder the server's operator configured "
+                     f"({model_sources.MODELS_DIR_ENV}), or a Hugging Face Hub model if the operator allows "
+                     f"downloads ({model_sources.ALLOW_HUB_ENV}=1).")
+        if name != bundled.BUNDLED_NAME and name in state.model_names():  # sources bring their own weights
             st.radio("Weights", [state.PRETRAINED, state.RANDOM_WEIGHTS], key="weights_mode",
                      help="Random weights give meaningless predictions but true timings and GMACs.")
         devices = ["auto"] + [d for d in available_devices()]
@@ -72,11 +80,14 @@ def draw() -> Settings:
         precision = col_precision.selectbox("Precision", precisions, key="precision")
 
         choice, error = None, ""
-        try:
-            choice = state.choose_model(name, st.session_state.get("weights_mode", state.PRETRAINED),
-                                        device, precision)
-        except PatchslimError as exc:
-            error = str(exc)
+        with panel("Loading the model") as loading:
+            try:
+                choice = state.choose_model(name, st.session_state.get("weights_mode", state.PRETRAINED),
+                                            device, precision)
+            except PatchslimError as exc:  # a refused source, missing weights, a bad device: one sentence
+                error = str(exc)
+        if loading.failed:
+            error = "No model is loaded: the sidebar says why."
         if choice is not None:
             st.caption(f"Running **{choice.model.name}** on {choice.model.device.type.upper()}"
                        f"{' · random weights' if choice.random_weights else ''}")

@@ -34,7 +34,7 @@ import patchslim
 from patchslim import bundled
 from patchslim.models import DEFAULT_MODEL, SUPPORTED_MODELS, WEIGHTS_DIR_ENV, weights_status
 
-from app import compute
+from app import compute, model_sources
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ACCURACY_CSV = REPO_ROOT / "benchmarks" / "results" / "accuracy.csv"
@@ -115,11 +115,18 @@ def choose_model(name: str, weights_mode: str, device: str, precision: str) -> M
     """Loads the model the sidebar asks for, falling back to the bundled model when weights are missing.
 
     Never waits on the network: :func:`patchslim.models.weights_status` answers from the local cache and a
-    one-second reachability check that is remembered for the process.
+    one-second reachability check that is remembered for the process. A ``local-dir:`` or ``hf-hub:`` name is
+    loaded only if the operator's policy allows it (:mod:`app.model_sources`), with its own weights and no
+    fallback: the person asked for that model.
 
     Raises:
+        ModelSourceRefused: a name the app does not load for a web visitor, with one sentence saying why.
         PatchslimError: device, precision or weights problems, with a message for the person.
     """
+    source = model_sources.check(name, model_sources.SourcePolicy.from_environment(), model_names())
+    if model_sources.source_of(source) is not None:
+        model = _load(source, device, precision, False)
+        return ModelChoice(f"{source}|{model.device}|{precision}|pretrained", model, name, "", False)
     random_weights = weights_mode == RANDOM_WEIGHTS and name != bundled.BUNDLED_NAME
     notice = ""
     if name == bundled.BUNDLED_NAME:
@@ -163,6 +170,11 @@ def model_names() -> list[str]:
     """Models offered in the sidebar, the default first."""
     names = [DEFAULT_MODEL] + [n for n in SUPPORTED_MODELS if n != DEFAULT_MODEL]
     return names
+
+
+def local_model_choices() -> list[str]:
+    """``local-dir:NAME`` for each timm folder in the operator's models folder (none when not configured)."""
+    return model_sources.local_choices(model_sources.SourcePolicy.from_environment())
 
 
 # --------------------------------------------------------------------------- images

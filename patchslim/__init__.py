@@ -5,6 +5,9 @@ Public API::
     import patchslim
     model = patchslim.load_model("fashion-vit")
     trace = patchslim.run(model, images, patchslim.SlimPlan.single("random", 0.5))
+    trace = patchslim.run(model, images, plan, grad=True)          # differentiable (captum, training)
+    trace = patchslim.run(model, images, patchslim.SlimPlan((patchslim.KeepSet(1, keep),)))  # given tokens
+    model = patchslim.wrap_model(my_timm_vit, name="mine")           # a model built in your own code
 """
 
 from patchslim.errors import (  # noqa: F401
@@ -18,9 +21,9 @@ from patchslim.errors import (  # noqa: F401
     WeightsUnavailableError,
 )
 from patchslim.methods import get_method, method_names  # noqa: F401
-from patchslim.plan import SlimPlan, Stage  # noqa: F401
-from patchslim.models import LoadedModel, load_model, model_names  # noqa: F401
-from patchslim.engine import run  # noqa: F401
+from patchslim.plan import KeepSet, SlimPlan, Stage  # noqa: F401
+from patchslim.models import LoadedModel, load_model, model_names, wrap_model  # noqa: F401
+from patchslim.engine import run, tokens_before  # noqa: F401
 from patchslim.trace import Trace  # noqa: F401
 
 __version__ = "0.1.0"

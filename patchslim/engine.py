@@ -1,47 +1,46 @@
-"""The plan-driven forward pass: ``run(model, images, plan) -> Trace``.
+"""The plan-driven forward pass: ``run(model, images, plan) -> Trace``, the one walk through a model.
 
-The engine walks timm's ``VisionTransformer`` pipeline itself (``patch_embed -> _pos_embed -> patch_drop
--> norm_pre -> blocks -> norm -> forward_head``) and applies the plan's actions between the steps. It never
-writes to the model, so one cached model serves many threads and app sessions, each with its own plan.
+Everything that runs a model's blocks comes through here: inference (``run``), captum attributions and
+policy or model training (``run(..., grad=True)``), and the tokens a policy reads (:func:`tokens_before`).
+The walk asks the model's adapter (:mod:`patchslim.adapters`) for the architecture's steps (tokens in, each
+block's attention and MLP branches, logits out) and applies the plan's actions between them. It never writes
+to the model, so one cached model serves many threads and app sessions, each with its own plan.
 
-Inside a block it re-states timm's pre-norm ``Block`` / ``Attention`` with two hooks:
-
-- attention probabilities are materialized only in blocks that need them (a method reads them, or the
-  plan asks to keep them); every other block uses ``F.scaled_dot_product_attention``;
-- once tokens are merged, ``log(size)`` is added to the attention logits (proportional attention,
-  Bolya et al. 2023), so a token standing for k patches weighs like k of them.
-
-Input pruning happens after ``_pos_embed``, so kept tokens keep their own position embedding.
+Attention probabilities are materialized only in blocks that need them (a method reads them, or the plan
+asks to keep them); input pruning happens after the position embedding, so kept tokens keep their own.
 """
 
 from __future__ import annotations
 
 import time
-from contextvars import ContextVar
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from patchslim.device import autocast, synchronize
+from patchslim.errors import PlanError
 from patchslim.methods import Reduction, StageContext
 from patchslim.models import LoadedModel
-from patchslim.plan import Action, SlimPlan
+from patchslim.plan import Action, KeepSet, SlimPlan
 from patchslim.tokens import Provenance, TokenState, target_count
 from patchslim.trace import BlockRecord, StageRecord, Trace
 
-# Set by ``patchslim.metrics.latency.selection_clock()`` to a list that receives (method, block, seconds)
-# for every method call; None (the default) reads no clock at all.
-SELECTION_CLOCK: ContextVar[list | None] = ContextVar("patchslim_selection_clock", default=None)
+SelectionClock = list  # receives (method, block, seconds) per action
 
 
-def run(model: LoadedModel, images: Any, plan: SlimPlan | None = None) -> Trace:
+def run(model: LoadedModel, images: Any, plan: SlimPlan | None = None, *, grad: bool = False,
+        clock: SelectionClock | None = None) -> Trace:
     """Runs ``model`` on ``images`` under ``plan``.
 
     Args:
-        model: from :func:`patchslim.load_model`.
+        model: from :func:`patchslim.load_model` or :func:`patchslim.wrap_model`.
         images: a PIL image, a list of them, or a preprocessed ``[B, C, H, W]`` tensor.
         plan: the slimming plan; None or ``SlimPlan()`` runs the unslimmed model.
+        grad: False runs under ``torch.inference_mode``; True records autograd (gradients w.r.t. the input
+            for attributions, or w.r.t. parameters that require them, e.g. a policy or a model being
+            fine-tuned; put the model in ``train()`` mode yourself for dropout).
+        clock: a list that receives ``(method, block, seconds)`` for every action, each timed on its own
+            (the overhead tables); None reads no clock.
 
     Returns:
         The :class:`~patchslim.trace.Trace` of the forward.
@@ -50,17 +49,45 @@ def run(model: LoadedModel, images: Any, plan: SlimPlan | None = None) -> Trace:
         PlanError: the plan does not fit the model (e.g. a block index past its depth).
     """
     plan = plan or SlimPlan()
-    spec = model.spec
-    actions = plan.resolve(spec.depth)
+    actions = _checked_actions(model, plan)
+    x = model.preprocess(images)
+    with _mode(grad), autocast(model.device, model.precision):
+        return _walk(model, x, plan, actions, clock)
+
+
+def tokens_before(model: LoadedModel, images: Any, block: int, plan: SlimPlan | None = None, *,
+                  grad: bool = False) -> TokenState:
+    """The tokens entering block ``block`` (before any action placed there), by the same walk as :func:`run`.
+
+    What a method acting before ``block`` sees: a policy's training data, or features for calibration.
+
+    Raises:
+        PlanError: ``block`` is outside the model.
+    """
+    plan = plan or SlimPlan()
+    depth = model.spec.depth
+    if not 0 <= block < depth:
+        raise PlanError(f"block {block} is outside the model (blocks 0..{depth - 1})")
+    actions = _checked_actions(model, plan)
+    x = model.preprocess(images)
+    with _mode(grad), autocast(model.device, model.precision):
+        return _walk(model, x, plan, actions, None, stop_before=block)
+
+
+def _checked_actions(model: LoadedModel, plan: SlimPlan) -> list[Action]:
+    actions = plan.resolve(model.spec.depth)
     for action in actions:
         action.method.check(dict(action.stage.options), action.stage.keep_ratio, model)
-    x = model.preprocess(images)
-    with torch.inference_mode(), autocast(model.device, model.precision):
-        return _forward(model, x, plan, actions)
+    return actions
 
 
-def _forward(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: list[Action]) -> Trace:
-    vit = model.model
+def _mode(grad: bool):
+    return torch.enable_grad() if grad else torch.inference_mode()
+
+
+def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: list[Action],
+          clock: SelectionClock | None, stop_before: int | None = None) -> Any:
+    adapter = model.adapter
     spec = model.spec
     keep_attention = plan.attention_wanted(spec.depth)
     needed = {a.attention_block for a in actions if a.attention_block is not None}
@@ -70,12 +97,8 @@ def _forward(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: 
     read_by_next = {a.attention_block for a in actions if a.point == "pre" and a.attention_block is not None}
     generator = torch.Generator().manual_seed(plan.seed)
 
-    x = vit.patch_embed(images)
-    x = vit._pos_embed(x)
-    x = vit.patch_drop(x)
-    x = vit.norm_pre(x)
-    batch = x.shape[0]
-    state = TokenState(x, spec.num_prefix_tokens, Provenance.identity(batch, spec.num_patches, x.device))
+    x = adapter.embed(images)
+    state = TokenState(x, spec.num_prefix_tokens, Provenance.identity(x.shape[0], spec.num_patches, x.device))
     del x  # the state holds the tokens; no second reference keeps the unslimmed input alive
 
     stage_blocks: dict[int, tuple[int, ...]] = {}
@@ -94,6 +117,11 @@ def _forward(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: 
 
     def apply(place: tuple[int, str], state: TokenState) -> TokenState:
         for action in by_place.get(place, ()):
+            if state.key_mask is not None:
+                raise PlanError(
+                    f"stage {action.stage.method!r} acts after a keep set that kept a different number of tokens "
+                    "per image; such a keep set must be the plan's last stage"
+                )
             stage_start.setdefault(action.stage_index, state.count)
             ctx = StageContext(
                 block=action.block,
@@ -110,9 +138,9 @@ def _forward(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: 
                 depth=spec.depth,
                 stage_blocks=stage_blocks[action.stage_index],
                 stage_start_count=stage_start[action.stage_index],
+                given=action.stage.keep if isinstance(action.stage, KeepSet) else None,
             )
             before = state
-            clock = SELECTION_CLOCK.get()
             if clock is not None:
                 synchronize(state.tokens.device)
                 started = time.perf_counter()
@@ -129,29 +157,29 @@ def _forward(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: 
             ))
         return state
 
-    for index, block in enumerate(vit.blocks):
+    for index in range(spec.depth):
+        if index == stop_before:
+            return state
         state = apply((index, "pre"), state)
         last_attention = last_keys = None  # every reader of earlier blocks' attention has run
         provenance_in, tokens_in = state.provenance, state.tokens.shape[1]
         sizes_in = state.sizes is not None
-        attn_out, probs, keys = _attention(block, state, want_probs=index in explicit,
-                                           want_keys=index in keys_needed, prefix_probs=index in prefix_rows)
+        branch = adapter.attention(index, state, want_probs=index in explicit, want_keys=index in keys_needed,
+                                   prefix_probs=index in prefix_rows)
         if index in keep_attention:
-            attention_kept[index] = probs.float()
+            attention_kept[index] = branch.probs.float()
         if index in needed:
-            last_attention, last_keys = probs, keys
-        state = TokenState(state.tokens + attn_out, state.num_prefix, state.provenance, state.sizes)
-        del attn_out, probs, keys  # free them before the MLP; last_attention / last_keys hold what is read
+            last_attention, last_keys = branch.probs, branch.keys
+        state = _with_tokens(state, state.tokens + branch.out)
+        del branch  # free it before the MLP; last_attention / last_keys hold what is read
         state = apply((index, "mid"), state)
         if index not in read_by_next:
             last_attention = last_keys = None
-        tokens = state.tokens
-        tokens = tokens + block.drop_path2(block.ls2(block.mlp(block.norm2(tokens))))
+        tokens = state.tokens + adapter.mlp(index, state.tokens)
         records.append(BlockRecord(index, tokens_in, tokens.shape[1], provenance_in, sizes_in))
-        state = TokenState(tokens, state.num_prefix, state.provenance, state.sizes)
+        state = adapter.transition(index, _with_tokens(state, tokens))
 
-    features = vit.norm(state.tokens)
-    logits = _head(vit, features, state)
+    logits = adapter.head(state)
     return Trace(
         logits=logits.float(),
         spec=spec,
@@ -163,6 +191,10 @@ def _forward(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: 
         attention=attention_kept,
         class_names=model.class_names,
     )
+
+
+def _with_tokens(state: TokenState, tokens: torch.Tensor) -> TokenState:
+    return TokenState(tokens, state.num_prefix, state.provenance, state.sizes, state.key_mask)
 
 
 def attention_blocks(plan: SlimPlan, depth: int, actions: list[Action] | None = None) -> tuple[set[int], set[int]]:
@@ -182,56 +214,3 @@ def attention_blocks(plan: SlimPlan, depth: int, actions: list[Action] | None = 
     prefix_rows = {b for b, acts in readers.items() if b not in kept
                    and all(a.method.attention_rows(dict(a.stage.options)) == "prefix" for a in acts)}
     return kept | (set(readers) - prefix_rows), prefix_rows
-
-
-def _attention(block: torch.nn.Module, state: TokenState, want_probs: bool, want_keys: bool,
-               prefix_probs: bool = False):
-    """``block.ls1(block.attn(block.norm1(x)))`` with optional probabilities and keys.
-
-    ``prefix_probs`` (without ``want_probs``): fused attention for the output, plus the probabilities of the
-    prefix tokens' queries only, ``[B, H, P, T]`` (``P * T`` instead of ``T^2`` per head).
-
-    Returns:
-        (residual branch ``[B, T, C]``, probabilities ``[B, H, T, T]`` (``[B, H, P, T]``) or None, keys
-        ``[B, H, T, d]`` or None)
-    """
-    attn = block.attn
-    h = block.norm1(state.tokens)
-    b, t, _ = h.shape
-    gate = attn.gate(h).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(h).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    bias = None
-    if state.sizes is not None:
-        bias = state.sizes.log().to(q.dtype)[:, None, None, :]
-    probs = None
-    if want_probs:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
-        probs = logits.softmax(dim=-1)
-        del logits  # only the probabilities are needed from here on
-        out = probs @ v
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        if prefix_probs:
-            logits = (q[:, :, : state.num_prefix] * attn.scale) @ k.transpose(-2, -1)
-            probs = (logits if bias is None else logits + bias).softmax(dim=-1)
-    out = out.transpose(1, 2).reshape(b, t, attn.attn_dim)
-    out = attn.norm(out)
-    if gate is not None:
-        out = out * gate
-    out = attn.proj(out)
-    out = block.drop_path1(block.ls1(out))
-    return out, probs, (k if want_keys else None)
-
-
-def _head(vit: torch.nn.Module, features: torch.Tensor, state: TokenState) -> torch.Tensor:
-    """timm's ``forward_head``, except that average pooling weighs merged tokens by their size."""
-    if getattr(vit, "global_pool", None) == "avg" and state.sizes is not None and vit.attn_pool is None:
-        p = state.num_prefix
-        weights = state.sizes[:, p:].to(features.dtype).unsqueeze(-1)
-        pooled = (features[:, p:] * weights).sum(1) / weights.sum(1)
-        return vit.head(vit.head_drop(vit.fc_norm(pooled)))
-    return vit.forward_head(features)

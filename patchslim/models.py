@@ -1,7 +1,17 @@
-"""Loading ViTs: timm models (pretrained or from a local file) and the bundled ``fashion-vit``.
+"""Loading ViTs: timm models (pretrained, from a local file or a timm folder) and the bundled ``fashion-vit``.
 
-``load_model`` returns a :class:`LoadedModel`: the timm model in eval mode, its preprocessing, class names
-and shape facts. Weights are found in this order:
+``load_model`` returns a :class:`LoadedModel`: the timm model in eval mode, its preprocessing, class names,
+shape facts and the architecture adapter the engine walks it with. :func:`wrap_model` makes the same from a
+model built in the caller's own code. Names are timm's:
+
+- a timm model name (``deit_small_patch16_224``) or ``fashion-vit``;
+- ``local-dir:/path/to/folder``: a folder with timm's ``config.json`` and ``model.safetensors`` (or
+  ``pytorch_model.bin``), as ``timm.models.save_for_hf`` writes it; image size, channels, classes, mean/std
+  and class names come from its config;
+- ``hf-hub:org/name``: the same from the Hugging Face hub, read from the local cache when it is there (so it
+  works offline once downloaded), else downloaded when the hub answers.
+
+For a timm model name, weights are found in this order:
 
 1. ``weights=PATH`` (``.safetensors``, or ``.pth``/``.pt``/``.bin`` read with ``weights_only=True``; a
    pickle that needs anything beyond tensors is refused, never executed);
@@ -19,9 +29,10 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
@@ -30,7 +41,13 @@ from PIL import Image
 
 from patchslim import bundled
 from patchslim.device import check_precision, resolve_device
-from patchslim.errors import UnknownModelError, UnsupportedModelError, WeightsError, WeightsUnavailableError
+from patchslim.adapters import Adapter, adapter_for
+from patchslim.errors import (
+    PatchslimError,
+    UnknownModelError,
+    WeightsError,
+    WeightsUnavailableError,
+)
 from patchslim.trace import ModelSpec
 
 # The models the project is tested with; any other timm VisionTransformer is tried and refused clearly
@@ -45,6 +62,8 @@ SUPPORTED_MODELS = (
 )
 DEFAULT_MODEL = "deit_small_patch16_224"
 WEIGHTS_DIR_ENV = "PATCHSLIM_WEIGHTS_DIR"
+LOCAL_DIR_PREFIX = "local-dir:"
+HF_HUB_PREFIX = "hf-hub:"
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
@@ -62,6 +81,7 @@ class LoadedModel:
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast for the forward).
         weights_source: where the weights came from, in words.
         mean, std: the normalization of the transform (to undo it for display).
+        adapter: how the engine walks this architecture (:mod:`patchslim.adapters`).
     """
 
     name: str
@@ -74,6 +94,7 @@ class LoadedModel:
     weights_source: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    adapter: Adapter
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -130,7 +151,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device = "auto", w
     """Loads a ViT for the engine.
 
     Args:
-        name: ``"fashion-vit"`` (the bundled model) or a timm model name.
+        name: ``"fashion-vit"`` (the bundled model), a timm model name, ``"local-dir:PATH"`` or
+            ``"hf-hub:ORG/NAME"`` (see the module docstring).
         device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"mps"``.
         weights: a local ``.safetensors`` / ``.pth`` file; overrides every other source.
         pretrained: False builds the architecture with a seeded random initialization.
@@ -138,8 +160,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device = "auto", w
         seed: seed of the random initialization when ``pretrained=False``.
 
     Raises:
-        UnknownModelError: not a timm model nor the bundled one.
-        UnsupportedModelError: a timm model that is not a plain VisionTransformer.
+        UnknownModelError: not a timm model, the bundled one, a timm folder or a hub name.
+        UnsupportedModelError: an architecture the engine cannot walk (the message says why).
         WeightsUnavailableError: no weights could be had; the message says how to provide them.
         WeightsError: a weights file is unsafe, unreadable or for another model.
     """
@@ -147,37 +169,62 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device = "auto", w
     check_precision(precision, dev)
     if name == bundled.BUNDLED_NAME:
         model, source = _build_bundled(weights, pretrained, seed)
+        adapter = adapter_for(name, model)
         class_names = bundled.CLASS_NAMES
         mean, std = (bundled.CANVAS_MEAN,), (bundled.CANVAS_STD,)
         transform = _bundled_transform
     else:
-        model, source = _build_timm(name, weights, pretrained, seed)
+        if name.startswith(LOCAL_DIR_PREFIX) or name.startswith(HF_HUB_PREFIX):
+            model, source = _build_from_source(name, weights, pretrained, seed)
+        else:
+            model, source = _build_timm(name, weights, pretrained, seed)
+        adapter = adapter_for(name, model)
         class_names = _class_names(model)
         transform, mean, std = _timm_transform(model)
     model.eval().requires_grad_(False).to(dev)
-    spec = model_spec(name, model)
-    return LoadedModel(name, model, transform, class_names, spec, dev, precision, source, mean, std)
+    return LoadedModel(name, model, transform, class_names, adapter.spec(), dev, precision, source, mean, std,
+                       adapter)
+
+
+def wrap_model(model: torch.nn.Module, *, name: str, transform: Callable[[Image.Image], torch.Tensor] | None = None,
+               class_names: Sequence[str] | None = None, mean: Sequence[float] | None = None,
+               std: Sequence[float] | None = None, precision: str = "fp32") -> LoadedModel:
+    """Turns a timm model built in your own code into what :func:`patchslim.run` takes.
+
+    The model is put in eval mode and otherwise left as it is (its device, its ``requires_grad`` flags);
+    the engine never writes to it. Keep-all plans give exactly ``model(x)``.
+
+    Args:
+        model: a timm ``VisionTransformer`` (any image size, channels, head width).
+        name: what reports call it.
+        transform: PIL image -> ``[C, H, W]`` tensor; default: timm's eval transform for the model's data
+            config (image size, interpolation, crop), with ``mean`` / ``std`` when given, on grayscale
+            images for a 1-channel model and RGB otherwise.
+        class_names: one per class; default: the model's ``pretrained_cfg`` label names, else ``class i``.
+        mean, std: the normalization (default: the model's data config).
+        precision: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` autocast.
+
+    Raises:
+        UnsupportedModelError: the engine cannot walk this model (the message says why).
+        PatchslimError: class names that do not match the number of classes.
+    """
+    adapter = adapter_for(name, model)
+    spec = adapter.spec()
+    param = next(iter(model.parameters()), None)
+    dev = param.device if param is not None else torch.device("cpu")
+    check_precision(precision, dev)
+    default_transform, default_mean, default_std = _timm_transform(model, mean, std)
+    names = tuple(class_names) if class_names is not None else _class_names(model)
+    if len(names) != spec.num_classes:
+        raise PatchslimError(f"{len(names)} class names given for a model with {spec.num_classes} classes")
+    model.eval()
+    return LoadedModel(name, model, transform or default_transform, names, spec, dev, precision,
+                       "in-memory model", default_mean, default_std, adapter)
 
 
 def model_spec(name: str, vit: torch.nn.Module) -> ModelSpec:
-    """Reads the shape facts of a timm VisionTransformer."""
-    first = vit.blocks[0]
-    grid = tuple(int(g) for g in vit.patch_embed.grid_size)
-    return ModelSpec(
-        name=name,
-        img_size=tuple(int(s) for s in vit.patch_embed.img_size),
-        patch_size=tuple(int(p) for p in vit.patch_embed.patch_size),
-        grid_size=grid,
-        in_chans=int(vit.patch_embed.proj.in_channels),
-        num_prefix_tokens=int(vit.num_prefix_tokens),
-        embed_dim=int(vit.embed_dim),
-        depth=len(vit.blocks),
-        num_heads=int(first.attn.num_heads),
-        head_dim=int(first.attn.head_dim),
-        mlp_hidden=int(first.mlp.fc1.out_features),
-        num_classes=int(vit.num_classes),
-        num_heads_out=2 if getattr(vit, "head_dist", None) is not None else 1,
-    )
+    """Reads the shape facts of a model the adapters know."""
+    return adapter_for(name, vit).spec()
 
 
 def check_walkable(name: str, vit: torch.nn.Module) -> None:
@@ -186,28 +233,7 @@ def check_walkable(name: str, vit: torch.nn.Module) -> None:
     Raises:
         UnsupportedModelError
     """
-    from timm.layers import Attention, Mlp
-    from timm.models.vision_transformer import Block, VisionTransformer
-
-    def refuse(reason: str) -> None:
-        raise UnsupportedModelError(
-            f"{name} is not supported: {reason}. patchslim walks plain timm VisionTransformers "
-            f"(ViT / DeiT with standard blocks), e.g. {', '.join(SUPPORTED_MODELS[1:])}."
-        )
-
-    if not isinstance(vit, VisionTransformer):
-        refuse(f"it is a {type(vit).__name__}, not a timm VisionTransformer")
-    if getattr(vit, "dynamic_img_size", False):
-        refuse("dynamic image sizes are not supported")
-    if not getattr(vit.patch_embed, "flatten", True):
-        refuse("its patch embedding does not flatten to tokens")
-    for i, blk in enumerate(vit.blocks):
-        if type(blk).forward is not Block.forward:
-            refuse(f"block {i} is a {type(blk).__name__}, not a standard pre-norm Block")
-        if type(blk.attn).forward is not Attention.forward:
-            refuse(f"block {i} uses {type(blk.attn).__name__} attention")
-        if not isinstance(blk.mlp, Mlp):
-            refuse(f"block {i} uses a {type(blk.mlp).__name__} MLP")
+    adapter_for(name, vit)
 
 
 # --------------------------------------------------------------------------- bundled model
@@ -223,7 +249,7 @@ def _build_bundled(weights: str | Path | None, pretrained: bool, seed: int) -> t
     path = Path(weights) if weights is not None else bundled.CHECKPOINT_PATH
     if not path.exists():
         raise WeightsUnavailableError(
-            f"weights for {bundled.BUNDLED_NAME} not found at {path}; the checkpoint ships in assets/ "
+            f"weights for {bundled.BUNDLED_NAME} not found at {path}; the checkpoint ships in patchslim/assets/ "
             "(python -m patchslim.train_bundled recreates it)"
         )
     _load_into(model, path, bundled.BUNDLED_NAME)
@@ -257,7 +283,7 @@ def _build_timm(name: str, weights: str | Path | None, pretrained: bool, seed: i
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = timm.create_model(name, pretrained=False)
-    check_walkable(name, model)
+    check_walkable(name, model)  # refuse before looking for weights
     if weights is not None:
         path = Path(weights)
         if not path.exists():
@@ -283,6 +309,69 @@ def _build_timm(name: str, weights: str | Path | None, pretrained: bool, seed: i
     except Exception as exc:  # network errors come in many types; name the model and the cause
         raise WeightsUnavailableError(f"{_offline_message(name, hub_id)} (download failed: {exc})") from exc
     return model, f"downloaded from the Hugging Face hub ({hub_id})"
+
+
+def _build_from_source(name: str, weights: str | Path | None, pretrained: bool,
+                       seed: int) -> tuple[torch.nn.Module, str]:
+    """``local-dir:PATH`` and ``hf-hub:ORG/NAME``: timm reads the folder's ``config.json`` (architecture,
+    arguments, image size, classes, label names, normalization) and, with ``pretrained``, its weights."""
+    import timm
+
+    if name.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(name[len(LOCAL_DIR_PREFIX):]).expanduser()
+        if not (folder / "config.json").is_file():
+            raise UnknownModelError(
+                f"{name!r}: {folder} is not a timm model folder (no config.json; timm.models.save_for_hf writes "
+                "config.json and model.safetensors)"
+            )
+        source, where = f"{LOCAL_DIR_PREFIX}{folder}", f"folder {folder.name}"
+        has_weights = any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
+        if pretrained and weights is None and not has_weights:
+            raise WeightsUnavailableError(f"{name!r} has a config.json but no model.safetensors or pytorch_model.bin")
+    else:
+        hub_id = name[len(HF_HUB_PREFIX):]
+        if not hub_id or hub_id.count("/") != 1:
+            raise UnknownModelError(f"{name!r}: a hub name is hf-hub:ORG/NAME")
+        cached = _hf_cached_folder(hub_id)
+        if cached is not None:
+            source, where = f"{LOCAL_DIR_PREFIX}{cached}", f"Hugging Face cache ({hub_id})"
+        elif not hub_reachable():
+            raise WeightsUnavailableError(
+                f"{name!r} is not in the local Hugging Face cache and the hub cannot be reached; download it once "
+                "with internet, or save it with timm.models.save_for_hf and load it as local-dir:PATH"
+            )
+        else:
+            source, where = name, f"downloaded from the Hugging Face hub ({hub_id})"
+    want_weights = pretrained and weights is None
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = timm.create_model(source, pretrained=want_weights)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise WeightsError(f"{name!r} could not be built by timm: {str(exc).splitlines()[0]}") from None
+    check_walkable(name, model)
+    if weights is not None:
+        path = Path(weights)
+        if not path.exists():
+            raise WeightsUnavailableError(f"weights file {path} for {name} does not exist")
+        _load_into(model, path, name)
+        return model, f"file {path.name}"
+    return model, where if want_weights else f"random init (seed {seed})"
+
+
+def _hf_cached_folder(hub_id: str) -> Path | None:
+    """The cached snapshot folder of a hub model (config and weights both there), without the network."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+        return None
+    config = try_to_load_from_cache(hub_id, "config.json")
+    if not isinstance(config, str):
+        return None
+    folder = Path(config).parent
+    if any((folder / f).exists() for f in ("model.safetensors", "pytorch_model.bin")):
+        return folder
+    return None
 
 
 def _offline_message(name: str, hub_id: str | None) -> str:
@@ -327,22 +416,26 @@ def _weights_dir_file(name: str) -> Path | None:
     return None
 
 
-_HUB_STATE: dict[str, bool] = {}
+HUB_RETRY_SECONDS = 60.0
+_HUB_ANSWERS: dict[str, tuple[bool, float]] = {}  # endpoint -> (reachable, monotonic time of the probe)
 _HUB_LOCK = threading.Lock()
 
 
-def hub_reachable(timeout: float = 1.0) -> bool:
+def hub_reachable(timeout: float = 1.0, retry_after: float = HUB_RETRY_SECONDS) -> bool:
     """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds.
 
-    The answer is remembered for the process. ``HF_HUB_OFFLINE=1`` answers False at once. The probe runs
-    in a daemon thread so that a slow DNS lookup cannot hold the caller longer than ``timeout``.
+    A yes is remembered for the process; a no for ``retry_after`` seconds, after which the hub is probed
+    again (a server that started offline finds it once the network is back). ``HF_HUB_OFFLINE=1`` answers
+    False at once. The probe runs in a daemon thread so that a slow DNS lookup cannot hold the caller
+    longer than ``timeout``.
     """
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     with _HUB_LOCK:
-        if endpoint in _HUB_STATE:
-            return _HUB_STATE[endpoint]
+        known = _HUB_ANSWERS.get(endpoint)
+        if known is not None and (known[0] or time.monotonic() - known[1] < retry_after):
+            return known[0]
         parsed = urlparse(endpoint)
         host, port = parsed.hostname or "huggingface.co", parsed.port or (443 if parsed.scheme != "http" else 80)
         result: list[bool] = []
@@ -357,8 +450,9 @@ def hub_reachable(timeout: float = 1.0) -> bool:
         worker = threading.Thread(target=probe, daemon=True)
         worker.start()
         worker.join(timeout + 0.2)
-        _HUB_STATE[endpoint] = bool(result and result[0])
-        return _HUB_STATE[endpoint]
+        answer = bool(result and result[0])
+        _HUB_ANSWERS[endpoint] = (answer, time.monotonic())
+        return answer
 
 
 def _class_names(model: torch.nn.Module) -> tuple[str, ...]:
@@ -374,16 +468,27 @@ def _class_names(model: torch.nn.Module) -> tuple[str, ...]:
     return tuple(f"class {i}" for i in range(n))
 
 
-def _timm_transform(model: torch.nn.Module):
+def _timm_transform(model: torch.nn.Module, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+    """timm's eval transform for the model's data config, on grayscale images for a 1-channel model."""
     from timm.data import create_transform, resolve_model_data_config
 
     config = resolve_model_data_config(model)
+    if mean is not None:
+        config["mean"] = tuple(float(v) for v in mean)
+    if std is not None:
+        config["std"] = tuple(float(v) for v in std)
+    channels = int(model.patch_embed.proj.in_channels) if hasattr(model, "patch_embed") else int(config["input_size"][0])
+    if len(config["mean"]) != channels:  # e.g. ImageNet's 3-value default on a 1-channel model
+        config["mean"] = tuple(config["mean"][:1]) * channels
+        config["std"] = tuple(config["std"][:1]) * channels
+    config["input_size"] = (channels, *config["input_size"][1:])
     transform = create_transform(**config, is_training=False)
+    mode = "L" if channels == 1 else "RGB"
 
-    def rgb_transform(image: Image.Image) -> torch.Tensor:
-        return transform(image.convert("RGB"))
+    def image_transform(image: Image.Image) -> torch.Tensor:
+        return transform(image.convert(mode))
 
-    return rgb_transform, tuple(config["mean"]), tuple(config["std"])
+    return image_transform, tuple(config["mean"]), tuple(config["std"])
 
 
 # --------------------------------------------------------------------------- safe weight files
@@ -449,7 +554,7 @@ def _load_into(model: torch.nn.Module, path: Path, name: str) -> None:
 def weights_status(name: str) -> str:
     """Where ``load_model(name)`` would get weights right now, in words, without loading anything."""
     if name == bundled.BUNDLED_NAME:
-        return "ready (bundled checkpoint)" if bundled.CHECKPOINT_PATH.exists() else "checkpoint missing from assets/"
+        return "ready (bundled checkpoint)" if bundled.CHECKPOINT_PATH.exists() else "checkpoint missing from patchslim/assets/"
     import timm
     from timm.models import get_pretrained_cfg
 

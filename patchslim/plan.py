@@ -64,6 +64,57 @@ class Stage:
                     options={k: (list(v) if isinstance(v, tuple) else v) for k, v in self.options.items()})
 
 
+@dataclass(frozen=True, eq=False)
+class KeepSet:
+    """A stage that keeps a given set of tokens per image instead of a method's choice.
+
+    The primitive behind policy training (sampled keep sets), fine-tuning with slimming and token-removal
+    faithfulness tests. It acts once, before block ``block`` (``0``: the input), on the non-prefix tokens
+    entering it.
+
+    Attributes:
+        block: where it acts.
+        keep: one of
+
+            - ``[B', K]`` int64 positions among the M current non-prefix tokens (K may be 0: prefix tokens
+              alone go on);
+            - ``[B', M]`` bool, True = keep. Rows with equal counts are gathered like an index; when counts
+              differ per image, every token stays in the tensor and the left-out ones are masked as keys
+              (no token attends to them, pooling skips them), which gives the logits of dropping them;
+            - a callable ``TokenState -> one of the above``, called with the tokens entering the block (e.g.
+              a policy scoring them; run with ``grad=True`` to train it).
+
+            ``B'`` is the batch size or a multiple of it: then each image's tokens are repeated, row
+            ``s * B + b`` being image ``b`` (several samples per image in one forward).
+    """
+
+    block: int
+    keep: Any
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block, bool) or not isinstance(self.block, int):
+            raise PlanError(f"a keep set's block must be an integer, got {self.block!r}")
+        if not (callable(self.keep) or hasattr(self.keep, "dtype")):
+            raise PlanError(f"a keep set must be a tensor or a callable, got {type(self.keep).__name__}")
+
+    method = "keep_set"
+    keep_ratio = 1.0
+    options = MappingProxyType({})
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        return (self.block,)
+
+    @property
+    def slim_method(self) -> SlimMethod:
+        from patchslim.methods.keep_set import GIVEN
+
+        return GIVEN
+
+    def to_dict(self) -> dict:
+        return dict(method=self.method, blocks=[self.block], keep="given per image")
+
+
 @dataclass(frozen=True)
 class Action:
     """One resolved action of a stage at one place in the forward."""
@@ -101,15 +152,15 @@ class SlimPlan:
         seed: seed of the generator handed to methods that draw random numbers.
     """
 
-    stages: tuple[Stage, ...] = ()
+    stages: tuple[Stage | KeepSet, ...] = ()
     attention_blocks: tuple[int, ...] | str = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
         stages = tuple(self.stages)
         for stage in stages:
-            if not isinstance(stage, Stage):
-                raise PlanError(f"stages must be Stage objects, got {type(stage).__name__}")
+            if not isinstance(stage, (Stage, KeepSet)):
+                raise PlanError(f"stages must be Stage or KeepSet objects, got {type(stage).__name__}")
         object.__setattr__(self, "stages", stages)
         if isinstance(self.attention_blocks, str):
             if self.attention_blocks != "all":

@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from patchslim.errors import PatchslimError, PlanError
-from patchslim.tokens import target_count
+from patchslim.tokens import target_count, top_k_index
 
 POLICY_DIR = Path(__file__).resolve().parent / "assets" / "policies"
 FORMAT = "patchslim-policy/1"
@@ -245,38 +245,24 @@ def _arch_words(arch: dict) -> str:
             f"{arch.get('num_prefix_tokens')} prefix tokens")
 
 
-# --------------------------------------------------------------------------- pieces of the frozen forward
+# --------------------------------------------------------------------------- the one forward, with a keep set
 
-def tokens_before(vit: nn.Module, images: torch.Tensor, block: int) -> torch.Tensor:
-    """``[B, P + N, C]``: the tokens entering ``vit.blocks[block]`` (what the engine's ``pre`` point sees)."""
-    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
-    for blk in vit.blocks[:block]:
-        x = blk(x)
-    return x
+def keep_set_forward(model: Any, images: torch.Tensor, block: int, keep: Any, grad: bool = False):
+    """The engine's forward with a given keep set before ``block``: how the policy is trained and validated.
 
-
-def logits_after(vit: nn.Module, tokens: torch.Tensor, block: int, num_prefix: int,
-                 keep_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Runs blocks ``block..`` and the head on ``tokens``.
+    The same walk as :func:`patchslim.run` with the ``rl`` method, so a policy is trained through the forward
+    it is deployed in. Given the keep set that ``rl`` picks in top-k mode, the logits are those of ``run``.
 
     Args:
-        tokens: ``[B, T, C]`` prefix tokens first.
-        keep_mask: ``[B, T - P]`` bool; False patches are masked out of attention as keys (for a CLS-token
-            model the logits equal those of dropping them; average pooling skips them too).
+        keep: what :class:`patchslim.plan.KeepSet` takes (positions, a mask, or a callable of the tokens).
+
+    Returns:
+        The :class:`~patchslim.trace.Trace`.
     """
-    attn_mask = None
-    if keep_mask is not None:
-        full = torch.cat([keep_mask.new_ones(keep_mask.shape[0], num_prefix), keep_mask], dim=1)
-        attn_mask = full[:, None, None, :]
-    x = tokens
-    for blk in vit.blocks[block:]:
-        x = blk(x, attn_mask=attn_mask)
-    x = vit.norm(x)
-    if keep_mask is not None and getattr(vit, "global_pool", None) == "avg" and vit.attn_pool is None:
-        w = keep_mask.to(x.dtype).unsqueeze(-1)
-        pooled = (x[:, num_prefix:] * w).sum(1) / w.sum(1).clamp_min(1)
-        return vit.head(vit.head_drop(vit.fc_norm(pooled)))
-    return vit.forward_head(x)
+    from patchslim.engine import run
+    from patchslim.plan import KeepSet, SlimPlan
+
+    return run(model, images, SlimPlan((KeepSet(block, keep),)), grad=grad)
 
 
 def split_tokens(tokens: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -440,14 +426,25 @@ class TrainState:
 
 
 def new_train_state(config: TrainConfig, model: Any) -> TrainState:
-    torch.manual_seed(config.seed)
-    net = PolicyNet(model.spec.embed_dim, config.hidden, config.use_cls).to(model.device)
+    net = PolicyNet(model.spec.embed_dim, config.hidden, config.use_cls)
+    init_policy(net, torch.Generator().manual_seed(config.seed))
+    net = net.to(model.device)
     if config.sampler == "bernoulli":  # start near the mean keep ratio asked for
         rho = min(max(float(np.mean(config.keep_ratios)), 0.02), 0.98)
         with torch.no_grad():
             net.fc2.bias.fill_(math.log(rho / (1 - rho)))
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
     return TrainState(net, optimizer)
+
+
+@torch.no_grad()
+def init_policy(net: PolicyNet, generator: torch.Generator) -> None:
+    """PyTorch's default ``nn.Linear`` initialization (uniform in +-1/sqrt(fan_in)) drawn from ``generator``,
+    so training is reproducible without touching the global random state."""
+    for layer in (net.fc1, net.fc2):
+        bound = 1.0 / math.sqrt(layer.in_features)
+        layer.weight.copy_(torch.rand(layer.weight.shape, generator=generator) * 2 * bound - bound)
+        layer.bias.copy_(torch.rand(layer.bias.shape, generator=generator) * 2 * bound - bound)
 
 
 def save_checkpoint(path: str | Path, state: TrainState, config: TrainConfig) -> None:
@@ -486,29 +483,38 @@ def load_checkpoint(path: str | Path, config: TrainConfig, model: Any) -> TrainS
 
 def train_step(state: TrainState, config: TrainConfig, model: Any, images: torch.Tensor, labels: torch.Tensor,
                step: int) -> dict:
-    """One REINFORCE update on a batch. Returns the step's statistics."""
-    vit, p = model.model, model.spec.num_prefix_tokens
+    """One REINFORCE update on a batch. Returns the step's statistics.
+
+    One forward of the engine: the policy scores the tokens entering its block (with gradient), S keep sets
+    per image are drawn from it, and the rest of the frozen ViT runs on the S x B slimmed token sets.
+    """
+    p = model.spec.num_prefix_tokens
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
     images, labels = images.to(model.device), labels.to(model.device)
-    with torch.no_grad():
-        tokens = tokens_before(vit, images, config.block)
-    logits = policy_logits(state.net, tokens, p)  # [B, M] with gradient
-    b, m = logits.shape
     s = config.samples
     rho = config.keep_ratios[step % len(config.keep_ratios)]
-    with torch.no_grad():
-        rep = tokens.unsqueeze(0).expand(s, -1, -1, -1).reshape(s * b, *tokens.shape[1:])
+    drawn: dict[str, torch.Tensor] = {}
+
+    def draw(tokens_state) -> torch.Tensor:
+        logits = policy_logits(state.net, tokens_state.tokens, p)  # [B, M] with gradient
+        drawn["logits"] = logits
+        b, m = logits.shape
         if config.sampler == "topk":
-            k = target_count(rho, m)
-            order = gumbel_topk(logits, k, s, generator)  # [S, B, k]
-            idx = order.sort(-1).values.reshape(s * b, k) + p
-            kept = rep.gather(1, idx.unsqueeze(-1).expand(-1, -1, rep.shape[-1]))
-            out = logits_after(vit, torch.cat([rep[:, :p], kept], 1), config.block, p)
-            cost = torch.full((s, b), k / m, device=logits.device)
+            order = gumbel_topk(logits, target_count(rho, m), s, generator)  # [S, B, k]
+            drawn["order"] = order
+            return order.sort(-1).values.reshape(s * b, -1)
+        keep = bernoulli_sample(logits, s, generator)  # [S, B, M]
+        drawn["keep"] = keep
+        return keep.reshape(s * b, m)
+
+    out = keep_set_forward(model, images, config.block, draw, grad=True).logits.detach()
+    logits = drawn["logits"]
+    b, m = logits.shape
+    with torch.no_grad():
+        if config.sampler == "topk":
+            cost = torch.full((s, b), drawn["order"].shape[-1] / m, device=logits.device)
         else:
-            keep = bernoulli_sample(logits, s, generator)  # [S, B, M]
-            out = logits_after(vit, rep, config.block, p, keep_mask=keep.reshape(s * b, m))
-            cost = keep.float().mean(-1)
+            cost = drawn["keep"].float().mean(-1)
         y = labels.repeat(s)
         correct = (out.argmax(-1) == y).float()
         if config.accuracy_signal == "prob":
@@ -516,8 +522,8 @@ def train_step(state: TrainState, config: TrainConfig, model: Any, images: torch
         else:
             accuracy = correct
         reward = config.lam * accuracy.view(s, b) - (1 - config.lam) * cost
-    log_prob = (plackett_luce_log_prob(logits, order) if config.sampler == "topk"
-                else bernoulli_log_prob(logits, keep))
+    log_prob = (plackett_luce_log_prob(logits, drawn["order"]) if config.sampler == "topk"
+                else bernoulli_log_prob(logits, drawn["keep"]))
     loss, _ = reinforce_loss(log_prob, reward)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -534,25 +540,24 @@ def validate(net: PolicyNet | None, model: Any, block: int, batches: Iterator[tu
     Returns:
         ``{"n": ..., "policy": {rho: acc}, "random": {rho: acc}, "unslimmed": acc}`` (rho as strings).
     """
-    vit, p = model.model, model.spec.num_prefix_tokens
+    from patchslim.engine import run
+
+    p = model.spec.num_prefix_tokens
     generator = torch.Generator().manual_seed(seed)
     hits = {"policy": {r: 0 for r in keep_ratios}, "random": {r: 0 for r in keep_ratios}}
     full, n = 0, 0
     for images, labels in batches:
         images, labels = images.to(model.device), labels.to(model.device)
-        tokens = tokens_before(vit, images, block)
-        full += int((logits_after(vit, tokens, block, p).argmax(-1) == labels).sum())
-        m = tokens.shape[1] - p
-        scores = {"policy": policy_logits(net, tokens, p) if net is not None else None,
-                  "random": torch.rand(tokens.shape[0], m, generator=generator).to(tokens.device)}
-        for name, sc in scores.items():
-            if sc is None:
-                continue
-            for r in keep_ratios:
-                k = target_count(r, m)
-                idx = torch.topk(sc, k, dim=1).indices.sort(1).values + p
-                kept = tokens.gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-                out = logits_after(vit, torch.cat([tokens[:, :p], kept], 1), block, p)
+        full += int((run(model, images).logits.argmax(-1) == labels).sum())
+        m = model.spec.num_patches
+        random_scores = torch.rand(images.shape[0], m, generator=generator).to(images.device)
+        for r in keep_ratios:
+            k = target_count(r, m)
+            choices = {"random": lambda st, k=k: top_k_index(random_scores, k)}
+            if net is not None:
+                choices["policy"] = lambda st, k=k: top_k_index(policy_logits(net, st.tokens, p).float(), k)
+            for name, choose in choices.items():
+                out = keep_set_forward(model, images, block, choose).logits
                 hits[name][r] += int((out.argmax(-1) == labels).sum())
         n += len(labels)
     return dict(n=n, unslimmed=full / max(n, 1),
@@ -622,9 +627,10 @@ def train_policy(model: Any, config: TrainConfig, batch_fn: BatchFn, out: str | 
     calib_source = calibration or validation
     calib: dict = {}
     if calib_source is not None:
-        with torch.no_grad():
-            feats = [(tokens_before(model.model, x.to(model.device), config.block), model.spec.num_prefix_tokens)
-                     for x, _ in calib_source()]
+        from patchslim.engine import tokens_before
+
+        feats = [(tokens_before(model, x.to(model.device), config.block).tokens, model.spec.num_prefix_tokens)
+                 for x, _ in calib_source()]
         calib = calibrate(net, feats)
     meta = PolicyMeta(
         model=model.name, arch=arch_of(model), block=config.block, hidden=config.hidden, use_cls=config.use_cls,

@@ -96,12 +96,16 @@ class TokenState:
         provenance: origins of the M non-prefix tokens.
         sizes: ``[B, P + M]`` how many original tokens each token represents (for proportional
             attention after merges), or None while every token is size 1.
+        key_mask: ``[B, P + M]`` bool, False for tokens that a per-image keep set left out but that stay in
+            the tensor so the batch stays rectangular: no token attends to them and pooling skips them.
+            None while every token takes part.
     """
 
     tokens: torch.Tensor
     num_prefix: int
     provenance: Provenance
     sizes: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None
 
     @property
     def prefix(self) -> torch.Tensor:
@@ -136,10 +140,26 @@ def keep_tokens(state: TokenState, index: torch.Tensor, sort: bool = True) -> To
     p = state.num_prefix
     gather = index.unsqueeze(-1).expand(-1, -1, state.tokens.shape[-1])
     tokens = torch.cat([state.prefix, state.patches.gather(1, gather)], dim=1)
-    sizes = None
+    sizes = mask = None
     if state.sizes is not None:
         sizes = torch.cat([state.sizes[:, :p], state.sizes[:, p:].gather(1, index)], dim=1)
-    return TokenState(tokens, p, state.provenance.select(index.to(_prov_device(state.provenance))), sizes)
+    if state.key_mask is not None:
+        mask = torch.cat([state.key_mask[:, :p], state.key_mask[:, p:].gather(1, index)], dim=1)
+    return TokenState(tokens, p, state.provenance.select(index.to(_prov_device(state.provenance))), sizes, mask)
+
+
+def repeat_batch(state: TokenState, times: int) -> TokenState:
+    """The same tokens ``times`` over along the batch: row ``s * B + b`` is image ``b`` (for sampling several
+    keep sets per image in one forward)."""
+    if times == 1:
+        return state
+
+    def rep(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.repeat(times, *([1] * (t.dim() - 1)))
+
+    prov = state.provenance
+    provenance = Provenance(prov.num_patches, ids=rep(prov.ids), weights=rep(prov.weights))
+    return TokenState(rep(state.tokens), state.num_prefix, provenance, rep(state.sizes), rep(state.key_mask))
 
 
 def top_k_index(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -174,6 +194,8 @@ def replace_patches(state: TokenState, patches: torch.Tensor, combination: torch
         prefix_sizes = (state.sizes[:, :p] if state.sizes is not None
                         else torch.ones(tokens.shape[0], p, device=tokens.device, dtype=sizes.dtype))
         new_sizes = torch.cat([prefix_sizes, sizes], dim=1)
+    if state.key_mask is not None:
+        raise ValueError("tokens masked by a per-image keep set cannot be merged or projected")
     return TokenState(tokens, p, state.provenance.combine(combination), new_sizes)
 
 

@@ -2,7 +2,7 @@
 
 Run once, not in CI (about an hour on 2 CPU cores)::
 
-    python -m patchslim.train_bundled --epochs 15 --out assets/ --work runs/bundled
+    python -m patchslim.train_bundled --epochs 15 --out patchslim/assets/ --work runs/bundled
 
 The ViT is trained with timm's ``patch_drop_rate`` (random token dropping after the position embedding),
 so that it tolerates slimming the way the papers' fine-tuned models do. The run is seeded and resumable:

@@ -50,13 +50,13 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def fashion_vit():
-    """The bundled model with its trained checkpoint from assets/."""
+    """The bundled model with its trained checkpoint from patchslim/assets/."""
     return patchslim.load_model("fashion-vit", device="cpu")
 
 
 @pytest.fixture(scope="session")
 def fashion_sample():
-    """The labelled canvas test images shipped in assets/: uint8 ``[n, 48, 48]`` and labels ``[n]``."""
+    """The labelled canvas test images shipped in patchslim/assets/: uint8 ``[n, 48, 48]`` and labels ``[n]``."""
     return bundled.load_bundled_sample()
 
 

@@ -138,9 +138,12 @@ def test_selection_overhead_times_every_action(fashion_vit_random):
     assert len(overhead.selection_ms) == len(overhead.forward_ms) == 3
     assert all(0 < s < f for s, f in zip(overhead.selection_ms, overhead.forward_ms))
     assert 0 < overhead.share < 1
-    with metrics.selection_clock() as clock:
-        patchslim.run(fashion_vit_random, x)
+    clock: list = []
+    patchslim.run(fashion_vit_random, x, clock=clock)
     assert clock == []  # an unslimmed forward calls no method
+    patchslim.run(fashion_vit_random, x, plan, clock=clock)
+    assert [(m, b) for m, b, _ in clock] == [("random", 1), ("random", 3)]
+    assert all(seconds > 0 for _, _, seconds in clock)
 
 
 # --------------------------------------------------------------------------- memory

@@ -113,12 +113,25 @@ def test_offline_error_names_the_model_and_how_to_provide_weights(monkeypatch, t
     assert time.perf_counter() - start < 20  # no 50-second hub retries (generous bound for slow CI)
 
 
-def test_hub_probe_fails_fast_and_is_remembered(monkeypatch):
+def test_hub_probe_fails_fast_is_remembered_for_a_while_and_then_retried(monkeypatch):
+    import socket
+
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
-    monkeypatch.setattr(models, "_HUB_STATE", {})
+    monkeypatch.setattr(models, "_HUB_ANSWERS", {})
+    with socket.socket() as probe:  # a loopback port nobody listens on yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
     assert models.hub_reachable() is False
-    assert models._HUB_STATE == {"http://127.0.0.1:9": False}
+    assert models._HUB_ANSWERS[endpoint][0] is False
+    with socket.socket() as server:  # the "network comes back"
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen(4)
+        assert models.hub_reachable() is False  # remembered within the retry period: no probe
+        assert models.hub_reachable(retry_after=0.0) is True  # past it: probed again
+        assert models.hub_reachable(retry_after=1e9) is True  # a yes is kept
 
 
 def test_unknown_and_unsupported_models():

@@ -21,12 +21,13 @@ from patchslim.policy import (
     bernoulli_sample,
     calibrate,
     gumbel_topk,
+    init_policy,
+    keep_set_forward,
     plackett_luce_log_prob,
     policy_logits,
     read_policy,
     reinforce_loss,
     save_policy,
-    tokens_before,
     train_policy,
 )
 from patchslim.tokens import target_count, top_k_index
@@ -46,10 +47,9 @@ def canvases():
 
 @pytest.fixture()
 def policy_file(tmp_path, tiny_vit, canvases):
-    torch.manual_seed(3)
     net = PolicyNet(tiny_vit.spec.embed_dim, hidden=16).eval()
-    with torch.no_grad():
-        tokens = tokens_before(tiny_vit.model, canvases[0], 1)
+    init_policy(net, torch.Generator().manual_seed(3))
+    tokens = patchslim.tokens_before(tiny_vit, canvases[0], 1).tokens
     meta = PolicyMeta(model=tiny_vit.name, arch=arch_of(tiny_vit), block=1, hidden=16,
                       calibration=calibrate(net, [(tokens, 1)]))
     return save_policy(tmp_path / "policy.safetensors", net, meta)
@@ -77,8 +77,22 @@ def test_topk_mode_reaches_rho_and_keeps_the_top_logits(tiny_vit, canvases, poli
     assert trace.tokens_per_block == [145] + [1 + k] * 5
     net, _ = read_policy(policy_file)
     with torch.no_grad():
-        logits = policy_logits(net, tokens_before(tiny_vit.model, x, 1), 1)
+        logits = policy_logits(net, patchslim.tokens_before(tiny_vit, x, 1).tokens, 1)
     assert torch.equal(trace.kept_patch_ids(1), top_k_index(logits, k))
+
+
+@pytest.mark.parametrize("rho", [0.3, 0.5])
+def test_the_training_forward_given_the_inference_keep_set_gives_the_logits_of_run(rho):
+    """One forward: the policy is trained through the walk it is deployed in (the shipped policy, real weights)."""
+    model = patchslim.load_model("fashion-vit", device="cpu")
+    images, _ = bundled.load_bundled_sample()
+    x = bundled.to_model_input(images[:16])
+    deployed = patchslim.run(model, x, patchslim.SlimPlan.single("rl", rho))
+    kept = deployed.kept_patch_ids(1)  # positions among the tokens entering block 1 (no slimming before it)
+    trained = keep_set_forward(model, x, 1, kept, grad=True)
+    assert torch.equal(trained.kept_patch_ids(1), kept)
+    torch.testing.assert_close(trained.logits, deployed.logits, rtol=0, atol=1e-5)
+    assert trained.logits.argmax(-1).tolist() == deployed.logits.argmax(-1).tolist()
 
 
 def test_bernoulli_mode_is_adaptive(tiny_vit, canvases, policy_file):
@@ -210,7 +224,8 @@ def test_train_policy_command_runs(tmp_path, capsys):
 
 
 def test_shipped_policy_beats_random_on_the_bundled_sample():
-    from patchslim.evaluate import canvas_images, evaluate, parse_variants
+    from patchslim.data import canvas_images
+    from patchslim.evaluate import evaluate, parse_variants
 
     model = patchslim.load_model("fashion-vit", device="cpu")
     images, labels = bundled.load_bundled_sample()
@@ -222,5 +237,8 @@ def test_shipped_policy_beats_random_on_the_bundled_sample():
     assert rl >= result.row("random@1", 0.3).top1 + RL_MARGIN_AT_0_3_SAME_BLOCK
 
 
-RL_MARGIN_AT_0_3 = 0.0  # set from the measurement once the policy ships
-RL_MARGIN_AT_0_3_SAME_BLOCK = 0.0
+# Measured on the 500 sample images with the shipped policy: rl 86.8 %, random 66.8 %, random@1 70.8 % at rho 0.3
+# (+20.0 and +16.0 points). The margins asked for are half of that, so noise in a retrained policy passes and a
+# policy that ranks no better than chance fails.
+RL_MARGIN_AT_0_3 = 0.10
+RL_MARGIN_AT_0_3_SAME_BLOCK = 0.08

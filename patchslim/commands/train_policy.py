@@ -50,7 +50,7 @@ def add_arguments(parser) -> None:
                         help="training images held out for validation and calibration")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--out", default=None, help="policy file (default assets/policies/<model>.safetensors)")
+    parser.add_argument("--out", default=None, help="policy file (default patchslim/assets/policies/<model>.safetensors)")
     parser.add_argument("--checkpoint", default=None, help="resumable checkpoint (default OUT.ckpt.pt)")
     parser.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     parser.add_argument("--no-progress", action="store_true")

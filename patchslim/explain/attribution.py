@@ -64,17 +64,10 @@ class Attribution:
 # --------------------------------------------------------------------------- the differentiable forward
 
 def differentiable_logits(model: LoadedModel, images: torch.Tensor, plan: SlimPlan | None = None) -> torch.Tensor:
-    """``[B, classes]`` logits of the plan-driven forward with autograd on (``patchslim.run`` uses
-    ``torch.inference_mode``, which cannot be differentiated). Always fp32.
-    """
-    from patchslim import engine
+    """``[B, classes]`` logits of the plan-driven forward with autograd on: ``run(..., grad=True)``."""
+    from patchslim.engine import run
 
-    plan = plan or SlimPlan()
-    actions = plan.resolve(model.spec.depth)
-    for action in actions:
-        action.method.check(dict(action.stage.options), action.stage.keep_ratio, model)
-    x = model.preprocess(images)
-    return engine._forward(model, x, plan, actions).logits
+    return run(model, images, plan, grad=True).logits
 
 
 def batch_independent(model: LoadedModel, x: torch.Tensor, plan: SlimPlan) -> bool:
@@ -82,14 +75,12 @@ def batch_independent(model: LoadedModel, x: torch.Tensor, plan: SlimPlan) -> bo
 
     Runs the image alone and twice in one batch and compares the token provenance and logits.
     """
+    from patchslim.engine import run
+
     if plan.is_empty:
         return True
-    with torch.inference_mode():
-        from patchslim import engine
-
-        actions = plan.resolve(model.spec.depth)
-        one = engine._forward(model, x[:1], plan, actions)
-        two = engine._forward(model, x[:1].expand(2, *x.shape[1:]).contiguous(), plan, actions)
+    one = run(model, x[:1], plan)
+    two = run(model, x[:1].expand(2, *x.shape[1:]).contiguous(), plan)
     for single, pair in ((one.final_provenance, two.final_provenance),):
         a, b = single.dense(), pair.dense()
         if not (torch.equal(a[0], b[0]) and torch.equal(a[0], b[1])):

@@ -128,6 +128,7 @@ class StageContext:
             that spreads a budget over its stage (``tome`` deriving r from rho) reads it.
         stage_start_count: non-prefix tokens when this action's stage first acted (the M its keep ratio
             refers to for such methods).
+        given: a :class:`~patchslim.plan.KeepSet`'s keep set (tensor or callable), for that stage alone.
     """
 
     block: int
@@ -144,6 +145,7 @@ class StageContext:
     depth: int = 0
     stage_blocks: tuple[int, ...] = ()
     stage_start_count: int = 0
+    given: Any = None
 
 
 @dataclass

@@ -48,7 +48,7 @@ class RLPolicy(SlimMethod):
     input_dependent = True
     adaptive_count = True
     options = (
-        OptionSpec("policy", "str", "", "policy file (default: assets/policies/<model>.safetensors)"),
+        OptionSpec("policy", "str", "", "policy file (default: patchslim/assets/policies/<model>.safetensors)"),
         OptionSpec("mode", "str", "topk", "topk: fixed rho; bernoulli: per-image count around rho",
                    choices=("topk", "bernoulli")),
         OptionSpec("sample", "bool", False, "bernoulli mode: draw the decisions instead of thresholding"),

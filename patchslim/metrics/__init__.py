@@ -30,7 +30,6 @@ from patchslim.metrics.latency import (  # noqa: F401
     compare_latency,
     measure_latency,
     measure_selection_overhead,
-    selection_clock,
     time_function,
 )
 from patchslim.metrics.memory import (  # noqa: F401

@@ -13,16 +13,15 @@ Tests should assert the shape of these results, never wall-clock thresholds.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from patchslim.device import synchronize
-from patchslim.engine import SELECTION_CLOCK, run
+from patchslim.engine import run
 from patchslim.plan import SlimPlan
 
 
@@ -229,28 +228,13 @@ def measure_selection_overhead(model, images: Any, plan: SlimPlan, *, warmup: in
     synchronize(device)
     selection, forward, per_action = [], [], {}
     for _ in range(repeats):
-        with selection_clock() as clock:
-            forward.append(_timed(lambda: run(model, batch, plan), device))
+        clock: list[tuple[str, int, float]] = []
+        forward.append(_timed(lambda: run(model, batch, plan, clock=clock), device))
         selection.append(1000.0 * sum(seconds for _, _, seconds in clock))
         for method, block, seconds in clock:
             per_action.setdefault(f"{method}@{block}", []).append(1000.0 * seconds)
     return SelectionOverhead(tuple(selection), tuple(forward), batch.shape[0],
                              {k: float(statistics.median(v)) for k, v in per_action.items()})
-
-
-@contextlib.contextmanager
-def selection_clock() -> Iterator[list[tuple[str, int, float]]]:
-    """Within the block, every method call the engine makes (in this thread) is timed.
-
-    Yields a list that fills with ``(method, block, seconds)`` per action. Outside such a block the engine
-    reads no clock at all.
-    """
-    times: list[tuple[str, int, float]] = []
-    token = SELECTION_CLOCK.set(times)
-    try:
-        yield times
-    finally:
-        SELECTION_CLOCK.reset(token)
 
 
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:

@@ -481,7 +481,8 @@ def _timm_transform(model: torch.nn.Module, mean: Sequence[float] | None = None,
     if len(config["mean"]) != channels:  # e.g. ImageNet's 3-value default on a 1-channel model
         config["mean"] = tuple(config["mean"][:1]) * channels
         config["std"] = tuple(config["std"][:1]) * channels
-    config["input_size"] = (channels, *config["input_size"][1:])
+    size = tuple(int(v) for v in getattr(getattr(model, "patch_embed", None), "img_size", config["input_size"][1:]))
+    config["input_size"] = (channels, *size)  # the size the model was built for (a bare model has no data config)
     transform = create_transform(**config, is_training=False)
     mode = "L" if channels == 1 else "RGB"
 
@@ -555,6 +556,16 @@ def weights_status(name: str) -> str:
     """Where ``load_model(name)`` would get weights right now, in words, without loading anything."""
     if name == bundled.BUNDLED_NAME:
         return "ready (bundled checkpoint)" if bundled.CHECKPOINT_PATH.exists() else "checkpoint missing from patchslim/assets/"
+    if name.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(name[len(LOCAL_DIR_PREFIX):]).expanduser()
+        if not (folder / "config.json").is_file():
+            return "not a timm model folder (no config.json)"
+        has_weights = any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
+        return "ready (timm folder)" if has_weights else "weights missing from the folder"
+    if name.startswith(HF_HUB_PREFIX):
+        if _hf_cached_folder(name[len(HF_HUB_PREFIX):]) is not None:
+            return "ready (Hugging Face cache)"
+        return "downloadable (not cached yet)" if hub_reachable() else "not cached and the hub cannot be reached"
     import timm
     from timm.models import get_pretrained_cfg
 

@@ -137,6 +137,8 @@ def keep_tokens(state: TokenState, index: torch.Tensor, sort: bool = True) -> To
     """
     if sort:
         index = index.sort(dim=1).values
+    if index.shape[1] == state.count and torch.equal(index, torch.arange(state.count, device=index.device).expand_as(index)):
+        return state  # keeping everything in place is a no-op, bit for bit
     p = state.num_prefix
     gather = index.unsqueeze(-1).expand(-1, -1, state.tokens.shape[-1])
     tokens = torch.cat([state.prefix, state.patches.gather(1, gather)], dim=1)

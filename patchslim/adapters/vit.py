@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from patchslim.adapters.base import Adapter, AttentionOutput
-from patchslim.errors import UnsupportedModelError
+from patchslim.errors import PlanError, UnsupportedModelError
 from patchslim.tokens import TokenState
 from patchslim.trace import ModelSpec
 
@@ -137,6 +137,10 @@ class ViTAdapter(Adapter):
 
     def head(self, state: TokenState) -> torch.Tensor:
         vit = self.module
+        pools_patches = vit.attn_pool is None and vit.global_pool not in ("token", "") and not vit.pool_include_prefix
+        if pools_patches and state.count == 0:
+            raise PlanError(f"no token is left to pool: {self.name} pools its patch tokens ({vit.global_pool}), "
+                            "keep at least one")
         features = vit.norm(state.tokens)
         weights = token_weights(state)
         if weights is None or vit.attn_pool is not None or vit.global_pool in ("token", ""):
@@ -174,12 +178,12 @@ def weighted_pool(features: torch.Tensor, weights: torch.Tensor, pool_type: str,
     Average pooling is the weighted mean; max pooling takes the max over tokens of non-zero weight.
 
     Raises:
-        ValueError: no token is left to pool.
+        PlanError: no token is left to pool.
     """
     x, w = features[:, start:], weights[:, start:].to(features.dtype).unsqueeze(-1)
     total = w.sum(1)
     if bool((total <= 0).any()):
-        raise ValueError("no token is left to pool: this model pools its patch tokens, keep at least one")
+        raise PlanError("no token is left to pool: this model pools its patch tokens, keep at least one")
     mean = (x * w).sum(1) / total
     if pool_type == "avg":
         return mean

@@ -53,7 +53,7 @@ def bundled_gallery() -> list[GalleryItem]:
     """Canvas Fashion-MNIST test images with their true labels (for the bundled model)."""
     try:
         images, labels = bundled.load_bundled_sample()
-        credit = "Fashion-MNIST test set on a 48x48 canvas (MIT licence), shipped in assets/"
+        credit = "Fashion-MNIST test set on a 48x48 canvas (MIT licence), shipped in patchslim/assets/"
     except FileNotFoundError:
         images, labels = bundled.canvas_test_set()
         credit = "Fashion-MNIST test set on a 48x48 canvas (MIT licence)"

@@ -94,12 +94,12 @@ def app_timings(model: str, weights: str, method: str, repeats: int) -> dict:
 def breakdown(model_name: str, method: str, repeats: int) -> dict:
     """The same work as the page, step by step, outside Streamlit (median seconds)."""
     import patchslim
+    from patchslim import vis
     from patchslim.explain import attention
     from patchslim.images import open_image
 
     from app import compute
 
-    vis = compute.optional("patchslim.vis")
     model = patchslim.load_model(model_name, device="auto", pretrained=model_name == "fashion-vit")
     _, data = photos(1)[0]
     steps: dict[str, list[float]] = {k: [] for k in
@@ -118,11 +118,10 @@ def breakdown(model_name: str, method: str, repeats: int) -> dict:
         base = clock("unslimmed forward", lambda: compute.baseline(model, pixels))
         slim = clock("slimmed forward", lambda: compute.slimmed(model, pixels, method, 0.5 - 0.02 * i))
         clock("readouts", lambda: compute.readouts(base, slim))
-        if vis is not None:
-            clock("overlay", lambda: vis.patch_overlay(pixels, model, slim.trace))
-            clock("attention maps", lambda: [vis.heatmap_overlay(pixels, attention.cls_attention(t, 11 if
-                                             model.spec.depth == 12 else model.spec.depth - 1), model=model)
-                                             for t in (base.trace, slim.trace)])
+        clock("overlay", lambda: vis.patch_overlay(pixels, model, slim.trace))
+        clock("attention maps", lambda: [vis.heatmap_overlay(pixels, attention.cls_attention(t, 11 if
+                                         model.spec.depth == 12 else model.spec.depth - 1), model=model)
+                                         for t in (base.trace, slim.trace)])
     return {k: statistics.median(v[1:]) for k, v in steps.items() if len(v) > 1}
 
 

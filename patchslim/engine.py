@@ -175,9 +175,10 @@ def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: lis
         state = apply((index, "mid"), state)
         if index not in read_by_next:
             last_attention = last_keys = None
-        tokens = state.tokens + adapter.mlp(index, state.tokens)
-        records.append(BlockRecord(index, tokens_in, tokens.shape[1], provenance_in, sizes_in))
-        state = adapter.transition(index, _with_tokens(state, tokens))
+        # no local name keeps a block's input alive through the MLP (it would add a [B, T, C] to the peak)
+        state = _with_tokens(state, state.tokens + adapter.mlp(index, state.tokens))
+        records.append(BlockRecord(index, tokens_in, state.tokens.shape[1], provenance_in, sizes_in))
+        state = adapter.transition(index, state)
 
     logits = adapter.head(state)
     return Trace(

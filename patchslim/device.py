@@ -15,6 +15,14 @@ from patchslim.errors import PatchslimError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+_BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def bytes_per_element(precision: str) -> int:
+    """Bytes of one activation element under a precision (fp32: 4; bf16 / fp16 autocast: 2)."""
+    if precision not in _BYTES_PER_ELEMENT:
+        raise PatchslimError(f"Unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
+    return _BYTES_PER_ELEMENT[precision]
 
 
 def available_devices() -> list[str]:

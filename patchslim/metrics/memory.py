@@ -40,12 +40,11 @@ from typing import Any
 
 import torch
 
-from patchslim.device import peak_memory_allocated, reset_peak_memory, supports_peak_memory
+from patchslim.device import bytes_per_element, peak_memory_allocated, reset_peak_memory, supports_peak_memory
 from patchslim.engine import attention_blocks
 from patchslim.trace import Trace
 
 MB = 2 ** 20
-_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclass(frozen=True)
@@ -202,7 +201,7 @@ def measure_memory(model, images: Any, plan=None, *, measure: bool = True,
     else:
         trace = run(model, batch, plan)
         how = f"no peak-memory statistics on {device.type}; estimate only"
-    estimate = estimate_activation_memory(trace, _BYTES.get(model.precision, 4))
+    estimate = estimate_activation_memory(trace, bytes_per_element(model.precision))
     report = MemoryReport(str(device), batch.shape[0], estimate, measured, how, int(weights))
     return report, trace
 

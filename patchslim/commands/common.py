@@ -11,7 +11,8 @@ def add_model_arguments(parser, default_model: str, *, precision: bool = True,
                         no_pretrained_help: str = "random weights (for timing and pipeline tests)") -> None:
     """``--model``, ``--weights``, ``--no-pretrained``, ``--device`` and (unless ``precision=False``)
     ``--precision``, read back by :func:`load_model_from_args`."""
-    parser.add_argument("--model", default=default_model, help="model name (see `info`)")
+    parser.add_argument("--model", default=default_model,
+                        help="model name (see `info`), local-dir:FOLDER (a timm folder) or hf-hub:ORG/NAME")
     parser.add_argument("--weights", default=None, help=weights_help)
     parser.add_argument("--no-pretrained", action="store_true", help=no_pretrained_help)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")

@@ -9,7 +9,9 @@ of the app must not make the server read arbitrary paths or download from anywhe
 - ``local-dir:NAME`` only when the operator configured a models folder (``PATCHSLIM_APP_MODELS_DIR``), and only
   for a folder strictly inside it once symlinks are followed (``Path.resolve``). ``NAME`` is a folder name
   relative to the models folder (what the picker offers), or an absolute path inside it. A name with ``..``
-  is refused before anything is looked up;
+  is refused before anything is looked up (the check is :func:`app.server_paths.resolve_inside`, shared with
+  the Audit page's server data). The app names such a model ``local-dir:NAME`` (:func:`shown_name`), never by
+  its path on the server;
 - ``hf-hub:org/name`` only when the operator allows downloads (``PATCHSLIM_APP_ALLOW_HUB=1``).
 
 Anything else is refused with one sentence (:class:`ModelSourceRefused`), which never names a path of the server.
@@ -21,10 +23,12 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Collection, Mapping
 
 from patchslim.errors import PatchslimError
+
+from app import server_paths
 
 MODELS_DIR_ENV = "PATCHSLIM_APP_MODELS_DIR"
 ALLOW_HUB_ENV = "PATCHSLIM_APP_ALLOW_HUB"
@@ -34,6 +38,7 @@ HF_HUB = "hf-hub"
 SOURCE_ALIASES = {"hf_hub": HF_HUB}  # timm's deprecated spelling, refused or allowed like hf-hub
 HUB_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")  # org/name
 CONFIG_FILE = "config.json"
+STAMPED_FILES = (CONFIG_FILE, "model.safetensors", "pytorch_model.bin")  # what timm reads from a local-dir: folder
 MAX_CHOICES = 200  # folders offered in the picker
 
 
@@ -106,30 +111,58 @@ def check(name: str, policy: SourcePolicy, listed: Collection[str] = ()) -> str:
 
 
 def local_folder(rest: str, policy: SourcePolicy) -> Path:
-    """The resolved folder a ``local-dir:`` name points to, if it is strictly inside the models folder.
+    """The resolved folder a ``local-dir:`` name points to, if it is strictly inside the models folder
+    (:func:`app.server_paths.resolve_inside`) and holds a timm ``config.json``.
 
     Raises:
         ModelSourceRefused: no models folder configured, ``..`` in the name, a folder outside the models folder
-            (directly, or through a symlink), or no such folder.
+            (directly, or through a symlink), no such folder, or a folder without ``config.json``.
     """
     if policy.models_dir is None:
         raise ModelSourceRefused("This server loads no local-dir: models: its operator has not configured a "
                                  f"models folder ({MODELS_DIR_ENV}).")
-    if not rest or "\x00" in rest:
-        raise ModelSourceRefused("A local-dir: name needs the name of a folder in the app's models folder.")
-    if ".." in PurePath(rest).parts:
-        raise ModelSourceRefused(f"local-dir:{rest} is refused: a name with '..' could leave the models folder.")
-    root = policy.models_dir.resolve()
-    candidate = Path(rest) if Path(rest).is_absolute() else root / rest
     try:
-        folder = candidate.resolve(strict=True)
-    except (OSError, RuntimeError):  # missing, a symlink loop, or unreadable
-        raise ModelSourceRefused(f"local-dir:{rest} is not a folder in the app's models folder.") from None
-    if root not in folder.parents:
-        raise ModelSourceRefused(f"local-dir:{rest} is refused: it is outside the app's models folder.")
+        folder = server_paths.resolve_inside(policy.models_dir, rest)
+    except server_paths.PathRefused as refused:
+        raise ModelSourceRefused({
+            server_paths.EMPTY: "A local-dir: name needs the name of a folder in the app's models folder.",
+            server_paths.DOT_DOT: f"local-dir:{rest} is refused: a name with '..' could leave the models folder.",
+            server_paths.MISSING: f"local-dir:{rest} is not a folder in the app's models folder.",
+            server_paths.OUTSIDE: f"local-dir:{rest} is refused: it is outside the app's models folder.",
+        }[refused.reason]) from None
     if not folder.is_dir():
         raise ModelSourceRefused(f"local-dir:{rest} is not a folder in the app's models folder.")
+    if not (folder / CONFIG_FILE).is_file():
+        raise ModelSourceRefused(f"local-dir:{rest} is not a timm model folder: it has no {CONFIG_FILE}.")
     return folder
+
+
+def shown_name(name: str, policy: SourcePolicy) -> str:
+    """What the visitor sees for an allowed model name: ``local-dir:NAME`` relative to the models folder (never
+    the folder's path on the server); any other name as it is.
+
+    Raises:
+        ModelSourceRefused: a ``local-dir:`` name the policy refuses (see :func:`local_folder`).
+    """
+    name = name.strip()
+    if source_of(name) != LOCAL_DIR:
+        return name
+    rest = name.partition(":")[2].strip()
+    folder = local_folder(rest, policy)
+    return f"{LOCAL_DIR}:{server_paths.shown_name(policy.models_dir, rest, folder)}"
+
+
+def folder_stamp(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """``(file, modification time in ns, size)`` of a model folder's config and weights files: part of the
+    loaded model's cache key, so files replaced on disk are loaded again instead of served stale."""
+    stamp = []
+    for file in STAMPED_FILES:
+        try:
+            info = (folder / file).stat()
+        except OSError:  # absent (a folder has one weights format, not both)
+            continue
+        stamp.append((file, info.st_mtime_ns, info.st_size))
+    return tuple(stamp)
 
 
 def hub_repo(rest: str, policy: SourcePolicy) -> str:
@@ -156,11 +189,10 @@ def local_choices(policy: SourcePolicy) -> list[str]:
     for child in sorted(policy.models_dir.iterdir(), key=lambda p: p.name):
         name = f"{LOCAL_DIR}:{child.name}"
         try:
-            folder = local_folder(child.name, policy)
+            local_folder(child.name, policy)  # inside, once resolved, with a config.json
         except ModelSourceRefused:
             continue
-        if (folder / CONFIG_FILE).is_file():
-            choices.append(name)
+        choices.append(name)
         if len(choices) >= MAX_CHOICES:
             break
     return choices

@@ -233,10 +233,13 @@ def test_audit_page_audits_the_bundled_sample(app):
     assert len(app.get("download_button")) == 3
 
 
-def test_audit_page_says_why_a_folder_cannot_be_audited(app, tmp_path):
+def test_audit_page_says_why_a_folder_cannot_be_audited(app, tmp_path, monkeypatch):
+    """(Server data needs the operator's data folder: tests/test_app_data_sources.py.)"""
+    monkeypatch.setenv("PATCHSLIM_APP_DATA_DIR", str(tmp_path))
     app.switch_page("app_pages/audit.py").run()
     app.radio(key="audit_source").set_value("A folder, CSV or zip on this server").run()
-    app.text_input(key="audit_folder").set_value(str(tmp_path / "nowhere")).run()
+    app.selectbox(key="audit_server_pick").set_value("Type a path inside it…").run()
+    app.text_input(key="audit_folder").set_value("nowhere").run()
     app.button[0].click().run()
     assert not _exceptions(app)
     assert app.error and "could not run" in app.error[0].value

@@ -7,7 +7,7 @@ import streamlit as st
 import patchslim
 from patchslim import bundled
 
-from app import compute, sidebar, state, views
+from app import compute, data_sources, sidebar, state, views
 from app.panels import panel
 
 settings = sidebar.current()
@@ -23,8 +23,14 @@ st.markdown(
 BUNDLED = "Bundled canvas sample (built-in groups)"
 UPLOAD = "Upload a zip"
 FOLDER = "A folder, CSV or zip on this server"
-sources = ([BUNDLED] if model.name == bundled.BUNDLED_NAME else []) + [UPLOAD, FOLDER]
+TYPED = "Type a path inside it…"
+data_policy = data_sources.DataPolicy.from_environment()  # the operator's data folder, or None: no server data
+sources = [BUNDLED] if model.name == bundled.BUNDLED_NAME else []
+sources += [UPLOAD, FOLDER] if data_policy.enabled else [UPLOAD]
 source = st.radio("Labelled images", sources, key="audit_source", horizontal=True)
+if not data_policy.enabled:
+    st.caption(f"Audits of data already on this server are off: its operator turns them on by naming a data "
+               f"folder in {data_sources.DATA_DIR_ENV}.")
 upload = folder = None
 if source == BUNDLED:
     st.caption("The 500 canvas Fashion-MNIST test images shipped with the app, grouped by **brightness** (dark vs "
@@ -38,8 +44,12 @@ elif source == UPLOAD:
                "extracted; paths with '..' or absolute paths, zip bombs, duplicates and unreadable files are "
                "skipped and listed in the report.")
 else:
-    folder = st.text_input("Path of a folder, a CSV manifest or a zip", key="audit_folder",
-                           placeholder="/data/photos  (ROOT/<group>/<class>/<image>)")
+    folder = st.selectbox("In the server's data folder", data_sources.choices(data_policy) + [TYPED],
+                          key="audit_server_pick", help="Its folders (ROOT/<class>/<image> or "
+                          "ROOT/<group>/<class>/<image>), CSV manifests path,label[,group] and zips.")
+    if folder == TYPED:
+        folder = st.text_input("Path of a folder, a CSV manifest or a zip, inside the server's data folder",
+                               key="audit_folder", placeholder="photos/test  (ROOT/<group>/<class>/<image>)")
 
 methods_col, ratios_col, limit_col = st.columns([3, 2, 1])
 names = patchslim.method_names()
@@ -64,7 +74,7 @@ if st.button("Run the audit", type="primary", disabled=not ready):
 
     with panel("The audit run"):
         try:
-            kind = {BUNDLED: "bundled", UPLOAD: "zip", FOLDER: "folder"}[source]
+            kind = {BUNDLED: "bundled", UPLOAD: "zip", FOLDER: "server"}[source]
             data = compute.audit_data(model, kind, upload.getvalue() if upload is not None else None, folder,
                                       int(limit))
             outcome = compute.run_audit(model, data, methods, sorted(ratios, reverse=True),

@@ -14,28 +14,44 @@ import patchslim  # noqa: E402
 from patchslim import bundled  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def deit_tiny():
-    """DeiT-Ti with a seeded random initialization (no download)."""
-    return patchslim.load_model("deit_tiny_patch16_224", device="cpu", pretrained=False)
-
-
-@pytest.fixture(scope="session")
-def deit_small():
-    """DeiT-S with a seeded random initialization."""
-    return patchslim.load_model("deit_small_patch16_224", device="cpu", pretrained=False)
-
-
-@pytest.fixture(scope="session")
-def deit_small_distilled():
-    """The distilled DeiT-S (two prefix tokens), random initialization."""
-    return patchslim.load_model("deit_small_distilled_patch16_224", device="cpu", pretrained=False)
-
+# One fixture per model, shared by the whole session: the engine never mutates a model (test_threads.py and
+# test_engine.py check it), so one instance serves every test. A test that changes a model on purpose builds
+# its own. Random weights come from load_model's seeded initialization (seed 0), the same in every session.
 
 @pytest.fixture(scope="session")
 def fashion_random():
     """The bundled architecture with random weights: 12x12 patches of 4 px on 48-px images, 6 blocks, cheap."""
     return patchslim.load_model("fashion-vit", device="cpu", pretrained=False)
+
+
+@pytest.fixture(scope="session")
+def fashion_trained():
+    """The bundled model with its trained checkpoint from patchslim/assets/."""
+    return patchslim.load_model("fashion-vit", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def deit_tiny_random():
+    """DeiT-Ti with a seeded random initialization (no download)."""
+    return patchslim.load_model("deit_tiny_patch16_224", device="cpu", pretrained=False)
+
+
+@pytest.fixture(scope="session")
+def deit_tiny_distilled_random():
+    """The distilled DeiT-Ti (CLS + distillation token), random initialization: cheap two-prefix tests."""
+    return patchslim.load_model("deit_tiny_distilled_patch16_224", device="cpu", pretrained=False)
+
+
+@pytest.fixture(scope="session")
+def deit_small_random():
+    """DeiT-S with a seeded random initialization."""
+    return patchslim.load_model("deit_small_patch16_224", device="cpu", pretrained=False)
+
+
+@pytest.fixture(scope="session")
+def deit_small_distilled_random():
+    """The distilled DeiT-S (two prefix tokens), random initialization."""
+    return patchslim.load_model("deit_small_distilled_patch16_224", device="cpu", pretrained=False)
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +62,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def fashion_vit():
-    """The bundled model with its trained checkpoint from patchslim/assets/."""
-    return patchslim.load_model("fashion-vit", device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -27,12 +27,6 @@ from patchslim.errors import PatchslimError
 from patchslim.evaluate import parse_variants
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """The bundled architecture with random weights: 10 Fashion-MNIST classes, 48x48 input."""
-    return patchslim.load_model("fashion-vit", device="cpu", pretrained=False)
-
-
 def _png(seed: int, size: int = 20, level: int | None = None) -> bytes:
     """A small distinct PNG (noise from ``seed``; ``level`` sets a mean intensity)."""
     rng = np.random.default_rng(seed)
@@ -58,7 +52,7 @@ def _reasons(data_or_report, kind: str | None = None) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- sources
 
-def test_class_layout_reports_unknown_labels_empty_classes_and_non_images(tmp_path, tiny):
+def test_class_layout_reports_unknown_labels_empty_classes_and_non_images(tmp_path, fashion_random):
     root = tmp_path / "data"
     for i in range(3):
         _write(root / "Trouser" / f"t{i}.png", _png(i))
@@ -68,7 +62,7 @@ def test_class_layout_reports_unknown_labels_empty_classes_and_non_images(tmp_pa
     (root / "Sandal").mkdir()
     _write(root / "Trouser" / "notes.txt", b"not an image")
     _write(root / "loose.png", _png(40))
-    data = load_labelled(root, tiny)
+    data = load_labelled(root, fashion_random)
     assert len(data) == 9
     assert sorted(set(data.labels.tolist())) == [0, 1, 8]
     assert data.groupings == {}
@@ -80,7 +74,7 @@ def test_class_layout_reports_unknown_labels_empty_classes_and_non_images(tmp_pa
     assert "not in a class folder" in skipped["loose.png"].reason
 
 
-def test_group_layout_detects_groups_and_empty_groups(tmp_path, tiny):
+def test_group_layout_detects_groups_and_empty_groups(tmp_path, fashion_random):
     root = tmp_path / "data"
     for g, offset in (("indoor", 0), ("outdoor", 100)):
         for k, c in enumerate(("Coat", "Sneaker")):
@@ -88,7 +82,7 @@ def test_group_layout_detects_groups_and_empty_groups(tmp_path, tiny):
                 _write(root / g / c / f"{i}.png", _png(offset + 10 * k + i))
     (root / "night" / "Coat").mkdir(parents=True)
     _write(root / "outdoor" / "stray.png", _png(999))
-    data = load_labelled(root, tiny)
+    data = load_labelled(root, fashion_random)
     assert len(data) == 8
     assert sorted(set(data.groupings["group"])) == ["indoor", "outdoor"]
     reasons = _reasons(data)
@@ -97,17 +91,17 @@ def test_group_layout_detects_groups_and_empty_groups(tmp_path, tiny):
     assert "not in a class folder" in reasons["outdoor/stray.png"]
     assert parse_groupings(None, data) == ["group"]
     with pytest.raises(PatchslimError, match="no usable labelled images"):
-        load_labelled(root, tiny, layout="class")  # forced: the group folders are no classes
+        load_labelled(root, fashion_random, layout="class")  # forced: the group folders are no classes
 
 
-def test_csv_manifest_with_groups_unknown_labels_and_missing_files(tmp_path, tiny):
+def test_csv_manifest_with_groups_unknown_labels_and_missing_files(tmp_path, fashion_random):
     for i in range(4):
         _write(tmp_path / "img" / f"{i}.png", _png(50 + i))
     manifest = tmp_path / "list.csv"
     manifest.write_text("path,label,group\n"
                         "img/0.png,Dress,young\nimg/1.png,3,old\nimg/2.png,Pullover,old\n"
                         "img/3.png,unicorn,old\nimg/missing.png,Dress,young\nimg/0.png,Dress,young\n")
-    data = load_labelled(manifest, tiny)
+    data = load_labelled(manifest, fashion_random)
     assert len(data) == 3
     assert data.labels.tolist() == [3, 3, 2]
     assert data.groupings["group"].tolist() == ["young", "old", "old"]
@@ -118,16 +112,16 @@ def test_csv_manifest_with_groups_unknown_labels_and_missing_files(tmp_path, tin
     bad = tmp_path / "bad.csv"
     bad.write_text("file,class\na.png,Dress\n")
     with pytest.raises(PatchslimError, match="path,label"):
-        load_labelled(bad, tiny)
+        load_labelled(bad, fashion_random)
 
 
-def test_duplicates_are_skipped_with_the_first_copy_named(tmp_path, tiny):
+def test_duplicates_are_skipped_with_the_first_copy_named(tmp_path, fashion_random):
     root = tmp_path / "data"
     _write(root / "Bag" / "a.png", _png(1))
     _write(root / "Bag" / "b.png", _png(1))  # same bytes
     _write(root / "Shirt" / "c.png", _png(1))  # same bytes, other class
     _write(root / "Shirt" / "d.png", _png(2))
-    data = load_labelled(root, tiny)
+    data = load_labelled(root, fashion_random)
     assert data.items == ["Bag/a.png", "Shirt/d.png"]
     dupes = _reasons(data, "duplicate")
     assert dupes == {"Bag/b.png": "same content as Bag/a.png", "Shirt/c.png": "same content as Bag/a.png"}
@@ -143,7 +137,7 @@ def _zip(entries: dict[str, bytes], path: Path | None = None) -> bytes:
     return buffer.getvalue()
 
 
-def test_zip_traversal_absolute_paths_and_bombs_are_skipped_and_nothing_is_written(tmp_path, tiny):
+def test_zip_traversal_absolute_paths_and_bombs_are_skipped_and_nothing_is_written(tmp_path, fashion_random):
     entries = {f"wrap/Coat/{i}.png": _png(60 + i) for i in range(3)}
     entries.update({f"wrap/Bag/{i}.png": _png(70 + i) for i in range(3)})
     entries["../../evil.png"] = _png(80)
@@ -155,7 +149,7 @@ def test_zip_traversal_absolute_paths_and_bombs_are_skipped_and_nothing_is_writt
     before = _tree(tmp_path)
     zipped = tmp_path / "upload.zip"
     _zip(entries, zipped)
-    data = load_labelled(zipped, tiny)
+    data = load_labelled(zipped, fashion_random)
     assert len(data) == 6 and set(data.labels.tolist()) == {4, 8}
     reasons = _reasons(data, "archive")
     assert "path traversal" in reasons["../../evil.png"]
@@ -164,15 +158,15 @@ def test_zip_traversal_absolute_paths_and_bombs_are_skipped_and_nothing_is_writt
     assert "absolute path" in reasons["C:/windows/abs.png"]
     assert "zip bomb" in reasons["wrap/Coat/bomb.bmp"]
     # Caps on file count and total size: what is past them is reported, the rest audited.
-    capped = load_labelled(zipped.read_bytes(), tiny, max_files=4)
+    capped = load_labelled(zipped.read_bytes(), fashion_random, max_files=4)
     assert len(capped) == 4
     assert any("cap of 4 files" in s.reason and s.count == 2 for s in capped.skipped)
-    small = load_labelled(zipped.read_bytes(), tiny, max_bytes=3 * len(_png(60)) + 10)
+    small = load_labelled(zipped.read_bytes(), fashion_random, max_bytes=3 * len(_png(60)) + 10)
     assert 1 <= len(small) <= 3
     assert any("unpack to more than" in s.reason for s in small.skipped)
     # The audit of the zip writes only into its output folder.
     out = tmp_path / "out"
-    report = run_audit(tiny, zipped, "random", "0.5", out, shard_size=4, n_boot=100)
+    report = run_audit(fashion_random, zipped, "random", "0.5", out, shard_size=4, n_boot=100)
     assert report.audited == 6
     assert {s.item for s in report.skipped} >= {"../../evil.png", "/etc/abs.png", "wrap/Coat/bomb.bmp"}
     after = _tree(tmp_path)
@@ -180,23 +174,23 @@ def test_zip_traversal_absolute_paths_and_bombs_are_skipped_and_nothing_is_writt
     assert not (tmp_path.parent / "evil.png").exists() and not Path("/etc/abs.png").exists()
 
 
-def test_zip_manifest_paths_stay_inside_the_zip(tmp_path, tiny):
+def test_zip_manifest_paths_stay_inside_the_zip(tmp_path, fashion_random):
     entries = {"a.png": _png(90), "b.png": _png(91),
                "labels.csv": b"path,label\na.png,Sneaker\nb.png,Sandal\n../outside.png,Sandal\n/abs.png,Bag\n"}
-    data = load_labelled(_zip(entries), tiny)
+    data = load_labelled(_zip(entries), fashion_random)
     assert data.labels.tolist() == [7, 5]
     reasons = _reasons(data)
     assert "leaves the zip" in reasons["../outside.png"] and "leaves the zip" in reasons["/abs.png"]
 
 
-def test_unreadable_and_truncated_images_are_reported_and_the_audit_carries_on(tmp_path, tiny):
+def test_unreadable_and_truncated_images_are_reported_and_the_audit_carries_on(tmp_path, fashion_random):
     root = tmp_path / "data"
     for i in range(4):
         _write(root / "Dress" / f"{i}.png", _png(100 + i))
     _write(root / "Dress" / "garbage.png", b"this is not a png at all")
     _write(root / "Dress" / "truncated.png", _png(200, size=40)[:60])
     _write(root / "Dress" / "empty.jpg", b"")
-    report = run_audit(tiny, root, "uniform", "0.5", tmp_path / "out", n_boot=100)
+    report = run_audit(fashion_random, root, "uniform", "0.5", tmp_path / "out", n_boot=100)
     assert report.audited == 4 and report.images == 7
     reasons = _reasons(report)
     assert "could not be decoded" in reasons["Dress/garbage.png"]
@@ -255,18 +249,18 @@ def test_disparity_flags_a_group_clearly_hurt_more_and_not_equal_groups():
 
 # --------------------------------------------------------------------------- runner
 
-def _canvas_data(tiny, n: int = 36):
-    return load_labelled("bundled", tiny).subset(n)
+def _canvas_data(model, n: int = 36):
+    return load_labelled("bundled", model).subset(n)
 
 
-def test_an_interrupted_audit_resumes_to_the_same_result(tmp_path, tiny):
-    data = _canvas_data(tiny)
+def test_an_interrupted_audit_resumes_to_the_same_result(tmp_path, fashion_random):
+    data = _canvas_data(fashion_random)
     plans = audit_plans(parse_variants("random,evit"), [0.5])
-    whole = AuditJob(tiny, data, plans, tmp_path / "whole", batch_size=8, shard_size=12)
+    whole = AuditJob(fashion_random, data, plans, tmp_path / "whole", batch_size=8, shard_size=12)
     whole.run()
     expected = build_report(whole, ["brightness", "family"], n_boot=200)
 
-    job = AuditJob(tiny, data, plans, tmp_path / "killed", batch_size=8, shard_size=12)
+    job = AuditJob(fashion_random, data, plans, tmp_path / "killed", batch_size=8, shard_size=12)
 
     def kill(shard: int) -> None:
         raise KeyboardInterrupt
@@ -275,7 +269,7 @@ def test_an_interrupted_audit_resumes_to_the_same_result(tmp_path, tiny):
         job.run(after_shard=kill)
     assert not job.complete()
     assert len(job.shard_tasks()) == 2  # one of three shards was kept
-    resumed = AuditJob(tiny, data, plans, tmp_path / "killed", batch_size=8, shard_size=12)
+    resumed = AuditJob(fashion_random, data, plans, tmp_path / "killed", batch_size=8, shard_size=12)
     odd = resumed.run(part=(1, 2))  # a second worker's share: shard 1 of shards 1 (and 3, ...)
     assert (odd.ran, odd.complete) == (1, False)
     summary = resumed.run()
@@ -285,12 +279,12 @@ def test_an_interrupted_audit_resumes_to_the_same_result(tmp_path, tiny):
     assert disparity_csv(got) == disparity_csv(expected)
     # Other settings refuse to mix into these parts.
     with pytest.raises(PatchslimError, match="other settings"):
-        AuditJob(tiny, data, plans, tmp_path / "killed", batch_size=4, shard_size=12).run()
+        AuditJob(fashion_random, data, plans, tmp_path / "killed", batch_size=4, shard_size=12).run()
 
 
-def test_report_rows_follow_the_outcomes(tmp_path, tiny):
-    data = _canvas_data(tiny, 24)
-    report = run_audit(tiny, data, "random", "0.5", tmp_path / "out", groupings="brightness,family",
+def test_report_rows_follow_the_outcomes(tmp_path, fashion_random):
+    data = _canvas_data(fashion_random, 24)
+    report = run_audit(fashion_random, data, "random", "0.5", tmp_path / "out", groupings="brightness,family",
                        evidence=True, n_boot=100, shard_size=10)
     rows = {(r.by, r.group): r for r in report.rows}
     assert rows[("all", "all")].images == 24
@@ -342,12 +336,12 @@ def test_cli_end_to_end_on_a_tiny_group_folder(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_html_report_is_self_contained_and_escapes_names(tmp_path, tiny):
+def test_html_report_is_self_contained_and_escapes_names(tmp_path, fashion_random):
     root = tmp_path / "data"
     for g in ("<img src=x onerror=alert(1)>", "plain"):
         for i in range(3):
             _write(root / g / "Coat" / f"{i}.png", _png(300 + 10 * len(g) + i))
-    report = run_audit(tiny, root, "random", "0.5", tmp_path / "out", n_boot=50)
+    report = run_audit(fashion_random, root, "random", "0.5", tmp_path / "out", n_boot=50)
     page = html_report(report)
     markup = re.sub(r"<script.*?</script>", "", page, flags=re.S)  # names in the chart data are JSON, not HTML
     assert "<img src=x" not in markup and "&lt;img src=x onerror=alert(1)&gt;" in markup

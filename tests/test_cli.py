@@ -22,8 +22,8 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def canvas_png(tmp_path_factory) -> Path:
-    images, _ = bundled.load_bundled_sample()
+def canvas_png(tmp_path_factory, fashion_sample) -> Path:
+    images, _ = fashion_sample
     path = tmp_path_factory.mktemp("img") / "canvas.png"
     Image.fromarray(images[0]).save(path)
     return path

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import patchslim
 from patchslim import bundled
 from patchslim.data import (
     LabelledImages,
@@ -23,11 +22,6 @@ from patchslim.data import (
     load_labelled,
 )
 from patchslim.errors import DataError, DataNotFoundError, PatchslimError
-
-
-@pytest.fixture(scope="module")
-def model():
-    return patchslim.load_model("fashion-vit", device="cpu", pretrained=False)
 
 
 def _png(seed: int) -> bytes:
@@ -80,32 +74,34 @@ def every_format(tmp_path, class_folder) -> dict[str, object]:
             "zip bytes": buffer.getvalue()}
 
 
-def test_every_format_loads_the_same_labelled_images(model, every_format):
+def test_every_format_loads_the_same_labelled_images(fashion_random, every_format):
     expected = None
     for kind, source in every_format.items():
-        data = load_labelled(source, model)
+        data = load_labelled(source, fashion_random)
         assert isinstance(data, LabelledImages) and len(data) == 12, kind
         labels = [data.class_names[i] for i in data.labels]
         assert sorted(labels) == sorted(CLASSES * 4), kind
-        pixels = {tuple(data.items[i].split("/")[-2:]): decode(data, model, [i]).images[0] for i in range(len(data))}
+        pixels = {tuple(data.items[i].split("/")[-2:]): decode(data, fashion_random, [i]).images[0]
+                  for i in range(len(data))}
         if kind == "grouped folder":
             assert sorted(set(data.groupings["group"])) == ["a", "b"]
         if expected is None:
             expected = pixels
         assert pixels.keys() == expected.keys(), kind
         assert all(np.array_equal(pixels[k], expected[k]) for k in expected), kind
-    assert load_labelled(every_format["manifest"], model).groupings["group"].tolist()[:4] == ["a", "a", "b", "b"]
+    groups = load_labelled(every_format["manifest"], fashion_random).groupings["group"]
+    assert groups.tolist()[:4] == ["a", "a", "b", "b"]
 
 
-def test_bundled_sets_load_as_canvases(model):
+def test_bundled_sets_load_as_canvases(fashion_random):
     images, labels = bundled.load_bundled_sample()
-    data = load_labelled("bundled", model)
+    data = load_labelled("bundled", fashion_random)
     assert len(data) == len(labels) and data.canvases is not None and data.items[3] == "test image 3"
     assert np.array_equal(data.labels, labels)
-    batch = next(iter_batches(data, model, 0, 5, 5))
+    batch = next(iter_batches(data, fashion_random, 0, 5, 5))
     assert batch.images.shape == (5, 1, 48, 48) and batch.ok.all()
     same = canvas_images(images, labels, "sample")
-    assert np.array_equal(decode(same, model, [7, 2]).images, decode(data, model, [7, 2]).images)
+    assert np.array_equal(decode(same, fashion_random, [7, 2]).images, decode(data, fashion_random, [7, 2]).images)
 
 
 def test_limit_is_evenly_spaced_and_exact():
@@ -122,8 +118,8 @@ def test_limit_is_evenly_spaced_and_exact():
         limit_indices(10, 0)
 
 
-def test_subset_keeps_every_class_of_a_sorted_folder(model, class_folder):
-    data = load_labelled(class_folder, model)
+def test_subset_keeps_every_class_of_a_sorted_folder(fashion_random, class_folder):
+    data = load_labelled(class_folder, fashion_random)
     small = data.subset(6)
     assert len(small) == 6 and sorted(set(small.labels.tolist())) == sorted(set(data.labels.tolist()))
     assert small.items == [data.items[i] for i in limit_indices(12, 6)]
@@ -138,8 +134,8 @@ def _evaluated_items(capsys, argv) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_evaluate_audit_and_train_policy_read_the_same_images_with_the_same_limit(model, class_folder, tmp_path,
-                                                                                    monkeypatch, capsys):
+def test_evaluate_audit_and_train_policy_read_the_same_images_with_the_same_limit(fashion_random, class_folder,
+                                                                                    tmp_path, monkeypatch, capsys):
     """One source, ``--limit 5``: the three commands see the same five images in the same order."""
     from patchslim.cli import main
     import patchslim.data as data_module
@@ -173,36 +169,35 @@ def test_evaluate_audit_and_train_policy_read_the_same_images_with_the_same_limi
                  "--out", str(tmp_path / "policy.safetensors"), "--no-progress"]) == 0
     capsys.readouterr()
     assert seen["evaluate"] == seen["audit"] == seen["train-policy"]
-    all_items = original(class_folder, model).items
+    all_items = original(class_folder, fashion_random).items
     assert seen["evaluate"] == [all_items[i] for i in (0, 2, 4, 7, 9)]  # i * 12 // 5
 
 
-def test_the_app_reads_data_through_the_same_loader(model, class_folder):
+def test_the_app_reads_data_through_the_same_loader(fashion_random, class_folder):
     from app import compute
 
-    via_app = compute.audit_data(model, "folder", folder=str(class_folder), limit=5)
-    direct = load_labelled(class_folder, model).subset(5)
+    via_app = compute.audit_data(fashion_random, "folder", folder=str(class_folder), limit=5)
+    direct = load_labelled(class_folder, fashion_random).subset(5)
     assert via_app.items == direct.items and np.array_equal(via_app.labels, direct.labels)
 
 
-def test_bad_inputs_give_one_clear_error(model, class_folder, tmp_path, capsys):
+def test_bad_inputs_give_one_clear_error(fashion_random, deit_tiny_random, class_folder, tmp_path, capsys):
     from patchslim.cli import main
 
     with pytest.raises(DataNotFoundError, match="no such data folder, manifest or zip"):
-        load_labelled(tmp_path / "nowhere", model)
+        load_labelled(tmp_path / "nowhere", fashion_random)
     other = tmp_path / "notes.txt"
     other.write_text("hello")
     with pytest.raises(DataError, match="neither a folder, a .csv manifest nor a .zip"):
-        load_labelled(other, model)
+        load_labelled(other, fashion_random)
     (tmp_path / "empty" / "spaceship").mkdir(parents=True)
     _write(tmp_path / "empty" / "spaceship" / "x.png", _png(1))
     with pytest.raises(DataError, match="no usable labelled images .* left out: folder name 'spaceship'"):
-        load_labelled(tmp_path / "empty", model)
+        load_labelled(tmp_path / "empty", fashion_random)
     with pytest.raises(DataError, match="not a readable zip"):
-        load_labelled(b"PK\x03\x04 broken", model)
-    deit = patchslim.load_model("deit_tiny_patch16_224", device="cpu", pretrained=False)
+        load_labelled(b"PK\x03\x04 broken", fashion_random)
     with pytest.raises(DataError, match="labelled for 'fashion-vit'"):
-        load_labelled("bundled", deit)
+        load_labelled("bundled", deit_tiny_random)
     assert issubclass(DataError, PatchslimError) and issubclass(DataNotFoundError, FileNotFoundError)
     # The same message, one line, from each command.
     messages = []

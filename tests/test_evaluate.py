@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import patchslim
 from patchslim import bundled
 from patchslim.data import canvas_images, class_lookup, load_labelled
 from patchslim.errors import PlanError, UnknownMethodError
@@ -21,20 +20,15 @@ from patchslim.evaluate import (
 
 
 @pytest.fixture(scope="module")
-def model():
-    return patchslim.load_model("fashion-vit", device="cpu", pretrained=False)
-
-
-@pytest.fixture(scope="module")
-def sample_data():
-    images, labels = bundled.load_bundled_sample()
+def sample_data(fashion_sample):
+    images, labels = fashion_sample
     return canvas_images(images[:24], labels[:24], "sample")
 
 
 @pytest.fixture()
-def image_folder(tmp_path):
+def image_folder(tmp_path, fashion_sample):
     """ROOT/<class>/<image> with class names matched loosely, by index, and one unknown folder."""
-    images, labels = bundled.load_bundled_sample()
+    images, labels = fashion_sample
     folders = {1: "Trouser", 8: "bag", 9: "9", 0: "t_shirt_top"}
     for label, name in folders.items():
         (tmp_path / name).mkdir()
@@ -47,9 +41,9 @@ def image_folder(tmp_path):
     return tmp_path
 
 
-def test_evaluate_shapes_and_rho_one_is_the_unslimmed_model(model, sample_data):
+def test_evaluate_shapes_and_rho_one_is_the_unslimmed_model(fashion_random, sample_data):
     variants = parse_variants("random,random@1")
-    result = evaluate(model, sample_data, variants, [1.0, 0.5], batch_size=10, progress=False)
+    result = evaluate(fashion_random, sample_data, variants, [1.0, 0.5], batch_size=10, progress=False)
     assert [(r.method, r.keep_ratio) for r in result.rows] == [
         ("random", 1.0), ("random", 0.5), ("random@1", 1.0), ("random@1", 0.5)]
     assert result.n == 24 and all(r.n == 24 for r in result.rows)
@@ -65,12 +59,12 @@ def test_evaluate_shapes_and_rho_one_is_the_unslimmed_model(model, sample_data):
     assert "| random@1 |" in text and "rho 0.5" in text
 
 
-def test_folder_labels_and_unknown_folders_are_reported(model, image_folder):
-    data = load_labelled(image_folder, model)
+def test_folder_labels_and_unknown_folders_are_reported(fashion_random, image_folder):
+    data = load_labelled(image_folder, fashion_random)
     assert len(data) == 9  # broken.png is listed; it fails when decoded
     assert sorted(set(data.labels.tolist())) == [0, 1, 8, 9]
     assert {s.item: s.count for s in data.skipped if s.kind == "label"} == {"hats": 2}
-    result = evaluate(model, data, parse_variants("random"), [1.0], batch_size=3, progress=False)
+    result = evaluate(fashion_random, data, parse_variants("random"), [1.0], batch_size=3, progress=False)
     assert result.unknown_labels == {"hats": 2} and result.n == 8
     assert len(result.unreadable) == 1 and "bag/broken.png: could not be decoded" in result.unreadable[0]
     assert "hats (2)" in result.markdown() and "Files left out: 1" in result.markdown()
@@ -97,8 +91,8 @@ def test_parse_variants_placements_and_scoped_options():
             parse_keep_ratios(bad)
 
 
-def test_write_outputs(model, sample_data, tmp_path):
-    result = evaluate(model, sample_data, parse_variants("random"), [1.0, 0.3], batch_size=24, progress=False)
+def test_write_outputs(fashion_random, sample_data, tmp_path):
+    result = evaluate(fashion_random, sample_data, parse_variants("random"), [1.0, 0.3], batch_size=24, progress=False)
     paths = write_outputs(result, tmp_path, png=False, command="python -m patchslim evaluate ...")
     header = paths["csv"].read_text().splitlines()[0].split(",")
     for column in ("method", "keep_ratio", "keep_ratio_reached", "top1", "agreement", "n"):
@@ -132,11 +126,11 @@ def test_canvas_data_is_refused_for_other_models(capsys):
     assert code != 0 and "folder" in err
 
 
-def test_results_round_trip_and_merge(model, sample_data):
+def test_results_round_trip_and_merge(fashion_random, sample_data):
     from patchslim.evaluate import EvaluationResult, merge_results
 
-    a = evaluate(model, sample_data, parse_variants("random"), [1.0, 0.5], batch_size=24, progress=False)
-    b = evaluate(model, sample_data, parse_variants("random@1"), [1.0, 0.5], batch_size=24, progress=False)
+    a = evaluate(fashion_random, sample_data, parse_variants("random"), [1.0, 0.5], batch_size=24, progress=False)
+    b = evaluate(fashion_random, sample_data, parse_variants("random@1"), [1.0, 0.5], batch_size=24, progress=False)
     again = EvaluationResult.from_dict(json.loads(json.dumps(a.to_dict())))
     assert [(r.method, r.keep_ratio, r.top1, r.correct) for r in again.rows] == \
         [(r.method, r.keep_ratio, r.top1, r.correct) for r in a.rows]

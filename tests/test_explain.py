@@ -21,12 +21,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def canvas(fashion_random):
-    """One canvas image as the model's input ``[1, 1, 48, 48]`` (an item on a black background)."""
-    from patchslim import bundled
-
-    images, _ = bundled.load_bundled_sample()
-    return bundled.to_model_input(images[:1].copy())
+def canvas(fashion_batch):
+    """One canvas image as the model's input ``[1, 1, 48, 48]`` (an item on a black background): the first of
+    the shared sample batch, so it is loaded once per session."""
+    return fashion_batch[0][:1]
 
 
 # --------------------------------------------------------------------------- attention maps
@@ -138,8 +136,8 @@ def test_keep_all_gives_the_unslimmed_maps(fashion_random, canvas):
 # --------------------------------------------------------------------------- attributions
 
 @pytest.mark.parametrize("name", ["fashion-vit", "deit_tiny_patch16_224"])
-def test_feature_mask_covers_every_pixel_once(name, fashion_random, deit_tiny):
-    model = fashion_random if name == "fashion-vit" else deit_tiny
+def test_feature_mask_covers_every_pixel_once(name, fashion_random, deit_tiny_random):
+    model = fashion_random if name == "fashion-vit" else deit_tiny_random
     mask = ex.patch_feature_mask(model)
     h, w = model.spec.img_size
     assert mask.shape == (1, 1, h, w)
@@ -192,9 +190,10 @@ def test_occlusion_one_feature_per_patch(fashion_random, canvas):
     assert all_black.any() and np.all(result.grid[all_black] == 0)
 
 
-def test_attribution_on_deit_shape(deit_tiny):
+def test_attribution_on_deit_shape(deit_tiny_random):
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    result = ex.integrated_gradients(deit_tiny, x, SlimPlan.single("random", 0.5), n_steps=2, internal_batch_size=2)
+    result = ex.integrated_gradients(deit_tiny_random, x, SlimPlan.single("random", 0.5), n_steps=2,
+                                     internal_batch_size=2)
     assert result.grid.shape == (14, 14)
 
 

@@ -49,10 +49,9 @@ class ListPayload:
 
 
 @pytest.fixture(scope="module")
-def fashion_state() -> dict[str, torch.Tensor]:
+def fashion_state(fashion_random) -> dict[str, torch.Tensor]:
     """A real state dict of the bundled model (random init), so every file is otherwise a valid checkpoint."""
-    model = patchslim.load_model(bundled.BUNDLED_NAME, device="cpu", pretrained=False)
-    return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+    return {k: v.detach().clone() for k, v in fashion_random.model.state_dict().items()}
 
 
 def _pickle_checkpoints(folder: Path, state: dict) -> list[tuple[Path, Path]]:
@@ -156,11 +155,11 @@ def test_safetensors_with_missing_tensors_is_refused(tmp_path, fashion_state):
         patchslim.load_model(bundled.BUNDLED_NAME, device="cpu", weights=path)
 
 
-def test_another_models_weights_are_refused_both_ways(tmp_path, fashion_state, deit_tiny):
+def test_another_models_weights_are_refused_both_ways(tmp_path, fashion_state, deit_tiny_random):
     fashion_file = _save_safetensors(tmp_path / "fashion.safetensors", fashion_state)
     with pytest.raises(WeightsError, match=r"does not fit deit_tiny_patch16_224"):
         patchslim.load_model("deit_tiny_patch16_224", device="cpu", weights=fashion_file)
-    deit_file = _save_safetensors(tmp_path / "deit_tiny.safetensors", deit_tiny.model.state_dict())
+    deit_file = _save_safetensors(tmp_path / "deit_tiny.safetensors", deit_tiny_random.model.state_dict())
     with pytest.raises(WeightsError, match=r"does not fit fashion-vit"):
         patchslim.load_model(bundled.BUNDLED_NAME, device="cpu", weights=deit_file)
 

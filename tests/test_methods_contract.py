@@ -21,21 +21,9 @@ METHODS = method_names()
 # their own counts, tested exactly in test_methods_math.py.
 EXACT_COUNT_METHODS = [name for name in METHODS if get_method(name).exact_count]
 # The bundled architecture (1 prefix token, 12 x 12 grid, depth 6) and distilled DeiTs (2 prefix tokens).
-CONTRACT_MODELS = ["fashion_arch", "deit_tiny_distilled", "deit_small_distilled"]
-CHEAP_MODELS = ["fashion_arch", "deit_tiny_distilled"]
+CONTRACT_MODELS = ["fashion_random", "deit_tiny_distilled_random", "deit_small_distilled_random"]
+CHEAP_MODELS = ["fashion_random", "deit_tiny_distilled_random"]
 RHO = 0.6
-
-
-@pytest.fixture(scope="module")
-def fashion_arch():
-    """The bundled architecture (12 x 12 patches, depth 6) with a random initialization."""
-    return patchslim.load_model("fashion-vit", device="cpu", pretrained=False)
-
-
-@pytest.fixture(scope="module")
-def deit_tiny_distilled():
-    """The distilled DeiT-Ti (CLS + distillation token), random initialization: cheap two-prefix tests."""
-    return patchslim.load_model("deit_tiny_distilled_patch16_224", device="cpu", pretrained=False)
 
 
 def _inputs(model, batch: int = 2) -> torch.Tensor:
@@ -165,7 +153,7 @@ def test_contract(request, monkeypatch, name, fixture):
     assert len(trace.stages) == len(calls)
 
 
-@pytest.mark.parametrize("fixture", ["deit_tiny", "fashion_arch"])
+@pytest.mark.parametrize("fixture", ["deit_tiny_random", "fashion_random"])
 @pytest.mark.parametrize("name", EXACT_COUNT_METHODS)
 def test_rho_reached_within_one_token(request, name, fixture):
     """A single-stage plan at its default places reaches round(rho N) within one token."""
@@ -196,7 +184,7 @@ def test_deterministic_for_a_seed(request, name, fixture):
     assert a.tokens_per_block == b.tokens_per_block
 
 
-@pytest.mark.parametrize("fixture", ["deit_tiny", *CHEAP_MODELS])
+@pytest.mark.parametrize("fixture", ["deit_tiny_random", *CHEAP_MODELS])
 @pytest.mark.parametrize("name", METHODS)
 def test_keep_everything_gives_the_unslimmed_logits(request, name, fixture):
     model = request.getfixturevalue(fixture)

@@ -16,11 +16,6 @@ from patchslim.methods.lowrank import lowrank_tokens
 from patchslim.tokens import Provenance, TokenState
 
 
-@pytest.fixture(scope="module")
-def fashion_arch():
-    return patchslim.load_model("fashion-vit", device="cpu", pretrained=False)
-
-
 def _images(model, batch: int = 1, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, model.spec.in_chans, *model.spec.img_size, generator=g)
@@ -39,18 +34,18 @@ def _input_tokens(model, x: torch.Tensor) -> torch.Tensor:
 # --- uniform (eq. 9) ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("k", [2, 3, 4, 7])
-def test_uniform_keeps_exactly_the_indices_of_eq9(fashion_arch, k):
-    n = fashion_arch.num_patches
-    x = _images(fashion_arch)
-    survey = patchslim.run(fashion_arch, x, SlimPlan.single("uniform", 1 / k)).kept_patch_ids(0)[0]
+def test_uniform_keeps_exactly_the_indices_of_eq9(fashion_random, k):
+    n = fashion_random.num_patches
+    x = _images(fashion_random)
+    survey = patchslim.run(fashion_random, x, SlimPlan.single("uniform", 1 / k)).kept_patch_ids(0)[0]
     # Eq. 9 numbers the patches x_1 .. x_N and keeps i ≡ 0 (mod k): 1-based k, 2k, ...
     assert survey.tolist() == [i - 1 for i in range(1, n + 1) if i % k == 0]
-    zero = patchslim.run(fashion_arch, x, SlimPlan.single("uniform", 1 / k, indexing="zero")).kept_patch_ids(0)[0]
+    zero = patchslim.run(fashion_random, x, SlimPlan.single("uniform", 1 / k, indexing="zero")).kept_patch_ids(0)[0]
     assert zero.tolist() == [i for i in range(n) if i % k == 0]
 
 
-def test_uniform_spaces_any_rho_evenly(deit_tiny):
-    trace = patchslim.run(deit_tiny, _images(deit_tiny), SlimPlan.single("uniform", 0.7))
+def test_uniform_spaces_any_rho_evenly(deit_tiny_random):
+    trace = patchslim.run(deit_tiny_random, _images(deit_tiny_random), SlimPlan.single("uniform", 0.7))
     ids = trace.kept_patch_ids(0)[0]
     assert ids.numel() == round(0.7 * 196)
     gaps = ids.diff()
@@ -60,18 +55,18 @@ def test_uniform_spaces_any_rho_evenly(deit_tiny):
 
 # --- grid (eq. 10) -----------------------------------------------------------------------------------
 
-def test_grid_keeps_the_lattice_of_eq10(deit_tiny, fashion_arch):
-    trace = patchslim.run(deit_tiny, _images(deit_tiny), SlimPlan.single("grid", 0.25))
+def test_grid_keeps_the_lattice_of_eq10(deit_tiny_random, fashion_random):
+    trace = patchslim.run(deit_tiny_random, _images(deit_tiny_random), SlimPlan.single("grid", 0.25))
     lattice = [r * 14 + c for r in range(0, 14, 2) for c in range(0, 14, 2)]  # G = 7, P = 2
     assert trace.kept_patch_ids(0)[0].tolist() == lattice
     assert trace.keep_ratio == 49 / 196
-    trace = patchslim.run(fashion_arch, _images(fashion_arch), SlimPlan.single("grid", 1 / 9))
+    trace = patchslim.run(fashion_random, _images(fashion_random), SlimPlan.single("grid", 1 / 9))
     assert trace.kept_patch_ids(0)[0].tolist() == [r * 12 + c for r in (0, 3, 6, 9) for c in (0, 3, 6, 9)]
 
 
-def test_grid_reports_the_rho_it_reaches_and_spreads_uneven_strides(deit_tiny):
+def test_grid_reports_the_rho_it_reaches_and_spreads_uneven_strides(deit_tiny_random):
     assert grid_shape(0.5, (14, 14)) == (10, 10)  # round(sqrt(98)) = 10
-    trace = patchslim.run(deit_tiny, _images(deit_tiny), SlimPlan.single("grid", 0.5))
+    trace = patchslim.run(deit_tiny_random, _images(deit_tiny_random), SlimPlan.single("grid", 0.5))
     assert trace.keep_ratio == pytest.approx(100 / 196)
     rows = [math.floor(m * 14 / 10) for m in range(10)]  # i = mP with P = 1.4
     assert trace.kept_patch_ids(0)[0].tolist() == [r * 14 + c for r in rows for c in rows]
@@ -85,10 +80,10 @@ def test_grid_on_a_non_square_grid_thins_rows_and_columns_alike():
     assert grid_shape(0.001, (4, 8)) == (1, 1)  # clamped to at least one patch
 
 
-def test_grid_after_another_pruning_stage_is_refused(fashion_arch):
+def test_grid_after_another_pruning_stage_is_refused(fashion_random):
     plan = SlimPlan((patchslim.Stage("random", 0.5), patchslim.Stage("grid", 0.25, blocks=(2,))))
     with pytest.raises(PlanError, match="full 12x12 patch grid"):
-        patchslim.run(fashion_arch, _images(fashion_arch), plan)
+        patchslim.run(fashion_random, _images(fashion_random), plan)
 
 
 # --- lowrank (eq. 11) --------------------------------------------------------------------------------
@@ -141,8 +136,8 @@ def test_lowrank_of_rank_deficient_tokens_still_has_an_orthonormal_basis():
     torch.testing.assert_close(full_loadings.transpose(1, 2) @ full_tokens, x, atol=1e-4, rtol=1e-4)
 
 
-def test_lowrank_in_the_forward_has_orthonormal_loadings(fashion_arch):
-    trace = patchslim.run(fashion_arch, _images(fashion_arch, 2), SlimPlan.single("lowrank", 0.25))
+def test_lowrank_in_the_forward_has_orthonormal_loadings(fashion_random):
+    trace = patchslim.run(fashion_random, _images(fashion_random, 2), SlimPlan.single("lowrank", 0.25))
     w = trace.provenance_at(0).dense()
     assert w.shape == (2, 36, 144)
     torch.testing.assert_close(w @ w.transpose(1, 2), torch.eye(36).expand(2, -1, -1), atol=1e-4, rtol=0)
@@ -157,10 +152,10 @@ def _hand_entropy(z: torch.Tensor) -> torch.Tensor:
     return -(p * p.log()).sum(-1)
 
 
-def test_entropy_at_the_input_drops_the_lowest_entropy_patches(fashion_arch):
-    x = _images(fashion_arch, 2)
-    trace = patchslim.run(fashion_arch, x, SlimPlan.single("entropy", 0.5, blocks=0))
-    s = _hand_entropy(_input_tokens(fashion_arch, x)[:, 1:])
+def test_entropy_at_the_input_drops_the_lowest_entropy_patches(fashion_random):
+    x = _images(fashion_random, 2)
+    trace = patchslim.run(fashion_random, x, SlimPlan.single("entropy", 0.5, blocks=0))
+    s = _hand_entropy(_input_tokens(fashion_random, x)[:, 1:])
     for image in range(2):
         expected = s[image].argsort(descending=True)[:72].sort().values
         assert trace.kept_patch_ids(0)[image].tolist() == expected.tolist()
@@ -171,43 +166,43 @@ def test_entropy_at_the_input_drops_the_lowest_entropy_patches(fashion_arch):
     torch.testing.assert_close(trace.stages[0].scores.double(), s, atol=1e-5, rtol=0)
 
 
-def test_entropy_by_default_scores_after_the_first_block(fashion_arch):
+def test_entropy_by_default_scores_after_the_first_block(fashion_random):
     assert get_method("entropy").default_blocks(6) == (1,)
-    x = _images(fashion_arch)
-    trace = patchslim.run(fashion_arch, x, SlimPlan.single("entropy", 0.3))
+    x = _images(fashion_random)
+    trace = patchslim.run(fashion_random, x, SlimPlan.single("entropy", 0.3))
     with torch.inference_mode():
-        after_block0 = fashion_arch.model.blocks[0](_input_tokens(fashion_arch, x))
+        after_block0 = fashion_random.model.blocks[0](_input_tokens(fashion_random, x))
     s = _hand_entropy(after_block0[:, 1:])[0]
     assert trace.kept_patch_ids(1)[0].tolist() == s.argsort(descending=True)[:43].sort().values.tolist()
     assert trace.tokens_per_block == [145] + [44] * 5
 
 
-def test_entropy_threshold_keeps_the_tokens_above_tau(fashion_arch):
-    x = _images(fashion_arch, 2, seed=4)
-    s = _hand_entropy(_input_tokens(fashion_arch, x)[:, 1:])
+def test_entropy_threshold_keeps_the_tokens_above_tau(fashion_random):
+    x = _images(fashion_random, 2, seed=4)
+    s = _hand_entropy(_input_tokens(fashion_random, x)[:, 1:])
     tau = float(s[0].median())
-    trace = patchslim.run(fashion_arch, x[:1], SlimPlan.single("entropy", blocks=0, tau=tau))
+    trace = patchslim.run(fashion_random, x[:1], SlimPlan.single("entropy", blocks=0, tau=tau))
     assert trace.kept_patch_ids(0)[0].tolist() == torch.nonzero(s[0] > tau).flatten().tolist()
     # In a batch every image keeps the batch's largest count, topped up by the next-highest entropies.
-    trace = patchslim.run(fashion_arch, x, SlimPlan.single("entropy", blocks=0, tau=tau))
+    trace = patchslim.run(fashion_random, x, SlimPlan.single("entropy", blocks=0, tau=tau))
     counts = (s > tau).sum(1)
     assert trace.final_provenance.count == int(counts.max())
     fuller = int(counts.argmax())
     assert trace.kept_patch_ids(0)[fuller].tolist() == torch.nonzero(s[fuller] > tau).flatten().tolist()
 
 
-def test_entropy_tau_too_high_names_tau_and_the_range(fashion_arch):
+def test_entropy_tau_too_high_names_tau_and_the_range(fashion_random):
     with pytest.raises(PlanError, match=r"'tau'.*range from [0-9.]+ to [0-9.]+"):
-        patchslim.run(fashion_arch, _images(fashion_arch), SlimPlan.single("entropy", blocks=0, tau=50.0))
+        patchslim.run(fashion_random, _images(fashion_random), SlimPlan.single("entropy", blocks=0, tau=50.0))
     with pytest.raises(PlanError, match="tau"):
         SlimPlan.single("entropy", tau=-1)
 
 
 # --- attention (eq. 16 and its erratum) --------------------------------------------------------------
 
-def test_printed_eq16_is_constant_and_received_attention_is_not(deit_tiny):
-    x = _images(deit_tiny)
-    trace = patchslim.run(deit_tiny, x, SlimPlan.single("attention", 0.5, blocks=3, score="received",
+def test_printed_eq16_is_constant_and_received_attention_is_not(deit_tiny_random):
+    x = _images(deit_tiny_random)
+    trace = patchslim.run(deit_tiny_random, x, SlimPlan.single("attention", 0.5, blocks=3, score="received",
                                                          attention_blocks=(2,)))
     attn = trace.attention[2]
     printed = printed_scores(attn, 1)
@@ -221,9 +216,9 @@ def test_printed_eq16_is_constant_and_received_attention_is_not(deit_tiny):
     torch.testing.assert_close(received[0], hand)
 
 
-def test_attention_cls_score_reads_the_prefix_rows(deit_small_distilled):
-    x = _images(deit_small_distilled)
-    trace = patchslim.run(deit_small_distilled, x, SlimPlan.single("attention", 0.25, blocks=2,
+def test_attention_cls_score_reads_the_prefix_rows(deit_small_distilled_random):
+    x = _images(deit_small_distilled_random)
+    trace = patchslim.run(deit_small_distilled_random, x, SlimPlan.single("attention", 0.25, blocks=2,
                                                                     attention_blocks=(1,)))
     attn = trace.attention[1]
     hand = (attn[0, :, 0, 2:] + attn[0, :, 1, 2:]).mean(0) / 2  # CLS and distillation rows
@@ -231,28 +226,28 @@ def test_attention_cls_score_reads_the_prefix_rows(deit_small_distilled):
     assert trace.kept_patch_ids(2)[0].tolist() == hand.argsort(descending=True)[:49].sort().values.tolist()
 
 
-def test_attention_default_block_and_multi_stage(fashion_arch):
+def test_attention_default_block_and_multi_stage(fashion_random):
     method = get_method("attention")
     assert method.default_blocks(12) == (3,) and method.default_blocks(6) == (2,)
-    trace = patchslim.run(fashion_arch, _images(fashion_arch), SlimPlan.single("attention", 0.5, blocks=(2, 4)))
+    trace = patchslim.run(fashion_random, _images(fashion_random), SlimPlan.single("attention", 0.5, blocks=(2, 4)))
     assert trace.tokens_per_block == [145, 145, 73, 73, 37, 37]
     with pytest.raises(PlanError, match="block 0"):
-        patchslim.run(fashion_arch, _images(fashion_arch), SlimPlan.single("attention", 0.5, blocks=0))
+        patchslim.run(fashion_random, _images(fashion_random), SlimPlan.single("attention", 0.5, blocks=0))
 
 
 # --- tome --------------------------------------------------------------------------------------------
 
-def test_tome_with_r_zero_changes_nothing(deit_tiny):
-    x = _images(deit_tiny, 2)
-    plain = patchslim.run(deit_tiny, x)
-    trace = patchslim.run(deit_tiny, x, SlimPlan.single("tome", r=0))
+def test_tome_with_r_zero_changes_nothing(deit_tiny_random):
+    x = _images(deit_tiny_random, 2)
+    plain = patchslim.run(deit_tiny_random, x)
+    trace = patchslim.run(deit_tiny_random, x, SlimPlan.single("tome", r=0))
     assert torch.equal(trace.logits, plain.logits)
     assert trace.tokens_per_block == [197] * 12
 
 
 @pytest.mark.parametrize("r", [8, 13, 16])
-def test_tome_token_counts_on_deit_s(deit_small, r):
-    trace = patchslim.run(deit_small, _images(deit_small), SlimPlan.single("tome", r=r))
+def test_tome_token_counts_on_deit_s(deit_small_random, r):
+    trace = patchslim.run(deit_small_random, _images(deit_small_random), SlimPlan.single("tome", r=r))
     attention, mlp = _counts(trace)
     expected = [197]
     for _ in range(12):  # at most half of the non-prefix tokens per block, as in ToMe
@@ -264,19 +259,19 @@ def test_tome_token_counts_on_deit_s(deit_small, r):
     assert all(b.merged_sizes for b in trace.blocks[1:])
 
 
-def test_tome_clips_r_to_half_the_tokens_and_refuses_r_above_n(fashion_arch):
-    trace = patchslim.run(fashion_arch, _images(fashion_arch), SlimPlan.single("tome", r=144))
+def test_tome_clips_r_to_half_the_tokens_and_refuses_r_above_n(fashion_random):
+    trace = patchslim.run(fashion_random, _images(fashion_random), SlimPlan.single("tome", r=144))
     assert [m - 1 for m in _counts(trace)[1]] == [72, 36, 18, 9, 5, 3]
     with pytest.raises(PlanError, match=r"'r'.*\[0, 144\]"):
-        patchslim.run(fashion_arch, _images(fashion_arch), SlimPlan.single("tome", r=145))
+        patchslim.run(fashion_random, _images(fashion_random), SlimPlan.single("tome", r=145))
 
 
-def test_tome_from_keep_ratio_spreads_the_budget_to_reach_rho(deit_tiny):
-    trace = patchslim.run(deit_tiny, _images(deit_tiny), SlimPlan.single("tome", 0.5))
+def test_tome_from_keep_ratio_spreads_the_budget_to_reach_rho(deit_tiny_random):
+    trace = patchslim.run(deit_tiny_random, _images(deit_tiny_random), SlimPlan.single("tome", 0.5))
     mlp = [m - 1 for m in _counts(trace)[1]]
     removed = [a - b for a, b in zip([196] + mlp, mlp)]
     assert mlp[-1] == 98 and sorted(set(removed)) == [8, 9]  # 98 over 12 blocks: 8 or 9 each
-    trace = patchslim.run(deit_tiny, _images(deit_tiny), SlimPlan.single("tome", 0.5, blocks=(4, 8)))
+    trace = patchslim.run(deit_tiny_random, _images(deit_tiny_random), SlimPlan.single("tome", 0.5, blocks=(4, 8)))
     assert [m - 1 for m in _counts(trace)[1]][3:9] == [196, 147, 147, 147, 147, 98]
 
 
@@ -303,8 +298,8 @@ def test_tome_merges_the_most_similar_pair_into_a_size_weighted_average():
 # --- evit --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("keep, counts", [(0.7, (140, 100, 72)), (0.5, (100, 52, 28))])
-def test_evit_token_counts_on_deit_s(deit_small, keep, counts):
-    trace = patchslim.run(deit_small, _images(deit_small), SlimPlan.single("evit", keep))
+def test_evit_token_counts_on_deit_s(deit_small_random, keep, counts):
+    trace = patchslim.run(deit_small_random, _images(deit_small_random), SlimPlan.single("evit", keep))
     attention, mlp = _counts(trace)
     a, b, c = counts  # ceil(rho M) kept + CLS + the fused token; M counts the previous fused token
     assert mlp == [197] * 3 + [a] * 3 + [b] * 3 + [c] * 3

@@ -22,16 +22,16 @@ from patchslim.errors import (
 )
 
 
-def test_loaded_model_describes_itself(deit_small, deit_small_distilled, fashion_vit):
-    assert deit_small.patch_size == (16, 16)
-    assert deit_small.grid_size == (14, 14)
-    assert deit_small.num_prefix_tokens == 1
-    assert deit_small_distilled.num_prefix_tokens == 2
-    assert len(deit_small.class_names) == 1000
-    assert deit_small.class_names[1].startswith("goldfish")
-    assert fashion_vit.grid_size == (12, 12)
-    assert fashion_vit.class_names == bundled.CLASS_NAMES
-    assert not deit_small.model.training
+def test_loaded_model_describes_itself(deit_small_random, deit_small_distilled_random, fashion_trained):
+    assert deit_small_random.patch_size == (16, 16)
+    assert deit_small_random.grid_size == (14, 14)
+    assert deit_small_random.num_prefix_tokens == 1
+    assert deit_small_distilled_random.num_prefix_tokens == 2
+    assert len(deit_small_random.class_names) == 1000
+    assert deit_small_random.class_names[1].startswith("goldfish")
+    assert fashion_trained.grid_size == (12, 12)
+    assert fashion_trained.class_names == bundled.CLASS_NAMES
+    assert not deit_small_random.model.training
 
 
 @pytest.mark.parametrize("name", ["deit_base_patch16_224", "vit_base_patch16_224"])
@@ -62,8 +62,8 @@ def test_weights_dir_environment_variable(tmp_path, monkeypatch):
     assert models.weights_status("deit_tiny_patch16_224").startswith("ready")
 
 
-def test_weights_for_another_model_are_refused_with_the_reason(tmp_path):
-    other = patchslim.load_model("deit_small_patch16_224", device="cpu", pretrained=False)
+def test_weights_for_another_model_are_refused_with_the_reason(tmp_path, deit_small_random):
+    other = deit_small_random
     path = tmp_path / "small.safetensors"
     save_file({k: v.contiguous() for k, v in other.model.state_dict().items()}, str(path))
     with pytest.raises(WeightsError, match="does not fit deit_tiny_patch16_224: .*shape mismatch"):
@@ -146,11 +146,11 @@ def test_fp16_on_cpu_is_refused():
         patchslim.load_model("fashion-vit", device="cpu", precision="fp16")
 
 
-def test_bundled_model_accuracy_on_the_shipped_sample(fashion_vit, fashion_sample):
+def test_bundled_model_accuracy_on_the_shipped_sample(fashion_trained, fashion_sample):
     images, labels = fashion_sample
     assert images.shape[1:] == (48, 48) and len(images) >= 300
     x = bundled.to_model_input(images)
-    pred = patchslim.run(fashion_vit, x).logits.argmax(-1).numpy()
+    pred = patchslim.run(fashion_trained, x).logits.argmax(-1).numpy()
     accuracy = float((pred == labels).mean())
     record = json.loads((bundled.ASSETS_DIR / "fashion_vit_training.json").read_text())
     assert accuracy >= 0.82, accuracy
@@ -159,20 +159,21 @@ def test_bundled_model_accuracy_on_the_shipped_sample(fashion_vit, fashion_sampl
 
 
 @pytest.mark.skipif(not bundled.fashion_mnist_available(), reason="needs apt-get install dataset-fashion-mnist")
-def test_bundled_model_accuracy_on_the_full_canvas_test_set(fashion_vit):
+def test_bundled_model_accuracy_on_the_full_canvas_test_set(fashion_trained, fashion_sample):
     images, labels = bundled.canvas_test_set()
     assert len(images) == 10_000
-    sample_images, _ = bundled.load_bundled_sample()
+    sample_images, _ = fashion_sample
     assert np.array_equal(images[: len(sample_images)], sample_images)  # same fixed positions
     correct = 0
     for start in range(0, len(images), 1000):
         x = bundled.to_model_input(images[start : start + 1000])
-        correct += int((patchslim.run(fashion_vit, x).logits.argmax(-1).numpy() == labels[start : start + 1000]).sum())
+        pred = patchslim.run(fashion_trained, x).logits.argmax(-1).numpy()
+        correct += int((pred == labels[start : start + 1000]).sum())
     assert correct / len(images) >= 0.85
 
 
-def test_bundled_transform_accepts_any_photo(fashion_vit):
+def test_bundled_transform_accepts_any_photo(fashion_trained):
     from PIL import Image
 
     photo = Image.new("RGB", (300, 200), (200, 30, 30))
-    assert fashion_vit.transform(photo).shape == (1, 48, 48)
+    assert fashion_trained.transform(photo).shape == (1, 48, 48)

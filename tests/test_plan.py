@@ -24,9 +24,9 @@ def test_unknown_option_names_the_method_and_its_options():
         SlimPlan.single("random", 0.5, r=3)
 
 
-def test_block_outside_the_model_is_refused(deit_tiny, imagenet_batch):
+def test_block_outside_the_model_is_refused(deit_tiny_random, imagenet_batch):
     with pytest.raises(PlanError, match=r"block 12 is outside the model \(blocks 0..11\)"):
-        patchslim.run(deit_tiny, imagenet_batch, SlimPlan.single("random", 0.5, blocks=(12,)))
+        patchslim.run(deit_tiny_random, imagenet_batch, SlimPlan.single("random", 0.5, blocks=(12,)))
 
 
 def test_from_options_reads_blocks_as_placement():

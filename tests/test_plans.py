@@ -11,20 +11,14 @@ from patchslim.methods.attention import cls_scores
 from patchslim.methods.grid import grid_patch_ids
 
 
-@pytest.fixture(scope="module")
-def fashion_arch():
-    """The bundled architecture (12 x 12 patches, depth 6) with a random initialization."""
-    return patchslim.load_model("fashion-vit", device="cpu", pretrained=False)
-
-
 def _images(model, batch: int = 2) -> torch.Tensor:
     g = torch.Generator().manual_seed(5)
     return torch.randn(batch, model.spec.in_chans, *model.spec.img_size, generator=g)
 
 
-def test_grid_at_the_input_then_attention_before_block_6(deit_tiny):
+def test_grid_at_the_input_then_attention_before_block_6(deit_tiny_random):
     plan = SlimPlan((Stage("grid", 0.5), Stage("attention", 0.5, blocks=(6,))), attention_blocks=(5,))
-    trace = patchslim.run(deit_tiny, _images(deit_tiny), plan)
+    trace = patchslim.run(deit_tiny_random, _images(deit_tiny_random), plan)
     # grid: G = 10 -> 100 patches; attention keeps round(0.5 * 100) = 50 of them before block 6.
     assert trace.tokens_per_block == [101] * 6 + [51] * 6
     assert [(s.method, s.block, s.tokens_before, s.tokens_after) for s in trace.stages] == [
@@ -43,8 +37,8 @@ def test_grid_at_the_input_then_attention_before_block_6(deit_tiny):
     assert trace.keep_ratio == pytest.approx(50 / 196)
 
 
-def test_input_pruning_then_merging_then_fusing_on_the_bundled_architecture(fashion_arch):
-    model = fashion_arch
+def test_input_pruning_then_merging_then_fusing_on_the_bundled_architecture(fashion_random):
+    model = fashion_random
     plan = SlimPlan((Stage("uniform", 0.5), Stage("tome", blocks=(1, 2), options={"r": 10}),
                      Stage("evit", 0.5, blocks=(4,))))
     trace = patchslim.run(model, _images(model), plan)
@@ -61,8 +55,8 @@ def test_input_pruning_then_merging_then_fusing_on_the_bundled_architecture(fash
     torch.testing.assert_close(final[:, 26].sum(-1), torch.ones(2))  # the fused token: normalized weights
 
 
-def test_a_stage_reading_attention_that_another_stage_outdated_is_refused(fashion_arch):
+def test_a_stage_reading_attention_that_another_stage_outdated_is_refused(fashion_random):
     # Attention before block 3 reads block 2's attention, computed before tome merged inside block 2.
     plan = SlimPlan((Stage("tome", blocks=(2,), options={"r": 4}), Stage("attention", 0.5, blocks=(3,))))
     with pytest.raises(PlanError, match="another stage changed the tokens"):
-        patchslim.run(fashion_arch, _images(fashion_arch, 1), plan)
+        patchslim.run(fashion_random, _images(fashion_random, 1), plan)

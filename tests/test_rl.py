@@ -33,24 +33,15 @@ from patchslim.policy import (
 from patchslim.tokens import target_count, top_k_index
 
 
-@pytest.fixture(scope="module")
-def tiny_vit():
-    """The bundled architecture with random weights (no checkpoint needed)."""
-    return patchslim.load_model("fashion-vit", device="cpu", pretrained=False)
-
-
-@pytest.fixture(scope="module")
-def canvases():
-    images, labels = bundled.load_bundled_sample()
-    return bundled.to_model_input(images[:8]), torch.from_numpy(labels[:8])
+POLICY_IMAGES = 8  # the first canvas images of the bundled sample: a test policy is calibrated and run on them
 
 
 @pytest.fixture()
-def policy_file(tmp_path, tiny_vit, canvases):
-    net = PolicyNet(tiny_vit.spec.embed_dim, hidden=16).eval()
+def policy_file(tmp_path, fashion_random, fashion_batch):
+    net = PolicyNet(fashion_random.spec.embed_dim, hidden=16).eval()
     init_policy(net, torch.Generator().manual_seed(3))
-    tokens = patchslim.tokens_before(tiny_vit, canvases[0], 1).tokens
-    meta = PolicyMeta(model=tiny_vit.name, arch=arch_of(tiny_vit), block=1, hidden=16,
+    tokens = patchslim.tokens_before(fashion_random, fashion_batch[0][:POLICY_IMAGES], 1).tokens
+    meta = PolicyMeta(model=fashion_random.name, arch=arch_of(fashion_random), block=1, hidden=16,
                       calibration=calibrate(net, [(tokens, 1)]))
     return save_policy(tmp_path / "policy.safetensors", net, meta)
 
@@ -61,32 +52,31 @@ def test_policy_forward_shapes():
     assert PolicyNet(96, use_cls=False)(torch.randn(2, 7, 96)).shape == (2, 7)
 
 
-def test_policy_file_round_trip(policy_file, tiny_vit):
+def test_policy_file_round_trip(policy_file, fashion_random):
     net, meta = read_policy(policy_file)
-    assert meta.model == "fashion-vit" and meta.block == 1 and meta.arch == arch_of(tiny_vit)
+    assert meta.model == "fashion-vit" and meta.block == 1 and meta.arch == arch_of(fashion_random)
     assert policy_file.stat().st_size < 100_000
     assert meta.offset(0.3) >= meta.offset(0.7)  # higher rho, lower threshold
 
 
 @pytest.mark.parametrize("rho", [0.3, 0.5, 0.77])
-def test_topk_mode_reaches_rho_and_keeps_the_top_logits(tiny_vit, canvases, policy_file, rho):
-    x = canvases[0]
-    trace = patchslim.run(tiny_vit, x, patchslim.SlimPlan.single("rl", rho, policy=str(policy_file)))
+def test_topk_mode_reaches_rho_and_keeps_the_top_logits(fashion_random, fashion_batch, policy_file, rho):
+    x = fashion_batch[0][:POLICY_IMAGES]
+    trace = patchslim.run(fashion_random, x, patchslim.SlimPlan.single("rl", rho, policy=str(policy_file)))
     k = target_count(rho, 144)
     assert trace.keep_ratio == pytest.approx(k / 144)
     assert trace.tokens_per_block == [145] + [1 + k] * 5
     net, _ = read_policy(policy_file)
     with torch.no_grad():
-        logits = policy_logits(net, patchslim.tokens_before(tiny_vit, x, 1).tokens, 1)
+        logits = policy_logits(net, patchslim.tokens_before(fashion_random, x, 1).tokens, 1)
     assert torch.equal(trace.kept_patch_ids(1), top_k_index(logits, k))
 
 
 @pytest.mark.parametrize("rho", [0.3, 0.5])
-def test_the_training_forward_given_the_inference_keep_set_gives_the_logits_of_run(rho):
+def test_the_training_forward_given_the_inference_keep_set_gives_the_logits_of_run(fashion_trained, fashion_batch,
+                                                                                   rho):
     """One forward: the policy is trained through the walk it is deployed in (the shipped policy, real weights)."""
-    model = patchslim.load_model("fashion-vit", device="cpu")
-    images, _ = bundled.load_bundled_sample()
-    x = bundled.to_model_input(images[:16])
+    model, x = fashion_trained, fashion_batch[0]  # all 16 images
     deployed = patchslim.run(model, x, patchslim.SlimPlan.single("rl", rho))
     kept = deployed.kept_patch_ids(1)  # positions among the tokens entering block 1 (no slimming before it)
     trained = keep_set_forward(model, x, 1, kept, grad=True)
@@ -95,41 +85,42 @@ def test_the_training_forward_given_the_inference_keep_set_gives_the_logits_of_r
     assert trained.logits.argmax(-1).tolist() == deployed.logits.argmax(-1).tolist()
 
 
-def test_bernoulli_mode_is_adaptive(tiny_vit, canvases, policy_file):
-    x = canvases[0]
+def test_bernoulli_mode_is_adaptive(fashion_random, fashion_batch, policy_file):
+    x = fashion_batch[0][:POLICY_IMAGES]
     plan = patchslim.SlimPlan.single("rl", 0.5, policy=str(policy_file), mode="bernoulli")
-    counts = [patchslim.run(tiny_vit, x[i : i + 1], plan).final_tokens - 1 for i in range(len(x))]
+    counts = [patchslim.run(fashion_random, x[i : i + 1], plan).final_tokens - 1 for i in range(len(x))]
     assert len(set(counts)) > 1, "the count should depend on the image"
-    batch = patchslim.run(tiny_vit, x, plan)
+    batch = patchslim.run(fashion_random, x, plan)
     assert batch.final_tokens - 1 == max(counts)  # rectangular batches keep the batch's largest count
     assert abs(sum(counts) / len(counts) / 144 - 0.5) < 0.25  # calibrated around rho on these images
     sampled = patchslim.SlimPlan.single("rl", 0.5, policy=str(policy_file), mode="bernoulli", sample=True, seed=1)
-    one, two = patchslim.run(tiny_vit, x, sampled), patchslim.run(tiny_vit, x, sampled)
+    one, two = patchslim.run(fashion_random, x, sampled), patchslim.run(fashion_random, x, sampled)
     assert torch.equal(one.logits, two.logits)  # seeded
 
 
-def test_refuses_a_policy_for_another_model(tmp_path, canvases):
-    other = patchslim.load_model("deit_tiny_patch16_224", device="cpu", pretrained=False)
+def test_refuses_a_policy_for_another_model(tmp_path, fashion_random, deit_tiny_random, fashion_batch):
+    other = deit_tiny_random
     path = save_policy(tmp_path / "deit.safetensors", PolicyNet(192, hidden=8),
                        PolicyMeta(model=other.name, arch=arch_of(other), block=1, hidden=8))
-    fashion = patchslim.load_model("fashion-vit", device="cpu", pretrained=False)
     with pytest.raises(PlanError, match="deit_tiny_patch16_224.*not for 'fashion-vit'"):
-        patchslim.run(fashion, canvases[0][:1], patchslim.SlimPlan.single("rl", 0.5, policy=str(path)))
+        patchslim.run(fashion_random, fashion_batch[0][:1], patchslim.SlimPlan.single("rl", 0.5, policy=str(path)))
 
 
-def test_refuses_a_missing_policy_saying_how_to_train_one(tiny_vit, canvases, tmp_path, monkeypatch):
+def test_refuses_a_missing_policy_saying_how_to_train_one(fashion_random, fashion_batch, tmp_path, monkeypatch):
     import patchslim.policy as policy
 
     monkeypatch.setattr(policy, "POLICY_DIR", tmp_path / "none")
     with pytest.raises(PlanError, match=r"no.*python -m patchslim train-policy --model fashion-vit"):
-        patchslim.run(tiny_vit, canvases[0][:1], patchslim.SlimPlan.single("rl", 0.5))
+        patchslim.run(fashion_random, fashion_batch[0][:1], patchslim.SlimPlan.single("rl", 0.5))
     with pytest.raises(PlanError, match="does not exist"):
-        patchslim.run(tiny_vit, canvases[0][:1], patchslim.SlimPlan.single("rl", 0.5, policy=str(tmp_path / "x")))
+        patchslim.run(fashion_random, fashion_batch[0][:1],
+                      patchslim.SlimPlan.single("rl", 0.5, policy=str(tmp_path / "x")))
 
 
-def test_refuses_another_block_and_files_that_are_not_policies(tiny_vit, canvases, policy_file, tmp_path):
+def test_refuses_another_block_and_files_that_are_not_policies(fashion_random, fashion_batch, policy_file, tmp_path):
     with pytest.raises(PlanError, match="trained to act before block 1, not block 3"):
-        patchslim.run(tiny_vit, canvases[0][:1], patchslim.SlimPlan.single("rl", 0.5, 3, policy=str(policy_file)))
+        patchslim.run(fashion_random, fashion_batch[0][:1],
+                      patchslim.SlimPlan.single("rl", 0.5, 3, policy=str(policy_file)))
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
@@ -194,19 +185,20 @@ def _batches(step: int):
     return bundled.to_model_input(images[idx]), torch.from_numpy(labels[idx])
 
 
-def test_training_resumes_from_its_checkpoint(tiny_vit, tmp_path):
-    config = dict(model=tiny_vit.name, block=1, keep_ratios=(0.5, 0.3), steps=4, batch_size=4, samples=2, hidden=8)
-    straight, _ = train_policy(tiny_vit, TrainConfig(**config), _batches, tmp_path / "a.safetensors",
+def test_training_resumes_from_its_checkpoint(fashion_random, tmp_path):
+    config = dict(model=fashion_random.name, block=1, keep_ratios=(0.5, 0.3), steps=4, batch_size=4, samples=2,
+                  hidden=8)
+    straight, _ = train_policy(fashion_random, TrainConfig(**config), _batches, tmp_path / "a.safetensors",
                                progress=False, checkpoint_every=2)
-    train_policy(tiny_vit, TrainConfig(**{**config, "steps": 2}), _batches, tmp_path / "b.safetensors",
+    train_policy(fashion_random, TrainConfig(**{**config, "steps": 2}), _batches, tmp_path / "b.safetensors",
                  progress=False, checkpoint_every=2)  # "killed" after 2 steps
-    resumed, meta = train_policy(tiny_vit, TrainConfig(**config), _batches, tmp_path / "b.safetensors",
+    resumed, meta = train_policy(fashion_random, TrainConfig(**config), _batches, tmp_path / "b.safetensors",
                                  progress=False, checkpoint_every=2)
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), name
     assert meta.training["steps"] == 4 and meta.block == 1
     with pytest.raises(PatchslimError, match="lam"):
-        train_policy(tiny_vit, TrainConfig(**{**config, "lam": 0.5}), _batches, tmp_path / "b.safetensors",
+        train_policy(fashion_random, TrainConfig(**{**config, "lam": 0.5}), _batches, tmp_path / "b.safetensors",
                      progress=False)
 
 
@@ -223,13 +215,12 @@ def test_train_policy_command_runs(tmp_path, capsys):
     assert meta.validation["n"] == 8 and meta.calibration["offsets"]
 
 
-def test_shipped_policy_beats_random_on_the_bundled_sample():
+def test_shipped_policy_beats_random_on_the_bundled_sample(fashion_trained, fashion_sample):
     from patchslim.data import canvas_images
     from patchslim.evaluate import evaluate, parse_variants
 
-    model = patchslim.load_model("fashion-vit", device="cpu")
-    images, labels = bundled.load_bundled_sample()
-    result = evaluate(model, canvas_images(images, labels, "sample"), parse_variants("rl,random,random@1"),
+    images, labels = fashion_sample
+    result = evaluate(fashion_trained, canvas_images(images, labels, "sample"), parse_variants("rl,random,random@1"),
                       [0.3], batch_size=250, progress=False)
     rl = result.row("rl", 0.3).top1
     # Measured on the 500 sample images (see benchmarks/results/accuracy.md for the full test set).

@@ -75,28 +75,17 @@ def _fingerprint(trace: patchslim.Trace) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.fixture(scope="module")
-def shared_model() -> patchslim.LoadedModel:
-    return patchslim.load_model(bundled.BUNDLED_NAME, device="cpu", pretrained=False)
-
-
-@pytest.fixture(scope="module")
-def images(shared_model) -> torch.Tensor:
-    """Six canvas images of the bundled sample as the model's input ``[6, 1, 48, 48]``."""
-    pixels, _ = bundled.load_bundled_sample()
-    return bundled.to_model_input(pixels[:6])
-
-
-def test_8_threads_x_25_runs_match_the_same_runs_alone(shared_model, images):
+def test_8_threads_x_25_runs_match_the_same_runs_alone(fashion_random, fashion_batch):
+    images = fashion_batch[0][:6]  # six canvas images of the bundled sample ``[6, 1, 48, 48]``
     plans = _plans()
     rng = random.Random(0)
     jobs = [(rng.randrange(len(plans)), rng.randrange(len(images))) for _ in range(THREADS * RUNS_PER_THREAD)]
     assert len({p for p, _ in jobs}) >= len(plans) * 3 // 4  # the jobs cover most plans
-    before = {k: v.clone() for k, v in shared_model.model.state_dict().items()}
+    before = {k: v.clone() for k, v in fashion_random.model.state_dict().items()}
 
     def run(job: tuple[int, int]) -> dict[str, torch.Tensor]:
         plan_index, image_index = job
-        return _fingerprint(patchslim.run(shared_model, images[image_index: image_index + 1], plans[plan_index]))
+        return _fingerprint(patchslim.run(fashion_random, images[image_index: image_index + 1], plans[plan_index]))
 
     alone = {job: run(job) for job in set(jobs)}
 
@@ -128,16 +117,17 @@ def test_8_threads_x_25_runs_match_the_same_runs_alone(shared_model, images):
     assert checked == THREADS * RUNS_PER_THREAD
     print(f"{checked} threaded runs checked, {exact} bit-for-bit equal to the run alone, all within 1e-6")
     assert exact >= checked * 0.9, f"only {exact}/{checked} runs bit-for-bit equal (all within 1e-6)"
-    for key, value in shared_model.model.state_dict().items():
+    for key, value in fashion_random.model.state_dict().items():
         assert torch.equal(value, before[key]), f"{key} was changed by a run"
 
 
-def test_threads_with_different_plans_on_one_batch_do_not_leak_options(shared_model, images):
+def test_threads_with_different_plans_on_one_batch_do_not_leak_options(fashion_random, fashion_batch):
     """Two plans that differ only in an option, raced many times: each thread always gets its own answer."""
+    images = fashion_batch[0][:6]
     plan_a = SlimPlan.single("tome", 0.5, r=5)
     plan_b = SlimPlan.single("tome", 0.5, r=20)
-    want_a = patchslim.run(shared_model, images, plan_a).tokens_per_block
-    want_b = patchslim.run(shared_model, images, plan_b).tokens_per_block
+    want_a = patchslim.run(fashion_random, images, plan_a).tokens_per_block
+    want_b = patchslim.run(fashion_random, images, plan_b).tokens_per_block
     assert want_a != want_b
     barrier = threading.Barrier(4)
     wrong = []
@@ -145,7 +135,7 @@ def test_threads_with_different_plans_on_one_batch_do_not_leak_options(shared_mo
     def race(plan, want):
         barrier.wait()
         for _ in range(10):
-            got = patchslim.run(shared_model, images, plan).tokens_per_block
+            got = patchslim.run(fashion_random, images, plan).tokens_per_block
             if got != want:
                 wrong.append((plan, got))
 

@@ -224,16 +224,11 @@ def corpus(tmp_path_factory) -> dict[str, tuple[Path, bytes]]:
     return files
 
 
-@pytest.fixture(scope="module")
-def model() -> patchslim.LoadedModel:
-    """The bundled model with random weights (the tests need its input pipeline, not its accuracy)."""
-    return patchslim.load_model(bundled.BUNDLED_NAME, device="cpu", pretrained=False)
-
-
 # --------------------------------------------------------------------------- the engine
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_engine_opens_or_refuses_clearly(case, corpus, model):
+def test_engine_opens_or_refuses_clearly(case, corpus, fashion_random):
+    model = fashion_random  # the tests need its input pipeline, not its accuracy
     path, data = corpus[case.filename]
     if not case.accepted:
         with pytest.raises(ImageError, match=case.refusal) as refused:
@@ -270,7 +265,8 @@ def test_bombs_are_refused_from_the_header_without_decoding(width, height, monke
     assert time.perf_counter() - start < 2.0
 
 
-def test_exif_rotated_photo_is_classified_upright(corpus, model):
+def test_exif_rotated_photo_is_classified_upright(corpus, fashion_random):
+    model = fashion_random
     """The model sees the upright picture: its input and logits match the upright image, not the stored one."""
     _, data = corpus["sideways.jpg"]
     opened = open_image(data)

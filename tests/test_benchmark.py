@@ -30,11 +30,6 @@ def read(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-    return patchslim.load_model("fashion-vit", device="cpu", pretrained=False)
-
-
-@pytest.fixture(scope="module")
 def written(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     code = main(["benchmark", "--which", "table3,figure1,table1,table2,target", "--out", str(out),
@@ -56,16 +51,16 @@ def test_every_benchmark_writes_csv_and_markdown(written):
     assert not (written / "figure1_flops.png").exists()  # --no-png
 
 
-def test_table3_ideal_speedup_is_the_engines_gmac_ratio(written, tiny_model):
+def test_table3_ideal_speedup_is_the_engines_gmac_ratio(written, fashion_random):
     rows = read(written / "table3_latency.csv")
     assert [r["method"] for r in rows] == list(METHODS)
     for column in ("baseline_ms", "slimmed_ms", "speedup", "ideal_speedup", "efficiency", "baseline_gmacs", "gmacs",
                    "mean_keep_ratio", "placement", "repeats"):
         assert column in rows[0]
-    images = common.random_images(tiny_model, BATCH)
+    images = common.random_images(fashion_random, BATCH)
     for row in rows:
-        trace = patchslim.run(tiny_model, images, SlimPlan.single(row["method"], 0.5))
-        expected = metrics.baseline_macs(tiny_model.spec).total / metrics.count_macs(trace).total
+        trace = patchslim.run(fashion_random, images, SlimPlan.single(row["method"], 0.5))
+        expected = metrics.baseline_macs(fashion_random.spec).total / metrics.count_macs(trace).total
         assert float(row["ideal_speedup"]) == pytest.approx(expected, rel=1e-4)
         assert float(row["ideal_speedup"]) > 1.5  # rho 0.5 removes well over a third of the work
         assert float(row["efficiency"]) == pytest.approx(float(row["speedup"]) / float(row["ideal_speedup"]),
@@ -75,12 +70,12 @@ def test_table3_ideal_speedup_is_the_engines_gmac_ratio(written, tiny_model):
     assert rows[0]["placement"] == "input" and rows[1]["placement"].startswith("in ")
 
 
-def test_figure1_reduction_follows_the_token_counts(written, tiny_model):
+def test_figure1_reduction_follows_the_token_counts(written, fashion_random):
     rows = read(written / "figure1_flops.csv")
     assert {(r["method"], float(r["keep_ratio"])) for r in rows} == {(m, k) for m in METHODS for k in (1.0, 0.5)}
-    base = metrics.baseline_macs(tiny_model.spec).gmacs
+    base = metrics.baseline_macs(fashion_random.spec).gmacs
     for row in rows:
-        trace = patchslim.run(tiny_model, common.random_images(tiny_model, 1),
+        trace = patchslim.run(fashion_random, common.random_images(fashion_random, 1),
                               SlimPlan.single(row["method"], float(row["keep_ratio"])))
         assert float(row["flops_reduction_pct"]) == pytest.approx(100 * (1 - metrics.gmacs(trace) / base), abs=1e-3)
     half = {r["method"]: float(r["flops_reduction_pct"]) for r in rows if float(r["keep_ratio"]) == 0.5}
@@ -167,15 +162,14 @@ def test_each_file_records_the_command_that_remakes_it_alone():
     assert command_line(again) == command
 
 
-def test_portable_text_keeps_no_absolute_path():
+def test_portable_text_keeps_no_absolute_path(fashion_trained):
     root = common.PACKAGE_ROOT
     text = (f"fashion-vit (file {root / 'assets' / 'fashion_vit.safetensors'}); no policy at /srv/x/p.safetensors. "
             "rho 0.7/0.5, https://cdn.plot.ly/plotly.min.js, C:\\Users\\me\\w.pt, top-1 / top-5")
     assert common.portable_text(text) == ("fashion-vit (file assets/fashion_vit.safetensors); no policy at "
                                           "p.safetensors. rho 0.7/0.5, https://cdn.plot.ly/plotly.min.js, w.pt, "
                                           "top-1 / top-5")
-    model = patchslim.load_model("fashion-vit", device="cpu")
-    source = common.portable_model(model).weights_source
+    source = common.portable_model(fashion_trained).weights_source
     assert source.startswith("file ") and source.endswith("fashion_vit.safetensors") and " /" not in source
 
 
@@ -222,19 +216,19 @@ def test_written_files_hold_no_absolute_path(labelled_written, written):
 # --------------------------------------------------------------------------- hot-path fixes the benchmarks led to
 
 @pytest.mark.parametrize("method, options", [("evit", {}), ("attention", {"score": "cls"})])
-def test_cls_attention_readers_keep_fused_attention_with_the_same_result(tiny_model, method, options):
+def test_cls_attention_readers_keep_fused_attention_with_the_same_result(fashion_random, method, options):
     """EViT and CLS-attention pruning read only the prefix rows: the engine computes those rows beside fused
     attention instead of the full [B, H, T, T] map, and the result is the one the full map gives."""
     from patchslim.engine import attention_blocks
     from patchslim.metrics.memory import explicit_attention_blocks
 
-    images = common.random_images(tiny_model, 3, seed=1)
+    images = common.random_images(fashion_random, 3, seed=1)
     plan = SlimPlan.single(method, 0.5, **options)
-    read = {a.attention_block for a in plan.resolve(tiny_model.spec.depth)}
-    explicit, prefix_rows = attention_blocks(plan, tiny_model.spec.depth)
+    read = {a.attention_block for a in plan.resolve(fashion_random.spec.depth)}
+    explicit, prefix_rows = attention_blocks(plan, fashion_random.spec.depth)
     assert explicit == set() and prefix_rows == read
-    fast = patchslim.run(tiny_model, images, plan)
-    full = patchslim.run(tiny_model, images, plan.with_attention(tuple(read)))  # maps kept: the full path
+    fast = patchslim.run(fashion_random, images, plan)
+    full = patchslim.run(fashion_random, images, plan.with_attention(tuple(read)))  # maps kept: the full path
     assert fast.attention == {} and sorted(full.attention) == sorted(read)
     torch.testing.assert_close(fast.logits, full.logits, atol=1e-4, rtol=0)
     for a, b in zip(fast.stages, full.stages):
@@ -244,9 +238,9 @@ def test_cls_attention_readers_keep_fused_attention_with_the_same_result(tiny_mo
             < metrics.estimate_activation_memory(full).peak_bytes)
 
 
-def test_received_attention_still_gets_the_full_map(tiny_model):
+def test_received_attention_still_gets_the_full_map(fashion_random):
     plan = SlimPlan.single("attention", 0.5, score="received")
     from patchslim.engine import attention_blocks
 
-    explicit, prefix_rows = attention_blocks(plan, tiny_model.spec.depth)
-    assert prefix_rows == set() and explicit == {a.attention_block for a in plan.resolve(tiny_model.spec.depth)}
+    explicit, prefix_rows = attention_blocks(plan, fashion_random.spec.depth)
+    assert prefix_rows == set() and explicit == {a.attention_block for a in plan.resolve(fashion_random.spec.depth)}

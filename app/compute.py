@@ -26,8 +26,6 @@ from patchslim.device import synchronize
 from patchslim.explain import attention
 from patchslim.metrics import flops, latency, memory
 
-from app import data_sources
-
 # CC0 / public-domain photos shipped inside the scikit-image wheel, with the credit scikit-image gives.
 PHOTOS = (
     ("chelsea", "Chelsea the cat", "Stefan van der Walt, CC0"),
@@ -504,7 +502,7 @@ def benchmark(model: patchslim.LoadedModel, image: Image.Image, methods: list[st
 
 # --------------------------------------------------------------------------- audit
 
-AUDIT_SOURCES = ("bundled", "zip", "folder", "server")  # folder: any path (Python); server: gated
+AUDIT_SOURCES = ("bundled", "zip", "folder")
 AUDIT_BATCH_SIZE = 64
 
 
@@ -528,12 +526,11 @@ def audit_data(model: patchslim.LoadedModel, source: str, upload: bytes | None =
                limit: int | None = None):
     """The labelled images of an audit (patchslim.data, as every command reads them): the bundled sample, an
     uploaded zip (read in memory, never extracted; traversal, absolute paths, zip bombs and duplicates are
-    skipped and reported) or a folder / CSV manifest / zip on this server: ``"folder"`` reads any path (for
-    Python callers), ``"server"`` only inside the operator's data folder (the Audit page's choice for a visitor).
+    skipped and reported) or a folder / CSV manifest / zip on this server (any path: a web visitor's path goes
+    through :func:`app.data_sources.load` instead, which keeps to the operator's data folder).
 
     Raises:
-        PatchslimError / FileNotFoundError: nothing usable, with a message for the person
-            (:class:`~app.data_sources.DataSourceRefused` for a refused ``"server"`` path).
+        PatchslimError / FileNotFoundError: nothing usable, with a message for the person.
     """
     from patchslim.data import load_labelled
 
@@ -547,25 +544,9 @@ def audit_data(model: patchslim.LoadedModel, source: str, upload: bytes | None =
         if not folder or not folder.strip():
             raise patchslim.PatchslimError("enter the path of a folder, a CSV manifest or a zip on this server")
         data = load_labelled(folder.strip(), model)
-    elif source == "server":
-        data = _server_data(model, folder or "")
     else:
         raise ValueError(f"source must be one of {AUDIT_SOURCES}, got {source!r}")
     return data.subset(limit)
-
-
-def _server_data(model: patchslim.LoadedModel, typed: str):
-    """Data in the operator's data folder, for a web visitor (:mod:`app.data_sources`): refused outside it, and
-    named relative to it, in the report and in any error, never by its path on the server."""
-    from patchslim.data import load_labelled
-    from patchslim.errors import DataError
-
-    policy = data_sources.DataPolicy.from_environment()
-    server = data_sources.check(typed, policy)
-    try:
-        return load_labelled(server.path, model, name=server.shown)
-    except (patchslim.PatchslimError, OSError) as exc:
-        raise DataError(data_sources.scrub(str(exc), server, policy)) from None
 
 
 def audit_groupings(data) -> list[str]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from patchslim.errors import PatchslimError
 
@@ -114,6 +114,26 @@ def choices(policy: DataPolicy) -> list[str]:
         if len(found) >= MAX_CHOICES:
             break
     return found
+
+
+def load(typed: str, model: Any, policy: DataPolicy, limit: int | None = None):
+    """The labelled images (:func:`patchslim.data.load_labelled`, as every command reads them) of an allowed
+    path, named relative to the data folder, and ``limit`` of them evenly spaced; a loading error is told with
+    that name, never with the server's paths.
+
+    Raises:
+        DataSourceRefused: a path the visitor may not audit.
+        DataError: nothing usable in it (the message says why).
+    """
+    from patchslim.data import load_labelled
+    from patchslim.errors import DataError
+
+    data = check(typed, policy)
+    try:
+        labelled = load_labelled(data.path, model, name=data.shown)
+    except (PatchslimError, OSError) as exc:
+        raise DataError(scrub(str(exc), data, policy)) from None
+    return labelled.subset(limit)
 
 
 def scrub(message: str, data: ServerData, policy: DataPolicy) -> str:

@@ -89,9 +89,8 @@ def draw() -> Settings:
         if loading.failed:
             error = "No model is loaded: the sidebar says why."
         if choice is not None:
-            # a local-dir: model as the person named it, not by its resolved path on the server
-            shown = choice.requested if model_sources.source_of(choice.requested) else choice.model.name
-            st.caption(f"Running **{shown}** on {choice.model.device.type.upper()}"
+            # model.name: a local-dir: model as the person named it, not by its path on the server (state)
+            st.caption(f"Running **{choice.model.name}** on {choice.model.device.type.upper()}"
                        f"{' · random weights' if choice.random_weights else ''}")
 
         st.header("Slimming")

@@ -23,7 +23,7 @@ import hashlib
 import io
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import streamlit as st
@@ -32,9 +32,11 @@ from PIL import Image
 
 import patchslim
 from patchslim import bundled
+from patchslim.errors import WeightsError
 from patchslim.models import DEFAULT_MODEL, SUPPORTED_MODELS, WEIGHTS_DIR_ENV, weights_status
 
-from app import compute, model_sources
+from app import compute, model_sources, server_paths
+from app.panels import log
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ACCURACY_CSV = REPO_ROOT / "benchmarks" / "results" / "accuracy.csv"
@@ -107,7 +109,10 @@ def weights_available(name: str) -> tuple[bool, str]:
 
 
 @st.cache_resource(max_entries=3, show_spinner="Loading the model (once per server)…")
-def _load(name: str, device: str, precision: str, random_weights: bool) -> patchslim.LoadedModel:
+def _load(name: str, device: str, precision: str, random_weights: bool,
+          stamp: tuple = ()) -> patchslim.LoadedModel:
+    """``stamp``: a ``local-dir:`` folder's files as ``(file, mtime_ns, size)`` (only a cache key: a folder whose
+    weights were replaced is loaded again, not served from the cache until a restart)."""
     return patchslim.load_model(name, device=device, precision=precision, pretrained=not random_weights)
 
 
@@ -123,10 +128,10 @@ def choose_model(name: str, weights_mode: str, device: str, precision: str) -> M
         ModelSourceRefused: a name the app does not load for a web visitor, with one sentence saying why.
         PatchslimError: device, precision or weights problems, with a message for the person.
     """
-    source = model_sources.check(name, model_sources.SourcePolicy.from_environment(), model_names())
+    policy = model_sources.SourcePolicy.from_environment()
+    source = model_sources.check(name, policy, model_names())
     if model_sources.source_of(source) is not None:
-        model = _load(source, device, precision, False)
-        return ModelChoice(f"{source}|{model.device}|{precision}|pretrained", model, name, "", False)
+        return _source_model(name, source, policy, device, precision)
     random_weights = weights_mode == RANDOM_WEIGHTS and name != bundled.BUNDLED_NAME
     notice = ""
     if name == bundled.BUNDLED_NAME:
@@ -145,6 +150,38 @@ def choose_model(name: str, weights_mode: str, device: str, precision: str) -> M
     model = _load(name, device, precision, random_weights)
     key = f"{name}|{model.device}|{precision}|{'random' if random_weights else 'pretrained'}"
     return ModelChoice(key, model, name, notice, random_weights)
+
+
+def _source_model(requested: str, source: str, policy: model_sources.SourcePolicy, device: str,
+                  precision: str) -> ModelChoice:
+    """A ``local-dir:`` or ``hf-hub:`` model the policy allowed (``source``: what :func:`model_sources.check`
+    returned), named as the visitor named it.
+
+    The cached model is shared; the session gets a copy of its :class:`~patchslim.LoadedModel` record (the same
+    timm module, never mutated) whose ``name`` is ``local-dir:NAME`` relative to the models folder, so every
+    caption, download and audit report shows that instead of the folder's path on the server. A loading error
+    is told with the same name.
+    """
+    shown = model_sources.shown_name(requested, policy)
+    stamp = ()
+    paths: dict[str, str] = {}
+    if model_sources.source_of(source) == model_sources.LOCAL_DIR:
+        folder = Path(source.partition(":")[2])
+        stamp = model_sources.folder_stamp(folder)
+        paths = {source: shown, str(folder): shown, str(policy.models_dir): "the models folder"}
+    try:
+        loaded = _load(source, device, precision, False, stamp)
+    except patchslim.PatchslimError as exc:
+        raise type(exc)(server_paths.scrub(str(exc), paths)) from None
+    except (OSError, ValueError, RuntimeError) as exc:  # a broken folder: logged in full, told without paths
+        if not paths:
+            raise
+        log.error("loading %s failed", source, exc_info=True)
+        raise WeightsError(f"{shown} could not be loaded: {type(exc).__name__}: "
+                           f"{server_paths.scrub(str(exc), paths)}") from None
+    model = replace(loaded, name=shown) if loaded.name != shown else loaded
+    key = f"{source}|{hashlib.sha1(repr(stamp).encode()).hexdigest()[:12]}|{model.device}|{precision}|pretrained"
+    return ModelChoice(key, model, shown, "", False)
 
 
 def _bundled_fallback(requested: str, device: str, precision: str, notice: str) -> ModelChoice:

@@ -200,3 +200,17 @@ def test_with_a_data_folder_a_good_folder_audits_and_a_bad_path_is_one_message(m
     assert outcome.report.data == "folder garments"
     for name, content in outcome.files.items():
         assert str(tmp_path).encode() not in content, name
+
+
+def test_a_loading_error_names_the_data_relative_to_the_folder(data_dir, tmp_path):
+    import patchslim
+    from patchslim import bundled
+    from patchslim.errors import DataError
+
+    model = patchslim.load_model(bundled.BUNDLED_NAME, pretrained=False)
+    (data_dir / "empty").mkdir()
+    with pytest.raises(DataError) as info:
+        data_sources.load("empty", model, DataPolicy(data_dir.resolve()))
+    assert "folder empty" in str(info.value) and str(tmp_path) not in str(info.value)
+    with pytest.raises(DataSourceRefused):
+        data_sources.load("escape", model, DataPolicy(data_dir.resolve()))

@@ -174,7 +174,7 @@ def test_an_allowed_local_dir_reaches_the_loader_resolved(monkeypatch, models_di
     asked = []
     model = patchslim.load_model(bundled.BUNDLED_NAME, pretrained=bundled.CHECKPOINT_PATH.exists())
 
-    def load(name, device, precision, random_weights):
+    def load(name, device, precision, random_weights, stamp=()):
         asked.append(name)
         return model
 
@@ -217,3 +217,118 @@ def test_a_real_timm_folder_model_runs_in_the_app(monkeypatch, tmp_path):
     assert tokens.delta == "of 17"  # (64 / 16)^2 patches + CLS
     assert any(label in " ".join(s.value for s in [*at.success, *at.error]) for label in ("cat", "dog", "bird"))
     assert os.environ[model_sources.MODELS_DIR_ENV] == str(root)
+
+
+def _save_tiny(folder: Path, seed: int = 0) -> None:
+    """A vit_tiny with 64-px images and 3 classes, saved the timm way (config.json + model.safetensors)."""
+    timm = pytest.importorskip("timm")
+    import torch
+    from timm.models import save_for_hf
+
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=3)
+    save_for_hf(model, str(folder), model_config={"label_names": ["cat", "dog", "bird"]}, safe_serialization=True)
+
+
+def _page_text(at) -> str:
+    """Every element drawn (sidebar included) as text: labels, values, captions, help, options."""
+    out = []
+
+    def walk(node):
+        proto = getattr(node, "proto", None)
+        if proto is not None:
+            out.append(str(proto))
+        for child in getattr(node, "children", {}).values():
+            walk(child)
+
+    walk(at._tree)
+    return "\n".join(out)
+
+
+def test_no_page_shows_the_server_path_of_a_local_dir_model(monkeypatch, tmp_path):
+    """Picked as local-dir:tiny3 or typed as its absolute path, the model is named local-dir:tiny3 on every page
+    (sidebar caption, Benchmark caption, Audit caption, and the name the downloads and audit reports take)."""
+    import patchslim.models
+
+    if not hasattr(patchslim.models, "LOCAL_DIR_PREFIX"):
+        pytest.skip("patchslim.load_model does not take local-dir: names yet")
+    root = tmp_path / "models"
+    _save_tiny(root / "tiny3")
+    monkeypatch.setenv(model_sources.MODELS_DIR_ENV, str(root))
+    at = _app().run()
+    for typed in (None, str(root / "tiny3")):
+        if typed is None:
+            at.selectbox(key="model_name").set_value("local-dir:tiny3").run()
+        else:
+            at.selectbox(key="model_name").set_value(at.selectbox(key="model_name").options[-1]).run()
+            at.text_input(key="model_source").input(f"local-dir:{typed}").run()
+        assert not at.exception, [e.value for e in at.exception]
+        choice = at.session_state["settings"].choice
+        assert choice.model.name == "local-dir:tiny3"  # what metrics_record / audit reports write as `model`
+        assert any("local-dir:tiny3" in c.value for c in at.sidebar.caption)
+        for page in ("explore", "compare", "explain", "benchmark", "audit"):
+            at.switch_page(f"app_pages/{page}.py").run()
+            assert not at.exception, (page, [e.value for e in at.exception])
+            text = _page_text(at)
+            if typed is not None:  # the typed text sits in the text box; nothing else may show it
+                text = text.replace(f"local-dir:{typed}", "")
+            assert str(tmp_path) not in text and str(tmp_path.resolve()) not in text, page
+        at.switch_page("app_pages/explore.py").run()
+
+
+def test_a_broken_local_dir_folder_is_told_without_its_path(monkeypatch, tmp_path):
+    root = tmp_path / "models"
+    (root / "broken").mkdir(parents=True)
+    (root / "broken" / "config.json").write_text('{"architecture": "vit_tiny_patch16_224"}')  # no weights
+    (root / "no_config").mkdir()
+    monkeypatch.setenv(model_sources.MODELS_DIR_ENV, str(root))
+    at = _app().run()
+    for name in ("broken", "no_config"):
+        at.selectbox(key="model_name").set_value(at.selectbox(key="model_name").options[-1]).run()
+        at.text_input(key="model_source").input(f"local-dir:{name}").run()
+        assert not at.exception, [e.value for e in at.exception]
+        errors = _errors(at)
+        assert errors and f"local-dir:{name}" in errors[0], errors
+        assert str(tmp_path) not in _page_text(at)
+
+
+def test_replaced_weights_of_a_local_dir_model_are_loaded_again(monkeypatch, tmp_path):
+    """The cached model's key holds the folder's config / weights modification times and sizes."""
+    import patchslim.models
+
+    if not hasattr(patchslim.models, "LOCAL_DIR_PREFIX"):
+        pytest.skip("patchslim.load_model does not take local-dir: names yet")
+    root = tmp_path / "models"
+    _save_tiny(root / "tiny3", seed=0)
+    monkeypatch.setenv(model_sources.MODELS_DIR_ENV, str(root))
+    at = _app().run()
+    at.selectbox(key="model_name").set_value("local-dir:tiny3").run()
+    first = at.session_state["settings"].choice
+    at.run()
+    assert at.session_state["settings"].choice.key == first.key  # unchanged files: the cache serves it
+    assert at.session_state["settings"].choice.model.model is first.model.model
+    weights = root / "tiny3" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    _save_tiny(root / "tiny3", seed=1)
+    os.utime(weights, ns=(before + 2_000_000_000, before + 2_000_000_000))  # a coarse clock still sees a change
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    second = at.session_state["settings"].choice
+    assert second.key != first.key and second.model.model is not first.model.model
+    old, new = (dict(c.model.model.named_parameters())["head.weight"] for c in (first, second))
+    assert not (old == new).all()  # the new weights, not the stale ones
+    assert second.model.name == "local-dir:tiny3"
+
+
+def test_the_folder_stamp_follows_config_and_weights(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"1234")
+    stamp = model_sources.folder_stamp(folder)
+    assert [entry[0] for entry in stamp] == ["config.json", "model.safetensors"]
+    assert stamp[1][2] == 4
+    (folder / "model.safetensors").write_bytes(b"12345")
+    assert model_sources.folder_stamp(folder) != stamp
+    (folder / "notes.txt").write_text("not read by timm")
+    assert model_sources.folder_stamp(folder)[1:] == model_sources.folder_stamp(folder)[1:]

@@ -74,9 +74,11 @@ if st.button("Run the audit", type="primary", disabled=not ready):
 
     with panel("The audit run"):
         try:
-            kind = {BUNDLED: "bundled", UPLOAD: "zip", FOLDER: "server"}[source]
-            data = compute.audit_data(model, kind, upload.getvalue() if upload is not None else None, folder,
-                                      int(limit))
+            if source == FOLDER:  # only inside the operator's data folder
+                data = data_sources.load(folder or "", model, data_policy, int(limit))
+            else:
+                data = compute.audit_data(model, {BUNDLED: "bundled", UPLOAD: "zip"}[source],
+                                          upload.getvalue() if upload is not None else None, None, int(limit))
             outcome = compute.run_audit(model, data, methods, sorted(ratios, reverse=True),
                                         compute.audit_groupings(data), evidence, progress)
             state.remember(key, outcome)

@@ -118,7 +118,7 @@ def metrics_record(readouts: compute.Readouts, settings, picked) -> dict:
     r, p = readouts.costs, readouts.prediction
     return dict(
         model=settings.choice.model.name,
-        weights=settings.choice.model.weights_source,
+        weights=settings.choice.model.weights_name,
         device=str(settings.choice.model.device),
         precision=settings.choice.model.precision,
         image=picked.name,

@@ -410,7 +410,7 @@ def evaluate(model: Any, data: LabelledImages, variants: Sequence[Variant], keep
             gmacs=s["gmacs"] / n if gmacs_of is not None else float("nan"),
         ))
     return EvaluationResult(
-        model=model.name, weights=model.weights_source, data=data.name, n=n, baseline_top1=base_correct / n,
+        model=model.name, weights=model.weights_name, data=data.name, n=n, baseline_top1=base_correct / n,
         rows=rows, baseline_gmacs=base_gmacs / n if gmacs_of is not None else float("nan"),
         unknown_labels={s.item: s.count for s in data.skipped if s.kind == "label"}, unreadable=left_out,
         seconds=time.time() - t0,

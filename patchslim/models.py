@@ -27,6 +27,7 @@ provide weights. ``pretrained=False`` gives a seeded random initialization (for 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import time
@@ -63,6 +64,7 @@ SUPPORTED_MODELS = (
 DEFAULT_MODEL = "deit_small_patch16_224"
 WEIGHTS_DIR_ENV = "PATCHSLIM_WEIGHTS_DIR"
 LOCAL_DIR_PREFIX = "local-dir:"
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/[^\s()'\"]*")
 HF_HUB_PREFIX = "hf-hub:"
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
@@ -95,6 +97,12 @@ class LoadedModel:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     adapter: Adapter
+
+    @property
+    def weights_name(self) -> str:
+        """``weights_source`` with every absolute path cut to its last part: what files meant for other people
+        (reports, downloads, policy files) record, so they carry no path of the machine that wrote them."""
+        return _ABSOLUTE_PATH.sub(lambda m: Path(m.group(0).rstrip("/")).name, self.weights_source)
 
     @property
     def patch_size(self) -> tuple[int, int]:

@@ -314,3 +314,14 @@ def test_only_the_engine_and_the_adapters_walk_blocks():
             if walking.search(code):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {code}")
     assert offenders == []
+
+
+def test_files_for_other_people_name_weights_without_this_machines_paths(fashion_trained, timm_folder):
+    import dataclasses
+
+    assert fashion_trained.weights_name == "file fashion_vit.safetensors"
+    assert str(fashion_trained.weights_source).endswith("/patchslim/assets/fashion_vit.safetensors")
+    cached = dataclasses.replace(fashion_trained, weights_source="Hugging Face cache /root/.cache/hub/x/model.safetensors")
+    assert cached.weights_name == "Hugging Face cache model.safetensors"
+    assert dataclasses.replace(fashion_trained, weights_source="random init (seed 3)").weights_name == \
+        "random init (seed 3)"

@@ -12,22 +12,16 @@ import torch
 import patchslim
 from patchslim import bundled
 from patchslim.errors import PatchslimError, PlanError
-from patchslim.policy import (
-    PolicyMeta,
-    PolicyNet,
+from patchslim.policy import PolicyMeta, PolicyNet, arch_of, calibrate, policy_logits, read_policy, save_policy
+from patchslim.policy_training import (
     TrainConfig,
-    arch_of,
     bernoulli_log_prob,
     bernoulli_sample,
-    calibrate,
     gumbel_topk,
     init_policy,
     keep_set_forward,
     plackett_luce_log_prob,
-    policy_logits,
-    read_policy,
     reinforce_loss,
-    save_policy,
     train_policy,
 )
 from patchslim.tokens import target_count, top_k_index

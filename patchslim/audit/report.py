@@ -269,7 +269,7 @@ def build_report(job: AuditJob, groupings: Sequence[str] = (), n_boot: int = N_B
                      "attention rollout that some token still stands for after the last block (merged counts "
                      "as kept).")
     return AuditReport(
-        model=job.model.name, weights=job.model.weights_source, data=data.name, images=len(data), audited=audited,
+        model=job.model.name, weights=job.model.weights_name, data=data.name, images=len(data), audited=audited,
         baseline_top1=mean_interval(before_all, n_boot, seed, ("before", "all", ALL_GROUP), level),
         baseline_gmacs=out.baseline_gmacs, groupings=list(group_of), rows=rows, disparities=disparities,
         skipped=skipped, throughput=throughput, settings=job_settings(job), command=command,

@@ -150,7 +150,7 @@ class AuditJob:
             for action in p.plan.resolve(self.model.spec.depth):
                 action.method.check(dict(action.stage.options), action.stage.keep_ratio, self.model)
         self.identity = dict(
-            version=FORMAT_VERSION, model=self.model.name, weights=self.model.weights_source,
+            version=FORMAT_VERSION, model=self.model.name, weights=self.model.weights_name,
             precision=getattr(self.model, "precision", "fp32"), data=self.data.fingerprint, n=len(self.data),
             shard_size=self.shard_size, batch_size=self.batch_size, seed=self.seed, evidence=self.evidence,
             share=self.share,

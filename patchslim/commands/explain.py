@@ -57,7 +57,7 @@ def main(args) -> int:
     ev = result.evidence
     summary = dict(
         model=model.name,
-        weights=model.weights_source,
+        weights=model.weights_name,
         method=args.method,
         plan=plan.to_dict(),
         keep_ratio=result.trace.keep_ratio,

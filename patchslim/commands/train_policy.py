@@ -64,7 +64,8 @@ def main(args) -> int:
     from patchslim.commands.common import load_model_from_args
     from patchslim.data import decode, limit_indices, load_labelled
     from patchslim.errors import DataError, PatchslimError
-    from patchslim.policy import TrainConfig, default_policy_path, train_policy
+    from patchslim.policy import default_policy_path
+    from patchslim.policy_training import TrainConfig, train_policy
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -293,11 +293,7 @@ def _build_timm(name: str, weights: str | Path | None, pretrained: bool, seed: i
         model = timm.create_model(name, pretrained=False)
     check_walkable(name, model)  # refuse before looking for weights
     if weights is not None:
-        path = Path(weights)
-        if not path.exists():
-            raise WeightsUnavailableError(f"weights file {path} for {name} does not exist")
-        _load_into(model, path, name)
-        return model, f"file {path}"
+        return model, _load_weights_file(model, weights, name)
     if not pretrained:
         return model, f"random init (seed {seed})"
     env_file = _weights_dir_file(name)
@@ -359,12 +355,17 @@ def _build_from_source(name: str, weights: str | Path | None, pretrained: bool,
         raise WeightsError(f"{name!r} could not be built by timm: {str(exc).splitlines()[0]}") from None
     check_walkable(name, model)
     if weights is not None:
-        path = Path(weights)
-        if not path.exists():
-            raise WeightsUnavailableError(f"weights file {path} for {name} does not exist")
-        _load_into(model, path, name)
-        return model, f"file {path.name}"
+        return model, _load_weights_file(model, weights, name)
     return model, where if want_weights else f"random init (seed {seed})"
+
+
+def _load_weights_file(model: torch.nn.Module, weights: str | Path, name: str) -> str:
+    """Loads ``weights=PATH`` into ``model``; returns the weights source in words."""
+    path = Path(weights)
+    if not path.exists():
+        raise WeightsUnavailableError(f"weights file {path} for {name} does not exist")
+    _load_into(model, path, name)
+    return f"file {path}"
 
 
 def _hf_cached_folder(hub_id: str) -> Path | None:

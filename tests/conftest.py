@@ -82,3 +82,25 @@ def imagenet_batch():
     """Two random 224x224 images (timing and shape tests with random-weight ImageNet models)."""
     g = torch.Generator().manual_seed(0)
     return torch.randn(2, 3, 224, 224, generator=g)
+
+
+def app_page_text(at) -> str:
+    """Every element an AppTest page drew (sidebar included) as text: labels, values, captions, help, options.
+    For tests that search a page for what must not be there (e.g. a server path)."""
+    out = []
+
+    def walk(node):
+        proto = getattr(node, "proto", None)
+        if proto is not None:
+            out.append(str(proto))
+        for child in getattr(node, "children", {}).values():
+            walk(child)
+
+    walk(at._tree)
+    return "\n".join(out)
+
+
+@pytest.fixture(scope="session")
+def page_text():
+    """:func:`app_page_text` as a fixture."""
+    return app_page_text

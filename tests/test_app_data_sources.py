@@ -144,21 +144,6 @@ def _audit_page(monkeypatch, data_dir: Path | None):
     return at
 
 
-def _texts(at) -> str:
-    """Every element of the page as text (labels, values, help, options), to search for paths."""
-    out = []
-
-    def walk(node):
-        proto = getattr(node, "proto", None)
-        if proto is not None:
-            out.append(str(proto))
-        for child in getattr(node, "children", {}).values():
-            walk(child)
-
-    walk(at._tree)
-    return "\n".join(out)
-
-
 def test_without_a_data_folder_the_server_option_is_not_offered(monkeypatch):
     at = _audit_page(monkeypatch, None)
     assert FOLDER_OPTION not in at.radio(key="audit_source").options
@@ -166,7 +151,8 @@ def test_without_a_data_folder_the_server_option_is_not_offered(monkeypatch):
     assert not at.text_input and not at.error
 
 
-def test_with_a_data_folder_a_good_folder_audits_and_a_bad_path_is_one_message(monkeypatch, data_dir, tmp_path):
+def test_with_a_data_folder_a_good_folder_audits_and_a_bad_path_is_one_message(monkeypatch, data_dir, tmp_path,
+                                                                                   page_text):
     from patchslim import bundled
 
     _class_folder(data_dir / "garments", bundled.CLASS_NAMES[1:4], per_class=3)
@@ -188,14 +174,14 @@ def test_with_a_data_folder_a_good_folder_audits_and_a_bad_path_is_one_message(m
         at.text_input(key="audit_folder").set_value(bad).run()
         at.button[0].click().run()
         assert len(at.error) == 1 and "refused" in at.error[0].value
-    assert str(tmp_path) not in _texts(at)
+    assert str(tmp_path) not in page_text(at)
 
     # then a good folder from the picker audits
     at.selectbox(key="audit_server_pick").set_value("garments").run()
     at.button[0].click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert [m.value for m in at.metric if m.label == "Images audited"] == ["9"]
-    assert str(tmp_path) not in _texts(at)
+    assert str(tmp_path) not in page_text(at)
     outcome = [v for v in at.session_state["_results"]._items.values() if hasattr(v, "files")][-1]
     assert outcome.report.data == "folder garments"
     for name, content in outcome.files.items():

@@ -230,22 +230,7 @@ def _save_tiny(folder: Path, seed: int = 0) -> None:
     save_for_hf(model, str(folder), model_config={"label_names": ["cat", "dog", "bird"]}, safe_serialization=True)
 
 
-def _page_text(at) -> str:
-    """Every element drawn (sidebar included) as text: labels, values, captions, help, options."""
-    out = []
-
-    def walk(node):
-        proto = getattr(node, "proto", None)
-        if proto is not None:
-            out.append(str(proto))
-        for child in getattr(node, "children", {}).values():
-            walk(child)
-
-    walk(at._tree)
-    return "\n".join(out)
-
-
-def test_no_page_shows_the_server_path_of_a_local_dir_model(monkeypatch, tmp_path):
+def test_no_page_shows_the_server_path_of_a_local_dir_model(monkeypatch, tmp_path, page_text):
     """Picked as local-dir:tiny3 or typed as its absolute path, the model is named local-dir:tiny3 on every page
     (sidebar caption, Benchmark caption, Audit caption, and the name the downloads and audit reports take)."""
     import patchslim.models
@@ -269,14 +254,14 @@ def test_no_page_shows_the_server_path_of_a_local_dir_model(monkeypatch, tmp_pat
         for page in ("explore", "compare", "explain", "benchmark", "audit"):
             at.switch_page(f"app_pages/{page}.py").run()
             assert not at.exception, (page, [e.value for e in at.exception])
-            text = _page_text(at)
+            text = page_text(at)
             if typed is not None:  # the typed text sits in the text box; nothing else may show it
                 text = text.replace(f"local-dir:{typed}", "")
             assert str(tmp_path) not in text and str(tmp_path.resolve()) not in text, page
         at.switch_page("app_pages/explore.py").run()
 
 
-def test_a_broken_local_dir_folder_is_told_without_its_path(monkeypatch, tmp_path):
+def test_a_broken_local_dir_folder_is_told_without_its_path(monkeypatch, tmp_path, page_text):
     root = tmp_path / "models"
     (root / "broken").mkdir(parents=True)
     (root / "broken" / "config.json").write_text('{"architecture": "vit_tiny_patch16_224"}')  # no weights
@@ -289,7 +274,7 @@ def test_a_broken_local_dir_folder_is_told_without_its_path(monkeypatch, tmp_pat
         assert not at.exception, [e.value for e in at.exception]
         errors = _errors(at)
         assert errors and f"local-dir:{name}" in errors[0], errors
-        assert str(tmp_path) not in _page_text(at)
+        assert str(tmp_path) not in page_text(at)
 
 
 def test_replaced_weights_of_a_local_dir_model_are_loaded_again(monkeypatch, tmp_path):

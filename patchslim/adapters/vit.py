@@ -137,16 +137,17 @@ class ViTAdapter(Adapter):
 
     def head(self, state: TokenState) -> torch.Tensor:
         vit = self.module
-        pools_patches = vit.attn_pool is None and vit.global_pool not in ("token", "") and not vit.pool_include_prefix
+        attn_pool = getattr(vit, "attn_pool", None)
+        include_prefix = bool(getattr(vit, "pool_include_prefix", False))  # timm >= 1.0.x
+        pools_patches = attn_pool is None and vit.global_pool not in ("token", "") and not include_prefix
         if pools_patches and state.count == 0:
             raise PlanError(f"no token is left to pool: {self.name} pools its patch tokens ({vit.global_pool}), "
                             "keep at least one")
         features = vit.norm(state.tokens)
         weights = token_weights(state)
-        if weights is None or vit.attn_pool is not None or vit.global_pool in ("token", ""):
+        if weights is None or attn_pool is not None or vit.global_pool in ("token", ""):
             return vit.forward_head(features)  # timm's own pooling: nothing to weigh
-        pooled = weighted_pool(features, weights, vit.global_pool,
-                               0 if vit.pool_include_prefix else state.num_prefix)
+        pooled = weighted_pool(features, weights, vit.global_pool, 0 if include_prefix else state.num_prefix)
         return vit.head(vit.head_drop(vit.fc_norm(pooled)))
 
 

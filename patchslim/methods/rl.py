@@ -3,7 +3,7 @@
 A small MLP (:class:`patchslim.policy.PolicyNet`) reads the tokens entering the block where it acts (its
 own features and the CLS token's) and gives each patch a keep logit. It was trained on a frozen ViT to
 maximize R = lambda * accuracy - (1 - lambda) * cost (eq. 14) with the policy gradient of eq. 15; see
-:mod:`patchslim.policy` and ``python -m patchslim train-policy``.
+:mod:`patchslim.policy_training` and ``python -m patchslim train-policy``.
 
 At inference:
 

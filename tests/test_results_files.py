@@ -29,15 +29,12 @@ TEXT = {".md", ".json", ".csv", ".txt", ".html"}
 MACHINE_PATH = re.compile(r"(?<![\w.:/-])/(?:work|tmp|home|root|Users|mnt|media|opt|srv|var|usr|private|scratch"
                           r"|data|nfs|run|etc)/|(?<![\w])[A-Za-z]:\\[\w.]|~/")
 
-ACCURACY = "python -m patchslim benchmark --which accuracy  (after the engine refactor)"
 AUDIT = "python -m patchslim benchmark --which audit_fashion  (after the engine refactor)"
 TABLE1 = "python -m patchslim benchmark --which table1  (idle machine)"
 TABLE3 = "python -m patchslim benchmark --which table3  (idle machine)"
 APP_LATENCY = "python benchmarks/app_latency.py  (idle machine)"
 # file -> the rerun that fixes it; (test, file) pairs below say which check fails until then.
 AWAITING_RERUN = {
-    "accuracy.md": ACCURACY, "accuracy.json": ACCURACY, "accuracy.csv": ACCURACY, "accuracy.html": ACCURACY,
-    "accuracy.png": ACCURACY, "accuracy_vs_compute.html": ACCURACY, "accuracy_vs_compute.png": ACCURACY,
     "audit_fashion/audit.html": AUDIT, "audit_fashion/audit.json": AUDIT, "audit_fashion/summary.txt": AUDIT,
     "audit_fashion/audit_groups.csv": AUDIT, "audit_fashion/audit_disparity.csv": AUDIT,
     "audit_fashion/audit_skipped.csv": AUDIT,
@@ -45,10 +42,9 @@ AWAITING_RERUN = {
     "table3_latency.md": TABLE3,
     "app_latency.json": APP_LATENCY,
 }
-PATHS_AWAITING = {"accuracy.md", "accuracy.json", "audit_fashion/audit.html", "audit_fashion/audit.json",
+PATHS_AWAITING = {"audit_fashion/audit.html", "audit_fashion/audit.json",
                   "audit_fashion/summary.txt", "table1_overhead.md", "table1_overhead.csv", "table3_latency.md"}
-COMMANDS_AWAITING = {"accuracy.md", "accuracy.json", "accuracy.csv", "accuracy.html", "accuracy.png",
-                     "accuracy_vs_compute.html", "accuracy_vs_compute.png", "audit_fashion/audit.html",
+COMMANDS_AWAITING = {"audit_fashion/audit.html",
                      "audit_fashion/audit.json", "audit_fashion/summary.txt", "audit_fashion/audit_groups.csv",
                      "audit_fashion/audit_disparity.csv", "audit_fashion/audit_skipped.csv", "app_latency.json"}
 

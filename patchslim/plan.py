@@ -91,15 +91,16 @@ class KeepSet:
     block: int
     keep: Any
 
+    # What a plan reads of every stage (a keep set has no ratio or options of its own).
+    method = "keep_set"
+    keep_ratio = 1.0
+    options = MappingProxyType({})
+
     def __post_init__(self) -> None:
         if isinstance(self.block, bool) or not isinstance(self.block, int):
             raise PlanError(f"a keep set's block must be an integer, got {self.block!r}")
         if not (callable(self.keep) or hasattr(self.keep, "dtype")):
             raise PlanError(f"a keep set must be a tensor or a callable, got {type(self.keep).__name__}")
-
-    method = "keep_set"
-    keep_ratio = 1.0
-    options = MappingProxyType({})
 
     @property
     def blocks(self) -> tuple[int, ...]:
@@ -145,7 +146,8 @@ class SlimPlan:
     """A validated slimming plan.
 
     Attributes:
-        stages: the stages, applied in forward order (ties at one place in stage order).
+        stages: the stages, applied in forward order (ties at one place in stage order): :class:`Stage` (a
+            method's choice) or :class:`KeepSet` (tokens given per image).
         attention_blocks: blocks whose attention probabilities the Trace should keep, for maps and
             rollout (``"all"`` for every block). Attention is computed explicitly only there and where
             a method needs it; every other block uses fused attention.

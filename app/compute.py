@@ -22,7 +22,7 @@ from PIL import Image
 
 import patchslim
 from patchslim import bundled, explain, vis
-from patchslim.device import synchronize
+from patchslim.device import bytes_per_element, synchronize
 from patchslim.explain import attention
 from patchslim.metrics import flops, latency, memory
 
@@ -193,9 +193,6 @@ def slimmed(model: patchslim.LoadedModel, image: Image.Image | torch.Tensor, met
 
 # --------------------------------------------------------------------------- readouts
 
-BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
-
-
 @dataclass(frozen=True)
 class Costs:
     """What the plan costs and keeps for one image, unslimmed -> slimmed (the Explore page's numbers row).
@@ -257,7 +254,7 @@ def activation_mb(trace: patchslim.Trace, precision: str) -> float:
     what the slimmed model needs.
     """
     plain = replace(trace, plan=trace.plan.with_attention(()))
-    return memory.estimate_activation_memory(plain, BYTES_PER_ELEMENT[precision]).peak_mb
+    return memory.estimate_activation_memory(plain, bytes_per_element(precision)).peak_mb
 
 
 def costs(base: Timed, slim: Timed) -> Costs:

@@ -29,16 +29,12 @@ TEXT = {".md", ".json", ".csv", ".txt", ".html"}
 MACHINE_PATH = re.compile(r"(?<![\w.:/-])/(?:work|tmp|home|root|Users|mnt|media|opt|srv|var|usr|private|scratch"
                           r"|data|nfs|run|etc)/|(?<![\w])[A-Za-z]:\\[\w.]|~/")
 
-TABLE1 = "python -m patchslim benchmark --which table1  (idle machine)"
-TABLE3 = "python -m patchslim benchmark --which table3  (idle machine)"
 APP_LATENCY = "python benchmarks/app_latency.py  (idle machine)"
 # file -> the rerun that fixes it; (test, file) pairs below say which check fails until then.
 AWAITING_RERUN = {
-    "table1_overhead.md": TABLE1, "table1_overhead.csv": TABLE1,
-    "table3_latency.md": TABLE3,
     "app_latency.json": APP_LATENCY,
 }
-PATHS_AWAITING = {"table1_overhead.md", "table1_overhead.csv", "table3_latency.md"}
+PATHS_AWAITING: set[str] = set()
 COMMANDS_AWAITING = {"app_latency.json"}
 
 

@@ -59,6 +59,24 @@ MODEL_KWARGS = dict(
     global_pool="token",
 )
 
+# The second bundled model, ``fashion-swin``: a small timm SwinTransformer on the same canvases. 4-pixel patches
+# give a 12 x 12 token grid in stage 1 (four 6 x 6 windows, shifted by 3 in every second block) and 6 x 6 after
+# patch merging (one window). Stage 1 holds most of its multiply-adds, so it is the stage slimmed by default.
+SWIN_NAME = "fashion-swin"
+SWIN_CHECKPOINT_PATH = ASSETS_DIR / "fashion_swin.safetensors"
+SWIN_KWARGS = dict(
+    img_size=CANVAS_SIZE,
+    patch_size=PATCH_SIZE,
+    in_chans=1,
+    num_classes=len(CLASS_NAMES),
+    embed_dim=64,
+    depths=(4, 2),
+    num_heads=(2, 4),
+    window_size=6,
+    mlp_ratio=2.0,
+)
+SWIN_DEFAULT_STAGES = (0,)
+
 
 def fashion_mnist_available(root: Path = FASHION_MNIST_DIR) -> bool:
     """Whether the four Fashion-MNIST IDX files are present."""

@@ -45,6 +45,10 @@ class Adapter:
     """Base class: one instance per loaded model; stateless apart from the model it reads."""
 
     kind: ClassVar[str] = ""  # a word for the architecture family, e.g. "vit"
+    # True when a token a plan drops leaves the model for good (a ViT: dropping a patch's token removes the
+    # patch, which token-removal faithfulness tests rely on); False where dropped tokens only sit out a block
+    # and flow on (Swin's window-aware slimming).
+    token_removal: ClassVar[bool] = True
 
     def __init__(self, name: str, module: torch.nn.Module) -> None:
         self.name = name

@@ -75,9 +75,14 @@ def tokens_before(model: LoadedModel, images: Any, block: int, plan: SlimPlan | 
 
 
 def _checked_actions(model: LoadedModel, plan: SlimPlan) -> list[Action]:
-    actions = plan.resolve(model.spec.depth)
+    spec = model.spec
+    actions = plan.resolve(spec.depth, spec)
     for action in actions:
-        action.method.check(dict(action.stage.options), action.stage.keep_ratio, model)
+        method = action.method
+        if spec.hierarchical and not method.windowed:
+            raise PlanError(f"method {action.stage.method!r} does not apply to {model.name} ({spec.kind}, windowed "
+                            f"attention): {method.window_reason or 'it does not act window by window'}")
+        method.check(dict(action.stage.options), action.stage.keep_ratio, model)
     return actions
 
 
@@ -91,7 +96,7 @@ def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: lis
     spec = model.spec
     keep_attention = plan.attention_wanted(spec.depth)
     needed = {a.attention_block for a in actions if a.attention_block is not None}
-    explicit, prefix_rows = attention_blocks(plan, spec.depth, actions)
+    explicit, prefix_rows = attention_blocks(plan, spec.depth, actions, has_prefix=spec.num_prefix_tokens > 0)
     keys_needed = {a.attention_block for a in actions if a.method.needs_keys}
     # blocks whose attention an action before the next block reads (else it is dropped after the block's own)
     read_by_next = {a.attention_block for a in actions if a.point == "pre" and a.attention_block is not None}
@@ -129,7 +134,8 @@ def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: lis
                 keep_ratio=action.stage.keep_ratio,
                 target=target_count(action.stage.keep_ratio, state.count),
                 options=dict(action.stage.options),
-                attention=last_attention if action.method.needs_attention else None,
+                attention=(adapter.seen_attention(last_attention, state)
+                           if action.method.needs_attention and last_attention is not None else None),
                 keys=last_keys if action.method.needs_keys else None,
                 generator=generator,
                 model=model,
@@ -160,9 +166,12 @@ def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: lis
     for index in range(spec.depth):
         if index == stop_before:
             return state
+        state = adapter.enter(index, state)  # a windowed model groups the tokens by the block's windows here
         state = apply((index, "pre"), state)
         last_attention = last_keys = None  # every reader of earlier blocks' attention has run
-        provenance_in, tokens_in = state.provenance, state.tokens.shape[1]
+        images = state.tokens.shape[0] // state.groups
+        provenance_in = state.provenance if state.groups == 1 else state.provenance.regroup(images)
+        tokens_in = state.tokens.shape[1] * state.groups  # per image
         sizes_in = state.sizes is not None
         branch = adapter.attention(index, state, want_probs=index in explicit, want_keys=index in keys_needed,
                                    prefix_probs=index in prefix_rows)
@@ -177,7 +186,8 @@ def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: lis
             last_attention = last_keys = None
         # no local name keeps a block's input alive through the MLP (it would add a [B, T, C] to the peak)
         state = _with_tokens(state, state.tokens + adapter.mlp(index, state.tokens))
-        records.append(BlockRecord(index, tokens_in, state.tokens.shape[1], provenance_in, sizes_in))
+        records.append(BlockRecord(index, tokens_in, state.tokens.shape[1] * state.groups, provenance_in, sizes_in,
+                                   state.groups))
         state = adapter.transition(index, state)
 
     logits = adapter.head(state)
@@ -195,10 +205,12 @@ def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: lis
 
 
 def _with_tokens(state: TokenState, tokens: torch.Tensor) -> TokenState:
-    return TokenState(tokens, state.num_prefix, state.provenance, state.sizes, state.key_mask)
+    return TokenState(tokens, state.num_prefix, state.provenance, state.sizes, state.key_mask, state.groups,
+                      state.layout)
 
 
-def attention_blocks(plan: SlimPlan, depth: int, actions: list[Action] | None = None) -> tuple[set[int], set[int]]:
+def attention_blocks(plan: SlimPlan, depth: int, actions: list[Action] | None = None, *,
+                     has_prefix: bool = True) -> tuple[set[int], set[int]]:
     """Where the forward computes attention probabilities, and how much of them.
 
     Returns:
@@ -212,6 +224,6 @@ def attention_blocks(plan: SlimPlan, depth: int, actions: list[Action] | None = 
     for action in actions:
         if action.method.needs_attention and action.attention_block is not None:
             readers.setdefault(action.attention_block, []).append(action)
-    prefix_rows = {b for b, acts in readers.items() if b not in kept
+    prefix_rows = {b for b, acts in readers.items() if has_prefix and b not in kept
                    and all(a.method.attention_rows(dict(a.stage.options)) == "prefix" for a in acts)}
     return kept | (set(readers) - prefix_rows), prefix_rows

@@ -359,7 +359,7 @@ def evaluate(model: Any, data: LabelledImages, variants: Sequence[Variant], keep
     for variant in variants:
         for ratio in keep_ratios:
             plan = variant.plan(ratio, seed)
-            for action in plan.resolve(model.spec.depth):  # fail before any image runs
+            for action in plan.resolve(model.spec.depth, model.spec):  # fail before any image runs
                 action.method.check(dict(action.stage.options), action.stage.keep_ratio, model)
             plans.append((variant, ratio, plan))
     gmacs_of = _gmacs_function()

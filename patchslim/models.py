@@ -55,12 +55,15 @@ from patchslim.trace import ModelSpec
 # if the engine cannot walk it.
 SUPPORTED_MODELS = (
     bundled.BUNDLED_NAME,
+    bundled.SWIN_NAME,
     "deit_tiny_patch16_224",
     "deit_small_patch16_224",
     "deit_base_patch16_224",
     "vit_base_patch16_224",
     "deit_small_distilled_patch16_224",
+    "swin_tiny_patch4_window7_224",
 )
+BUNDLED_MODELS = (bundled.BUNDLED_NAME, bundled.SWIN_NAME)
 DEFAULT_MODEL = "deit_small_patch16_224"
 WEIGHTS_DIR_ENV = "PATCHSLIM_WEIGHTS_DIR"
 LOCAL_DIR_PREFIX = "local-dir:"
@@ -175,9 +178,9 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device = "auto", w
     """
     dev = resolve_device(device)
     check_precision(precision, dev)
-    if name == bundled.BUNDLED_NAME:
-        model, source = _build_bundled(weights, pretrained, seed)
-        adapter = adapter_for(name, model)
+    if name in BUNDLED_MODELS:
+        model, source = _build_bundled(name, weights, pretrained, seed)
+        adapter = _bundled_adapter(name, model)
         class_names = bundled.CLASS_NAMES
         mean, std = (bundled.CANVAS_MEAN,), (bundled.CANVAS_STD,)
         transform = _bundled_transform
@@ -246,22 +249,43 @@ def check_walkable(name: str, vit: torch.nn.Module) -> None:
 
 # --------------------------------------------------------------------------- bundled model
 
-def _build_bundled(weights: str | Path | None, pretrained: bool, seed: int) -> tuple[torch.nn.Module, str]:
-    from timm.models.vision_transformer import VisionTransformer
-
+def _build_bundled(name: str, weights: str | Path | None, pretrained: bool,
+                   seed: int) -> tuple[torch.nn.Module, str]:
+    """``fashion-vit`` (a timm VisionTransformer) or ``fashion-swin`` (a timm SwinTransformer)."""
+    swin = name == bundled.SWIN_NAME
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = VisionTransformer(**bundled.MODEL_KWARGS)
+        if swin:
+            from timm.models.swin_transformer import SwinTransformer
+
+            model = SwinTransformer(**bundled.SWIN_KWARGS)
+        else:
+            from timm.models.vision_transformer import VisionTransformer
+
+            model = VisionTransformer(**bundled.MODEL_KWARGS)
     if weights is None and not pretrained:
         return model, f"random init (seed {seed})"
-    path = Path(weights) if weights is not None else bundled.CHECKPOINT_PATH
+    default = bundled.SWIN_CHECKPOINT_PATH if swin else bundled.CHECKPOINT_PATH
+    path = Path(weights) if weights is not None else default
     if not path.exists():
         raise WeightsUnavailableError(
-            f"weights for {bundled.BUNDLED_NAME} not found at {path}; the checkpoint ships in patchslim/assets/ "
-            "(python -m patchslim.train_bundled recreates it)"
+            f"weights for {name} not found at {path}; the checkpoint ships in patchslim/assets/ "
+            f"(python -m patchslim.train_bundled --model {name} recreates it)"
         )
-    _load_into(model, path, bundled.BUNDLED_NAME)
+    _load_into(model, path, name)
     return model, f"file {path}"
+
+
+def _bundled_adapter(name: str, model: torch.nn.Module) -> Adapter:
+    """The adapter of a bundled model; ``fashion-swin`` slims its first stage by default (where its
+    multiply-adds are, and the last stage with four windows)."""
+    if name == bundled.SWIN_NAME:
+        from patchslim.adapters.swin import SwinAdapter
+
+        adapter = SwinAdapter(name, model, default_stages=bundled.SWIN_DEFAULT_STAGES)
+        adapter.check()
+        return adapter
+    return adapter_for(name, model)
 
 
 def _bundled_transform(image: Image.Image) -> torch.Tensor:
@@ -563,8 +587,9 @@ def _load_into(model: torch.nn.Module, path: Path, name: str) -> None:
 
 def weights_status(name: str) -> str:
     """Where ``load_model(name)`` would get weights right now, in words, without loading anything."""
-    if name == bundled.BUNDLED_NAME:
-        return "ready (bundled checkpoint)" if bundled.CHECKPOINT_PATH.exists() else "checkpoint missing from patchslim/assets/"
+    if name in BUNDLED_MODELS:
+        path = bundled.SWIN_CHECKPOINT_PATH if name == bundled.SWIN_NAME else bundled.CHECKPOINT_PATH
+        return "ready (bundled checkpoint)" if path.exists() else "checkpoint missing from patchslim/assets/"
     if name.startswith(LOCAL_DIR_PREFIX):
         folder = Path(name[len(LOCAL_DIR_PREFIX):]).expanduser()
         if not (folder / "config.json").is_file():

@@ -28,12 +28,15 @@ class Stage:
         keep_ratio: rho in (0, 1], the share of non-prefix tokens kept at each action.
         blocks: block indices where the method acts (None: the method's default).
         options: method options (validated against the method's option specs).
+        stages: for a hierarchical model (Swin), the stages (0-based, as timm's ``model.layers``) in whose every
+            block the method acts, instead of ``blocks`` (None with no blocks either: the model's default stages).
     """
 
     method: str
     keep_ratio: float = 1.0
     blocks: tuple[int, ...] | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    stages: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
@@ -51,6 +54,16 @@ class Stage:
             if len(set(blocks)) != len(blocks):
                 raise PlanError(f"stage {self.method!r}: blocks must not repeat, got {blocks}")
             object.__setattr__(self, "blocks", tuple(sorted(blocks)))
+        if self.stages is not None:
+            if self.blocks is not None:
+                raise PlanError(f"stage {self.method!r}: give blocks or stages, not both")
+            try:
+                stages = (self.stages,) if isinstance(self.stages, int) else tuple(int(s) for s in self.stages)
+            except (TypeError, ValueError):
+                raise PlanError(f"stage {self.method!r}: stages must be stage indices, got {self.stages!r}") from None
+            if not stages or len(set(stages)) != len(stages) or min(stages) < 0:
+                raise PlanError(f"stage {self.method!r}: stages must be distinct indices >= 0, got {self.stages!r}")
+            object.__setattr__(self, "stages", tuple(sorted(stages)))
         parsed = method.parse_options(dict(self.options))
         object.__setattr__(self, "options", MappingProxyType(parsed))
 
@@ -59,9 +72,12 @@ class Stage:
         return get_method(self.method)
 
     def to_dict(self) -> dict:
-        return dict(method=self.method, keep_ratio=self.keep_ratio,
-                    blocks=None if self.blocks is None else list(self.blocks),
-                    options={k: (list(v) if isinstance(v, tuple) else v) for k, v in self.options.items()})
+        out = dict(method=self.method, keep_ratio=self.keep_ratio,
+                   blocks=None if self.blocks is None else list(self.blocks),
+                   options={k: (list(v) if isinstance(v, tuple) else v) for k, v in self.options.items()})
+        if self.stages is not None:
+            out["stages"] = list(self.stages)
+        return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,6 +111,7 @@ class KeepSet:
     method = "keep_set"
     keep_ratio = 1.0
     options = MappingProxyType({})
+    stages = None
 
     def __post_init__(self) -> None:
         if isinstance(self.block, bool) or not isinstance(self.block, int):
@@ -174,9 +191,11 @@ class SlimPlan:
 
     @classmethod
     def single(cls, method: str, keep_ratio: float = 1.0, blocks: tuple[int, ...] | int | None = None,
-               *, seed: int = 0, attention_blocks: tuple[int, ...] | str = (), **options: Any) -> "SlimPlan":
-        """A plan with one stage: ``SlimPlan.single("random", 0.5)``."""
-        return cls((Stage(method, keep_ratio, blocks, options),), attention_blocks=attention_blocks, seed=seed)
+               *, seed: int = 0, attention_blocks: tuple[int, ...] | str = (),
+               stages: tuple[int, ...] | int | None = None, **options: Any) -> "SlimPlan":
+        """A plan with one stage: ``SlimPlan.single("random", 0.5)``; ``stages=(2, 3)`` for a Swin's stages."""
+        return cls((Stage(method, keep_ratio, blocks, options, stages),), attention_blocks=attention_blocks,
+                   seed=seed)
 
     @classmethod
     def from_options(cls, method: str, keep_ratio: float, options: dict[str, Any] | None = None,
@@ -187,13 +206,17 @@ class SlimPlan:
         method option.
         """
         options = dict(options or {})
-        blocks = options.pop("blocks", None)
-        if blocks is not None and not isinstance(blocks, (tuple, list, int)):
-            try:
-                blocks = tuple(int(b) for b in str(blocks).replace(";", ",").split(",") if b.strip())
-            except ValueError:
-                raise PlanError(f"blocks must be comma-separated block indices, got {blocks!r}") from None
-        return cls.single(method, keep_ratio, blocks, seed=seed, attention_blocks=attention_blocks, **options)
+        where = {}
+        for key in ("blocks", "stages"):
+            value = options.pop(key, None)
+            if value is not None and not isinstance(value, (tuple, list, int)):
+                try:
+                    value = tuple(int(b) for b in str(value).replace(";", ",").split(",") if b.strip())
+                except ValueError:
+                    raise PlanError(f"{key} must be comma-separated indices, got {value!r}") from None
+            where[key] = value
+        return cls.single(method, keep_ratio, where["blocks"], seed=seed, attention_blocks=attention_blocks,
+                          stages=where["stages"], **options)
 
     @property
     def is_empty(self) -> bool:
@@ -203,17 +226,34 @@ class SlimPlan:
         """The same plan, keeping the attention of other blocks."""
         return SlimPlan(self.stages, attention_blocks, self.seed)
 
-    def resolve(self, depth: int) -> list[Action]:
+    def resolve(self, depth: int, spec: Any = None) -> list[Action]:
         """Places every stage's actions in a model with ``depth`` blocks, in forward order.
 
+        Args:
+            depth: the model's number of blocks.
+            spec: the model's :class:`~patchslim.trace.ModelSpec`; needed for a hierarchical model (Swin), where a
+                stage without blocks acts in every block of its stages (default: the model's default stages).
+
         Raises:
-            PlanError: a block index outside the model, or an action that would read attention
+            PlanError: a block index or stage outside the model, or an action that would read attention
                 before any block ran.
         """
         actions = []
+        hierarchical = spec is not None and spec.hierarchical
         for index, stage in enumerate(self.stages):
             method = stage.slim_method
-            blocks = stage.blocks if stage.blocks is not None else method.default_blocks(depth)
+            if stage.stages is not None and not hierarchical:
+                raise PlanError(f"stage {stage.method!r}: stages apply to hierarchical models (Swin); "
+                                "this model has blocks only, name blocks instead")
+            if stage.blocks is not None:
+                blocks = stage.blocks
+            elif hierarchical:
+                stages = stage.stages if stage.stages is not None else spec.default_stages
+                blocks = tuple(b for s in stages for b in spec.stage_blocks(s))
+                if method.point == "pre" and (method.needs_attention or method.needs_keys):
+                    blocks = tuple(b for b in blocks if b > 0)  # block 0 has no attention before it to read
+            else:
+                blocks = method.default_blocks(depth)
             for block in blocks:
                 if not 0 <= block < depth:
                     raise PlanError(

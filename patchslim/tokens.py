@@ -15,6 +15,7 @@ never dropped: every function here leaves the first ``num_prefix`` tokens alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -27,11 +28,17 @@ class Provenance:
         num_patches: N, the number of patches of the unslimmed image.
         ids: ``[B, M]`` int64 original patch ids, while tokens are plain (possibly pruned) patches.
         weights: ``[B, M, N]`` float, once tokens are merges (0/1 rows) or projections (loadings).
+        cell: 1 while each id is one patch; ``c > 1`` in a hierarchical model after patch merging (Swin), where
+            id ``j`` names the ``c x c`` square of patches at cell ``(j // (cols / c), j % (cols / c))`` of the
+            coarser grid: a token after patch merging stands for the patches of the four tokens it merged.
+        grid: the patch grid (rows, cols), needed to expand cells into patches when ``cell > 1``.
     """
 
     num_patches: int
     ids: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    cell: int = 1
+    grid: tuple[int, int] = (0, 0)
 
     @staticmethod
     def identity(batch: int, num_patches: int, device: torch.device | None = None) -> "Provenance":
@@ -51,19 +58,27 @@ class Provenance:
     @property
     def is_plain(self) -> bool:
         """True while every token is one original patch (pruning only)."""
-        return self.ids is not None
+        return self.ids is not None and self.cell == 1
+
+    def patch_ids(self) -> torch.Tensor:
+        """``[B, M, c * c]`` the original patch ids each token stands for, while tokens are plain or cells."""
+        if self.ids is None:
+            raise ValueError("tokens are merges or projections; use dense()")
+        if self.cell == 1:
+            return self.ids.unsqueeze(-1)
+        return _cell_patches(self.ids, self.cell, self.grid)
 
     def dense(self) -> torch.Tensor:
         """``[B, M, N]`` float: row j says how much of each original patch token j stands for."""
         if self.weights is not None:
             return self.weights
         out = torch.zeros(self.batch, self.count, self.num_patches, device=self.ids.device)
-        return out.scatter_(2, self.ids.unsqueeze(-1), 1.0)
+        return out.scatter_(2, self.patch_ids(), 1.0)
 
     def select(self, index: torch.Tensor) -> "Provenance":
         """Keeps the tokens at ``index`` (``[B, K]`` positions among the M tokens)."""
         if self.ids is not None:
-            return Provenance(self.num_patches, ids=self.ids.gather(1, index))
+            return Provenance(self.num_patches, ids=self.ids.gather(1, index), cell=self.cell, grid=self.grid)
         w = self.weights.gather(1, index.unsqueeze(-1).expand(-1, -1, self.num_patches))
         return Provenance(self.num_patches, weights=w)
 
@@ -75,15 +90,34 @@ class Provenance:
         """``[B, N]`` bool: which original patches some token still stands for."""
         if self.ids is not None:
             mask = torch.zeros(self.batch, self.num_patches, dtype=torch.bool, device=self.ids.device)
-            return mask.scatter_(1, self.ids, True)
+            return mask.scatter_(1, self.patch_ids().flatten(1), True)
         return self.weights.abs().sum(1) > 0
+
+    def regroup(self, batch: int) -> "Provenance":
+        """The same tokens with ``batch`` rows (window groups ``[B * W, n]`` <-> images ``[B, W * n]``)."""
+        if self.ids is not None:
+            return Provenance(self.num_patches, ids=self.ids.reshape(batch, -1), cell=self.cell, grid=self.grid)
+        return Provenance(self.num_patches, weights=self.weights.reshape(batch, -1, self.num_patches))
 
     def to(self, device: torch.device | str) -> "Provenance":
         return Provenance(
             self.num_patches,
             ids=None if self.ids is None else self.ids.to(device),
             weights=None if self.weights is None else self.weights.to(device),
+            cell=self.cell,
+            grid=self.grid,
         )
+
+
+def _cell_patches(ids: torch.Tensor, cell: int, grid: tuple[int, int]) -> torch.Tensor:
+    """``[B, M, cell * cell]`` patch ids of the ``cell x cell`` squares named by ``ids`` on the coarse grid."""
+    rows, cols = grid
+    coarse_cols = cols // cell
+    top = (ids // coarse_cols) * cell
+    left = (ids % coarse_cols) * cell
+    dy = torch.arange(cell, device=ids.device).repeat_interleave(cell)
+    dx = torch.arange(cell, device=ids.device).repeat(cell)
+    return (top.unsqueeze(-1) + dy) * cols + left.unsqueeze(-1) + dx
 
 
 @dataclass(frozen=True)
@@ -99,6 +133,11 @@ class TokenState:
         key_mask: ``[B, P + M]`` bool, False for tokens that a per-image keep set left out but that stay in
             the tensor so the batch stays rectangular: no token attends to them and pooling skips them.
             None while every token takes part.
+        groups: how many rows of ``tokens`` belong to one image: 1 for a ViT, W when a windowed architecture
+            hands methods its tokens window by window (``[B * W, n, C]``, image-major), so that "keep the top k"
+            along the token axis is per window with the same method code.
+        layout: what the model's adapter needs to put grouped tokens back in place (opaque to methods; carried
+            through by every function here).
     """
 
     tokens: torch.Tensor
@@ -106,6 +145,8 @@ class TokenState:
     provenance: Provenance
     sizes: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None
+    groups: int = 1
+    layout: Any = None
 
     @property
     def prefix(self) -> torch.Tensor:
@@ -147,7 +188,8 @@ def keep_tokens(state: TokenState, index: torch.Tensor, sort: bool = True) -> To
         sizes = torch.cat([state.sizes[:, :p], state.sizes[:, p:].gather(1, index)], dim=1)
     if state.key_mask is not None:
         mask = torch.cat([state.key_mask[:, :p], state.key_mask[:, p:].gather(1, index)], dim=1)
-    return TokenState(tokens, p, state.provenance.select(index.to(_prov_device(state.provenance))), sizes, mask)
+    return TokenState(tokens, p, state.provenance.select(index.to(_prov_device(state.provenance))), sizes, mask,
+                      state.groups, state.layout)
 
 
 def repeat_batch(state: TokenState, times: int) -> TokenState:
@@ -155,12 +197,14 @@ def repeat_batch(state: TokenState, times: int) -> TokenState:
     keep sets per image in one forward)."""
     if times == 1:
         return state
+    if state.groups != 1:
+        raise ValueError("tokens grouped by window cannot be repeated along the batch")
 
     def rep(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.repeat(times, *([1] * (t.dim() - 1)))
 
     prov = state.provenance
-    provenance = Provenance(prov.num_patches, ids=rep(prov.ids), weights=rep(prov.weights))
+    provenance = Provenance(prov.num_patches, ids=rep(prov.ids), weights=rep(prov.weights), cell=prov.cell, grid=prov.grid)
     return TokenState(rep(state.tokens), state.num_prefix, provenance, rep(state.sizes), rep(state.key_mask))
 
 
@@ -198,7 +242,7 @@ def replace_patches(state: TokenState, patches: torch.Tensor, combination: torch
         new_sizes = torch.cat([prefix_sizes, sizes], dim=1)
     if state.key_mask is not None:
         raise ValueError("tokens masked by a per-image keep set cannot be merged or projected")
-    return TokenState(tokens, p, state.provenance.combine(combination), new_sizes)
+    return TokenState(tokens, p, state.provenance.combine(combination), new_sizes, None, state.groups, state.layout)
 
 
 def _prov_device(provenance: Provenance) -> torch.device:

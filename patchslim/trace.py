@@ -16,8 +16,53 @@ from patchslim.tokens import Provenance
 
 
 @dataclass(frozen=True)
+class BlockShape:
+    """One block of a hierarchical (windowed) model: what its costs and overlays need.
+
+    Attributes:
+        stage: the stage (timm's ``model.layers`` index, 0-based) the block belongs to.
+        grid: (rows, cols) of the token grid the block sees.
+        cell: side, in patches, of the square one token stands for (1, then 2, 4, ... after patch merging).
+        width: channels D.
+        num_heads, head_dim: attention heads and their size.
+        mlp_hidden: MLP hidden width.
+        window: (rows, cols) of a window; ``window_tokens`` = rows * cols tokens attend to each other.
+        shift: the cyclic shift of the block's window partition (0, 0 for none).
+        merge_macs: multiply-adds per image of the patch merging that precedes this block (0 inside a stage).
+    """
+
+    stage: int
+    grid: tuple[int, int]
+    cell: int
+    width: int
+    num_heads: int
+    head_dim: int
+    mlp_hidden: int
+    window: tuple[int, int]
+    shift: tuple[int, int]
+    merge_macs: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def window_tokens(self) -> int:
+        return self.window[0] * self.window[1]
+
+    @property
+    def windows(self) -> int:
+        return self.tokens // self.window_tokens
+
+
+@dataclass(frozen=True)
 class ModelSpec:
-    """The shape facts of a ViT that costs and overlays need."""
+    """The shape facts of a ViT (or a hierarchical model such as Swin) that costs and overlays need.
+
+    For a plain ViT every block sees the same tokens and ``blocks`` is empty; for a hierarchical model
+    ``blocks`` holds one :class:`BlockShape` per block, ``embed_dim`` is the first stage's width and
+    ``num_features`` the width the head reads.
+    """
 
     name: str
     img_size: tuple[int, int]
@@ -32,10 +77,41 @@ class ModelSpec:
     mlp_hidden: int
     num_classes: int
     num_heads_out: int = 1  # classifier heads (2 for the distilled DeiT)
+    kind: str = "vit"  # the adapter's architecture family
+    blocks: tuple[BlockShape, ...] = ()
+    num_features: int = 0  # width of the pooled feature (0: embed_dim)
+    default_stages: tuple[int, ...] = ()  # hierarchical models: the stages a plan slims when it names none
 
     @property
     def num_patches(self) -> int:
         return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def hierarchical(self) -> bool:
+        return bool(self.blocks)
+
+    @property
+    def head_width(self) -> int:
+        return self.num_features or self.embed_dim
+
+    def block_tokens(self, index: int) -> int:
+        """Tokens (prefix included) block ``index`` sees when nothing is slimmed."""
+        return self.blocks[index].tokens if self.blocks else self.num_patches + self.num_prefix_tokens
+
+    def stage_blocks(self, stage: int) -> tuple[int, ...]:
+        """The blocks of stage ``stage`` (hierarchical models).
+
+        Raises:
+            PlanError: no such stage.
+        """
+        stages = sorted({b.stage for b in self.blocks})
+        if stage not in stages:
+            from patchslim.errors import PlanError
+
+            raise PlanError(f"stages: {self.name} has no stage {stage} (its stages are {', '.join(map(str, stages))}, "
+                            "0-based as timm's model.layers)" if stages else
+                            f"stages: {self.name} is not a hierarchical model; name blocks instead")
+        return tuple(i for i, b in enumerate(self.blocks) if b.stage == stage)
 
 
 @dataclass(frozen=True)
@@ -48,6 +124,8 @@ class BlockRecord:
         tokens_mlp: tokens (prefix included) its MLP ran on (fewer when a method acted in between).
         provenance: origins of the non-prefix tokens entering the block.
         merged_sizes: True when tokens carry sizes (proportional attention ran in this block).
+        windows: how many windows per image the block's attention ran in (1 for global attention); each
+            window held ``tokens_attention / windows`` tokens.
     """
 
     index: int
@@ -55,6 +133,7 @@ class BlockRecord:
     tokens_mlp: int
     provenance: Provenance
     merged_sizes: bool = False
+    windows: int = 1
 
 
 @dataclass(frozen=True)
@@ -119,15 +198,22 @@ class Trace:
 
     @property
     def keep_ratio(self) -> float:
-        """The rho reached: non-prefix tokens after the last block / N."""
-        return (self.final_tokens - self.spec.num_prefix_tokens) / self.spec.num_patches
+        """The rho reached: non-prefix tokens the last block's MLP ran on / the tokens it would see unslimmed
+        (N for a ViT)."""
+        p = self.spec.num_prefix_tokens
+        last = self.blocks[-1] if self.blocks else None
+        tokens = last.tokens_mlp if last is not None else self.final_tokens
+        full = self.spec.block_tokens(len(self.blocks) - 1) if self.blocks else self.spec.num_patches + p
+        return (tokens - p) / (full - p)
 
     @property
     def mean_keep_ratio(self) -> float:
-        """Non-prefix tokens averaged over the blocks (attention and MLP alike) / N."""
-        p, n = self.spec.num_prefix_tokens, self.spec.num_patches
-        counts = [(b.tokens_attention + b.tokens_mlp) / 2 - p for b in self.blocks]
-        return sum(counts) / (len(counts) * n)
+        """Non-prefix tokens averaged over the blocks (attention and MLP alike), each block's count over what it
+        would see unslimmed."""
+        p = self.spec.num_prefix_tokens
+        shares = [((b.tokens_attention + b.tokens_mlp) / 2 - p) / (self.spec.block_tokens(b.index) - p)
+                  for b in self.blocks]
+        return sum(shares) / len(shares)
 
     @property
     def probabilities(self) -> torch.Tensor:

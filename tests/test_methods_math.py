@@ -324,3 +324,11 @@ def test_evit_fuses_the_dropped_tokens_weighted_by_cls_attention():
     assert out.sizes is None
     mean = get_method("evit").reduce(state, StageContext(**{**ctx.__dict__, "options": {"fusion": "mean"}}))
     torch.testing.assert_close(mean.state.patches[0, 2], fused / 0.2)
+
+
+def test_uniform_stride_longer_than_the_tokens_keeps_one():
+    """rho = 1/k with k past the token count (a small window, or a tiny rho): eq. 9 keeps no index, so one stays."""
+    from patchslim.methods.uniform import uniform_positions
+
+    assert uniform_positions(16, 0.01, 1).tolist() == [15]
+    assert uniform_positions(16, 0.01, 1, indexing="zero").tolist() == [0]

@@ -137,7 +137,7 @@ def test_hub_probe_fails_fast_is_remembered_for_a_while_and_then_retried(monkeyp
 def test_unknown_and_unsupported_models():
     with pytest.raises(UnknownModelError, match="unknown model 'deit_huge_nonsense'"):
         patchslim.load_model("deit_huge_nonsense", pretrained=False)
-    with pytest.raises(UnsupportedModelError, match="resnet18 is not supported: .*not a timm VisionTransformer"):
+    with pytest.raises(UnsupportedModelError, match="resnet18 is not supported: .*neither a timm VisionTransformer"):
         patchslim.load_model("resnet18", pretrained=False)
 
 

@@ -83,7 +83,7 @@ def test_wrap_model_transform_follows_the_channels_and_refuses_what_it_cannot_wa
     assert patchslim.run(gray, photo).logits.shape == (1, 5)
     with pytest.raises(patchslim.PatchslimError, match="3 class names given for a model with 5 classes"):
         patchslim.wrap_model(_vit(), name="x", class_names=["a", "b", "c"])
-    with pytest.raises(UnsupportedModelError, match="not a timm VisionTransformer"):
+    with pytest.raises(UnsupportedModelError, match="neither a timm VisionTransformer nor"):
         patchslim.wrap_model(torch.nn.Linear(3, 3), name="linear")
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 
 from patchslim.adapters.base import Adapter, AttentionOutput  # noqa: F401
+from patchslim.adapters.swin import SwinAdapter
 from patchslim.adapters.vit import ViTAdapter
 from patchslim.errors import UnsupportedModelError
 
-ADAPTERS: tuple[type[Adapter], ...] = (ViTAdapter,)
+ADAPTERS: tuple[type[Adapter], ...] = (ViTAdapter, SwinAdapter)
 
 
 def adapter_for(name: str, module: torch.nn.Module) -> Adapter:
@@ -28,6 +29,7 @@ def adapter_for(name: str, module: torch.nn.Module) -> Adapter:
             adapter.check()
             return adapter
     raise UnsupportedModelError(
-        f"{name} is not supported: it is a {type(module).__name__}, not a timm VisionTransformer. patchslim walks "
-        "plain timm VisionTransformers (ViT / DeiT with standard blocks), e.g. deit_small_patch16_224."
+        f"{name} is not supported: it is a {type(module).__name__}, neither a timm VisionTransformer nor a "
+        "SwinTransformer. patchslim walks plain timm VisionTransformers (ViT / DeiT with standard blocks), e.g. "
+        "deit_small_patch16_224, and timm's Swin v1, e.g. swin_tiny_patch4_window7_224."
     )

@@ -81,9 +81,20 @@ class Adapter:
     def mlp(self, index: int, tokens: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def transition(self, index: int, state: TokenState) -> TokenState:
-        """What happens between block ``index`` and the next (nothing for a ViT)."""
+    def enter(self, index: int, state: TokenState) -> TokenState:
+        """The tokens as block ``index`` and the methods acting there see them (unchanged for a ViT; grouped
+        by the block's windows for Swin)."""
         return state
+
+    def transition(self, index: int, state: TokenState) -> TokenState:
+        """What happens after block ``index``, before the next (nothing for a ViT; for Swin: tokens back in
+        place, and patch merging where a stage ends)."""
+        return state
+
+    def seen_attention(self, attention: torch.Tensor, state: TokenState) -> torch.Tensor:
+        """The attention a method acting on ``state`` reads, from the probabilities ``adapter.attention``
+        returned for the block it reads (the same tensor for a ViT)."""
+        return attention
 
     def head(self, state: TokenState) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError

@@ -147,7 +147,7 @@ class AuditJob:
         if len({p.key for p in self.plans}) != len(self.plans):
             raise PatchslimError("a method and keep ratio are listed twice")
         for p in self.plans:  # a plan that does not fit the model fails before any image runs
-            for action in p.plan.resolve(self.model.spec.depth):
+            for action in p.plan.resolve(self.model.spec.depth, self.model.spec):
                 action.method.check(dict(action.stage.options), action.stage.keep_ratio, self.model)
         self.identity = dict(
             version=FORMAT_VERSION, model=self.model.name, weights=self.model.weights_name,

@@ -184,7 +184,7 @@ def variant_plan(model, variant, keep_ratio: float):
 
     try:
         plan = variant.plan(keep_ratio)
-        for action in plan.resolve(model.spec.depth):
+        for action in plan.resolve(model.spec.depth, model.spec):
             action.method.check(dict(action.stage.options), action.stage.keep_ratio, model)
     except PatchslimError as exc:
         return None, str(exc).split(". ")[0].split(";")[0]

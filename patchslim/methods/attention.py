@@ -64,6 +64,7 @@ def check_aligned(attention: torch.Tensor, state: TokenState, ctx: StageContext,
 @register
 class AttentionPruning(SlimMethod):
     name = "attention"
+    windowed = True
     summary = "Prune before a block by the attention tokens received in the block before (eq. 16, corrected)."
     explanation = (
         "An early block's attention already says which patches the network looks at. Eq. 16 of the survey "
@@ -81,8 +82,9 @@ class AttentionPruning(SlimMethod):
     needs_attention = True
     input_dependent = True
     options = (
-        OptionSpec("score", "str", "cls",
-                   "attention from the CLS token (row 0) or received from all tokens (column mean)",
+        OptionSpec("score", "str", None,
+                   "attention from the CLS token (row 0) or received from all tokens (column mean); default: cls "
+                   "when the model has a CLS token, else received",
                    choices=("cls", "received")),
     )
 
@@ -92,10 +94,10 @@ class AttentionPruning(SlimMethod):
 
     def attention_rows(self, options: dict) -> str:
         """``score="cls"`` reads only the prefix rows; ``"received"`` reads whole columns."""
-        return "prefix" if options.get("score", "cls") == "cls" else "all"
+        return "prefix" if options.get("score") in (None, "cls") else "all"
 
     def check(self, stage_options: dict, keep_ratio: float, model) -> None:
-        if stage_options.get("score", "cls") == "cls" and model.spec.num_prefix_tokens == 0:
+        if stage_options.get("score") == "cls" and model.spec.num_prefix_tokens == 0:
             raise PlanError("method 'attention' with score=cls needs a CLS token, which this model has not; "
                             "use score=received")
 
@@ -104,7 +106,7 @@ class AttentionPruning(SlimMethod):
         p = state.num_prefix
         check_aligned(attention, state, ctx, self.name)
         heads, tokens = attention.shape[1], attention.shape[2]
-        if ctx.options.get("score", "cls") == "cls":
+        if (ctx.options.get("score") or ("cls" if p else "received")) == "cls":
             scores = cls_scores(attention, p)
             macs = heads * p * state.count
         else:

@@ -184,6 +184,10 @@ class SlimMethod:
     # False when the count follows the method's own rule (grid: G x G; evit: ceil(rho M) + a fused token).
     # The Trace reports the rho reached either way.
     exact_count: ClassVar[bool] = True
+    # Whether the method works on tokens grouped by window (a windowed model such as Swin hands a method its
+    # tokens as ``[B * W, n, C]`` and puts them back in place after the block), and if not, why.
+    windowed: ClassVar[bool] = False
+    window_reason: ClassVar[str] = ""
     options: ClassVar[tuple[OptionSpec, ...]] = ()
 
     def default_blocks(self, depth: int) -> tuple[int, ...]:
@@ -224,7 +228,7 @@ class SlimMethod:
             name=self.name, summary=self.summary, reference=self.reference, point=self.point,
             needs_attention=self.needs_attention, needs_keys=self.needs_keys, learned=self.learned,
             merges=self.merges, adaptive_count=self.adaptive_count, input_dependent=self.input_dependent,
-            exact_count=self.exact_count,
+            exact_count=self.exact_count, windowed=self.windowed, window_reason=self.window_reason,
             options=[dict(name=o.name, kind=o.kind, default=o.default, help=o.help, allowed=o.describe())
                      for o in self.options],
         )

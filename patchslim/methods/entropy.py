@@ -45,6 +45,7 @@ def feature_entropy(tokens: torch.Tensor) -> torch.Tensor:
 @register
 class EntropySelection(SlimMethod):
     name = "entropy"
+    windowed = True
     summary = "Keep the patches whose feature softmax has the highest entropy (eq. 12-13), by rho or tau."
     explanation = (
         "Each token's feature vector is turned into a probability distribution over its channels with a "

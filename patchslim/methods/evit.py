@@ -43,6 +43,9 @@ def evit_keep_count(keep_ratio: float, current: int) -> int:
 @register
 class EViT(SlimMethod):
     name = "evit"
+    windowed = False
+    window_reason = ("it fuses the dropped tokens into one extra token that belongs to no window and cannot be"
+                     " put back in place")
     summary = "Keep the tokens the CLS token attends to most and fuse the rest into one token (EViT)."
     explanation = (
         "The CLS token collects the information the classifier uses, so its attention row is a direct "

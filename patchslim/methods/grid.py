@@ -53,6 +53,9 @@ def grid_patch_ids(keep_ratio: float, grid_size: tuple[int, int], anchor: str = 
 @register
 class GridSelection(SlimMethod):
     name = "grid"
+    windowed = False
+    window_reason = ("it resamples the whole input to a G x G grid, which no longer matches the model's "
+                     "windows and stages")
     summary = "An evenly spread G x G lattice of patches (eq. 10); rho sets G. Ignores the image."
     explanation = (
         "Keep the patches on a regular lattice: every P-th row and every P-th column. Unlike `uniform`, which "

@@ -17,6 +17,9 @@ from patchslim.tokens import TokenState, keep_tokens, repeat_batch
 
 class GivenKeepSet(SlimMethod):
     name = "keep_set"
+    windowed = False
+    window_reason = ("a keep set drops tokens for good, while a windowed model puts every token back in place "
+                     "after each block")
     summary = "The tokens the caller gives, per image."
     reference = "patchslim primitive"
     input_dependent = True

@@ -71,6 +71,8 @@ def lowrank_macs(rows: int, cols: int, rank: int) -> float:
 @register
 class LowRankApproximation(SlimMethod):
     name = "lowrank"
+    windowed = False
+    window_reason = ("its r synthetic tokens are mixtures of all patches and have no place in a window grid")
     summary = "Replace the N patch tokens by r synthetic tokens U_r^T X from their SVD (eq. 11)."
     explanation = (
         "Stack the patch tokens into a matrix X (patches x channels) and take its singular value "

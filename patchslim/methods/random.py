@@ -15,6 +15,7 @@ from patchslim.tokens import TokenState, keep_tokens, top_k_index
 @register
 class RandomPruning(SlimMethod):
     name = "random"
+    windowed = True
     summary = "A seeded random subset of patches: the baseline every method must beat."
     explanation = (
         "Every patch gets a random score from a seeded generator and the highest-scoring rho*N are kept. "

@@ -33,6 +33,8 @@ DEFAULT_BLOCK = 1
 @register
 class RLPolicy(SlimMethod):
     name = "rl"
+    windowed = False
+    window_reason = ("its shipped policies score a plain ViT's tokens; none is trained for a windowed model")
     summary = "A small learned policy (trained with REINFORCE) scores each patch; keep its top rho*N."
     explanation = (
         "A tiny network looks at each patch's features (and the image summary in the CLS token) and gives "

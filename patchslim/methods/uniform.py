@@ -45,7 +45,7 @@ def uniform_positions(count: int, keep_ratio: float, target: int, indexing: str 
     if k is not None:
         # i = start, start+1, ... ; keep i ≡ 0 (mod k); position = i - start.
         first = (-start) % k
-        positions = torch.arange(first, count, k)
+        positions = torch.arange(first, count, k) if first < count else torch.empty(0, dtype=torch.long)
         if positions.numel() == 0:  # fewer than k tokens (survey numbering): keep the last one
             positions = torch.tensor([count - 1])
         return positions
@@ -58,6 +58,7 @@ def uniform_positions(count: int, keep_ratio: float, target: int, indexing: str 
 @register
 class UniformDownsampling(SlimMethod):
     name = "uniform"
+    windowed = True
     summary = "Every k-th patch in raster order (eq. 9); evenly spaced for any rho. Ignores the image."
     explanation = (
         "The simplest static rule: number the patches row by row and keep every k-th one, so rho = 1/k. "

@@ -15,6 +15,11 @@ they add < 0.3 %). Per image, with D the width, T_a / T_m the tokens (prefix inc
 - head:             D * classes per classifier head (2 heads for the distilled DeiT)
 - selection:        what each method reported in ``StageRecord.selection_macs`` (scoring, matching)
 
+A hierarchical model (Swin) has per-block widths, heads and MLP sizes (``ModelSpec.blocks``); its attention runs
+inside W windows of T_a / W tokens, so the matrix products cost ``2 * T_a * (T_a / W) * H d`` (k^2 per window
+with k = T_a / W), and patch merging between stages adds ``L_out * 4 D * 2 D`` (its linear reduction). For
+Swin-T at 224 px this gives 4.49 GMACs, the figure timm and the Swin paper report.
+
 The counts are per image: a Trace holds one token count per block for the whole batch.
 """
 
@@ -36,6 +41,7 @@ class BlockMacs:
         index: block index.
         tokens_attention: tokens (prefix included) its attention ran on.
         tokens_mlp: tokens (prefix included) its MLP ran on.
+        windows: windows the block's attention ran in (1: global attention).
         qkv: the q, k, v projection.
         attention_matmuls: ``q @ k^T`` plus ``attn @ v``.
         proj: the attention output projection.
@@ -51,6 +57,7 @@ class BlockMacs:
     proj: float
     mlp: float
     selection: float = 0.0
+    windows: int = 1
 
     @property
     def attention(self) -> float:
@@ -71,12 +78,14 @@ class MacsReport:
         patch_embed: the patch embedding convolution.
         blocks: one :class:`BlockMacs` per block.
         head: the classifier head(s).
+        patch_merging: the patch merging steps between stages (hierarchical models; 0 for a ViT).
     """
 
     model: str
     patch_embed: float
     blocks: tuple[BlockMacs, ...]
     head: float
+    patch_merging: float = 0.0
 
     @property
     def selection(self) -> float:
@@ -86,7 +95,7 @@ class MacsReport:
     @property
     def total(self) -> float:
         """Multiply-adds per image, selection included."""
-        return self.patch_embed + sum(b.total for b in self.blocks) + self.head
+        return self.patch_embed + sum(b.total for b in self.blocks) + self.head + self.patch_merging
 
     @property
     def gmacs(self) -> float:
@@ -104,24 +113,37 @@ class MacsReport:
             for component in ("qkv", "attention_matmuls", "proj", "mlp", "selection"):
                 out.append(dict(part=f"block {b.index}", block=b.index, component=component,
                                 gmacs=getattr(b, component) / GIGA))
+        if self.patch_merging:
+            out.append(dict(part="patch_merging", block=None, component="patch_merging",
+                            gmacs=self.patch_merging / GIGA))
         out.append(dict(part="head", block=None, component="head", gmacs=self.head / GIGA))
         return out
 
 
 def block_macs(spec: ModelSpec, index: int, tokens_attention: int, tokens_mlp: int,
-               selection: float = 0.0) -> BlockMacs:
-    """Multiply-adds of one block of ``spec`` on the given token counts (prefix included), per image."""
-    width, inner = spec.embed_dim, spec.num_heads * spec.head_dim
+               selection: float = 0.0, windows: int | None = None) -> BlockMacs:
+    """Multiply-adds of one block of ``spec`` on the given token counts (prefix included), per image.
+
+    ``windows``: how many windows the attention ran in (default: the block's own partition, 1 for a ViT).
+    """
+    if spec.blocks:
+        shape = spec.blocks[index]
+        width, inner, hidden = shape.width, shape.num_heads * shape.head_dim, shape.mlp_hidden
+        windows = shape.windows if windows is None else windows
+    else:
+        width, inner, hidden = spec.embed_dim, spec.num_heads * spec.head_dim, spec.mlp_hidden
+        windows = 1 if windows is None else windows
     t_a, t_m = int(tokens_attention), int(tokens_mlp)
     return BlockMacs(
         index=index,
         tokens_attention=t_a,
         tokens_mlp=t_m,
         qkv=float(t_a * width * 3 * inner),
-        attention_matmuls=float(2 * t_a * t_a * inner),
+        attention_matmuls=float(2 * t_a * (t_a / windows) * inner),
         proj=float(t_a * inner * width),
-        mlp=float(2 * t_m * width * spec.mlp_hidden),
+        mlp=float(2 * t_m * width * hidden),
         selection=float(selection),
+        windows=int(windows),
     )
 
 
@@ -133,11 +155,11 @@ def patch_embed_macs(spec: ModelSpec) -> float:
 
 def head_macs(spec: ModelSpec) -> float:
     """The classifier head(s) on the pooled feature, per image (2 heads for the distilled DeiT)."""
-    return float(spec.num_heads_out * spec.embed_dim * spec.num_classes)
+    return float(spec.num_heads_out * spec.head_width * spec.num_classes)
 
 
 def macs_for_tokens(spec: ModelSpec, tokens_attention: Sequence[int], tokens_mlp: Sequence[int] | None = None,
-                    selection: Sequence[float] | None = None) -> MacsReport:
+                    selection: Sequence[float] | None = None, windows: Sequence[int] | None = None) -> MacsReport:
     """Multiply-adds for any token schedule, without running the model.
 
     Args:
@@ -145,6 +167,7 @@ def macs_for_tokens(spec: ModelSpec, tokens_attention: Sequence[int], tokens_mlp
         tokens_attention: per block, the tokens (prefix included) attention runs on.
         tokens_mlp: per block, the tokens the MLP runs on (default: the same as attention).
         selection: per block, selection multiply-adds (default: none).
+        windows: per block, the windows its attention ran in (default: each block's own partition).
 
     Raises:
         ValueError: a list whose length is not the model's depth.
@@ -155,15 +178,16 @@ def macs_for_tokens(spec: ModelSpec, tokens_attention: Sequence[int], tokens_mlp
                          ("selection", selection)):
         if len(values) != spec.depth:
             raise ValueError(f"{name} has {len(values)} entries, the model has {spec.depth} blocks")
-    blocks = tuple(block_macs(spec, i, a, m, s)
-                   for i, (a, m, s) in enumerate(zip(tokens_attention, tokens_mlp, selection)))
-    return MacsReport(spec.name, patch_embed_macs(spec), blocks, head_macs(spec))
+    windows = [None] * spec.depth if windows is None else list(windows)
+    blocks = tuple(block_macs(spec, i, a, m, s, w)
+                   for i, (a, m, s, w) in enumerate(zip(tokens_attention, tokens_mlp, selection, windows)))
+    merging = sum(b.merge_macs for b in spec.blocks)
+    return MacsReport(spec.name, patch_embed_macs(spec), blocks, head_macs(spec), merging)
 
 
 def baseline_macs(spec: ModelSpec) -> MacsReport:
-    """Multiply-adds of the unslimmed model (every block on N + prefix tokens)."""
-    tokens = spec.num_patches + spec.num_prefix_tokens
-    return macs_for_tokens(spec, [tokens] * spec.depth)
+    """Multiply-adds of the unslimmed model (every block on all its tokens: N + prefix for a ViT)."""
+    return macs_for_tokens(spec, [spec.block_tokens(i) for i in range(spec.depth)])
 
 
 def count_macs(trace: Trace) -> MacsReport:
@@ -178,7 +202,7 @@ def count_macs(trace: Trace) -> MacsReport:
     for stage in trace.stages:
         selection[stage.block] += stage.selection_macs
     return macs_for_tokens(trace.spec, [b.tokens_attention for b in trace.blocks],
-                           [b.tokens_mlp for b in trace.blocks], selection)
+                           [b.tokens_mlp for b in trace.blocks], selection, [b.windows for b in trace.blocks])
 
 
 def gmacs(trace: Trace) -> float:

@@ -84,10 +84,10 @@ def estimate_activation_memory(trace: Trace, bytes_per_element: int | None = Non
     spec = trace.spec
     if bytes_per_element is None:
         bytes_per_element = 4
-    explicit, prefix_rows = attention_blocks(trace.plan, spec.depth)
+    explicit, prefix_rows = attention_blocks(trace.plan, spec.depth, has_prefix=spec.num_prefix_tokens > 0)
     kept = trace.plan.attention_wanted(spec.depth)
     read_next_probs, read_next_keys = set(), set()
-    for action in trace.plan.resolve(spec.depth):
+    for action in trace.plan.resolve(spec.depth, spec):
         if action.point == "pre" and action.attention_block is not None:
             (read_next_probs if action.method.needs_attention else read_next_keys).add(action.attention_block)
     width, inner, hidden, heads = spec.embed_dim, spec.num_heads * spec.head_dim, spec.mlp_hidden, spec.num_heads
@@ -115,7 +115,7 @@ def estimate_activation_memory(trace: Trace, bytes_per_element: int | None = Non
 def explicit_attention_blocks(trace: Trace) -> set[int]:
     """Blocks where the engine computed the full attention probabilities (kept, or read whole by a method);
     blocks whose readers want CLS attention alone keep fused attention (see ``engine.attention_blocks``)."""
-    return attention_blocks(trace.plan, trace.spec.depth)[0]
+    return attention_blocks(trace.plan, trace.spec.depth, has_prefix=trace.spec.num_prefix_tokens > 0)[0]
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,17 @@ SWIN_KWARGS = dict(
     mlp_ratio=2.0,
 )
 SWIN_DEFAULT_STAGES = (0,)
+BUNDLED_MODELS = (BUNDLED_NAME, SWIN_NAME)
+
+
+def is_bundled(name: str) -> bool:
+    """Whether ``name`` is one of the models this project trained on canvas Fashion-MNIST."""
+    return name in BUNDLED_MODELS
+
+
+def checkpoint_path(name: str) -> Path:
+    """Where the checkpoint of bundled model ``name`` ships."""
+    return SWIN_CHECKPOINT_PATH if name == SWIN_NAME else CHECKPOINT_PATH
 
 
 def fashion_mnist_available(root: Path = FASHION_MNIST_DIR) -> bool:

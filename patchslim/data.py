@@ -683,8 +683,9 @@ def _canvas_data(source: str, model: Any) -> LabelledImages:
     """The bundled model's canvas test images (``"bundled"``: the shipped sample; ``"fashion-mnist"``: all 10,000)."""
     from patchslim import bundled
 
-    if getattr(model, "name", None) != bundled.BUNDLED_NAME:
-        raise DataError(f"--data {source} holds canvas Fashion-MNIST images labelled for {bundled.BUNDLED_NAME!r}; "
+    if not bundled.is_bundled(getattr(model, "name", None)):
+        raise DataError(f"--data {source} holds canvas Fashion-MNIST images labelled for "
+                        f"{' and '.join(repr(n) for n in bundled.BUNDLED_MODELS)}; "
                         f"model {getattr(model, 'name', model)!r} needs a folder, a CSV manifest or a zip labelled "
                         "with its own classes")
     try:

@@ -63,7 +63,7 @@ SUPPORTED_MODELS = (
     "deit_small_distilled_patch16_224",
     "swin_tiny_patch4_window7_224",
 )
-BUNDLED_MODELS = (bundled.BUNDLED_NAME, bundled.SWIN_NAME)
+BUNDLED_MODELS = bundled.BUNDLED_MODELS
 DEFAULT_MODEL = "deit_small_patch16_224"
 WEIGHTS_DIR_ENV = "PATCHSLIM_WEIGHTS_DIR"
 LOCAL_DIR_PREFIX = "local-dir:"
@@ -265,8 +265,7 @@ def _build_bundled(name: str, weights: str | Path | None, pretrained: bool,
             model = VisionTransformer(**bundled.MODEL_KWARGS)
     if weights is None and not pretrained:
         return model, f"random init (seed {seed})"
-    default = bundled.SWIN_CHECKPOINT_PATH if swin else bundled.CHECKPOINT_PATH
-    path = Path(weights) if weights is not None else default
+    path = Path(weights) if weights is not None else bundled.checkpoint_path(name)
     if not path.exists():
         raise WeightsUnavailableError(
             f"weights for {name} not found at {path}; the checkpoint ships in patchslim/assets/ "
@@ -588,8 +587,7 @@ def _load_into(model: torch.nn.Module, path: Path, name: str) -> None:
 def weights_status(name: str) -> str:
     """Where ``load_model(name)`` would get weights right now, in words, without loading anything."""
     if name in BUNDLED_MODELS:
-        path = bundled.SWIN_CHECKPOINT_PATH if name == bundled.SWIN_NAME else bundled.CHECKPOINT_PATH
-        return "ready (bundled checkpoint)" if path.exists() else "checkpoint missing from patchslim/assets/"
+        return "ready (bundled checkpoint)" if bundled.checkpoint_path(name).exists() else "checkpoint missing from patchslim/assets/"
     if name.startswith(LOCAL_DIR_PREFIX):
         folder = Path(name[len(LOCAL_DIR_PREFIX):]).expanduser()
         if not (folder / "config.json").is_file():

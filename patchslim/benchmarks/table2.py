@@ -148,7 +148,7 @@ def _images(model, batch: int):
     """Real images when the bundled sample fits the model (memory does not depend on content), else noise."""
     from patchslim import bundled
 
-    if model.name == bundled.BUNDLED_NAME:
+    if bundled.is_bundled(model.name):
         try:
             sample, _ = bundled.load_bundled_sample()
             if len(sample) >= batch:

@@ -23,7 +23,9 @@ def main(args) -> int:
     methods = [get_method(name).info() for name in method_names()]
     devices = available_devices()
     if args.json:
-        print(json.dumps(dict(models=models, methods=methods, devices=devices, torch=torch.__version__)))
+        support = [dict(method=name, vit=vit, swin=swin) for name, vit, swin in support_table(methods)]
+        print(json.dumps(dict(models=models, methods=methods, support=support, devices=devices,
+                              torch=torch.__version__)))
         return 0
     print("Models:")
     for m in models:
@@ -34,5 +36,13 @@ def main(args) -> int:
         print(f"  {m['name']:<12} {m['summary']}" + (f"  [{', '.join(flags)}]" if flags else ""))
         for option in m["options"]:
             print(f"  {'':<12}   --opt {option['name']}=...  {option['help']} ({option['allowed']})")
+    print("Methods x architectures (vit: timm VisionTransformer; swin: timm SwinTransformer, window by window):")
+    for name, vit, swin in support_table(methods):
+        print(f"  {name:<12} vit: {vit:<4} swin: {swin}")
     print(f"Devices: {', '.join(devices)}")
     return 0
+
+
+def support_table(methods: list[dict]) -> list[tuple[str, str, str]]:
+    """(method, vit, swin) rows: "yes", or "no (reason)" where a method does not apply."""
+    return [(m["name"], "yes", "yes" if m["windowed"] else f"no ({m['window_reason']})") for m in methods]

@@ -90,14 +90,20 @@ def estimate_activation_memory(trace: Trace, bytes_per_element: int | None = Non
     for action in trace.plan.resolve(spec.depth, spec):
         if action.point == "pre" and action.attention_block is not None:
             (read_next_probs if action.method.needs_attention else read_next_keys).add(action.attention_block)
-    width, inner, hidden, heads = spec.embed_dim, spec.num_heads * spec.head_dim, spec.mlp_hidden, spec.num_heads
     prefix = spec.num_prefix_tokens
     scale = trace.batch_size * bytes_per_element
     per_block = []
     kept_elements = 0
     for block in trace.blocks:
         t_a, t_m, index = block.tokens_attention, block.tokens_mlp, block.index
-        square = heads * t_a * t_a
+        if spec.blocks:  # hierarchical (Swin): the block's own widths; attention squares per window
+            shape = spec.blocks[index]
+            width, inner, hidden, heads = shape.width, shape.num_heads * shape.head_dim, shape.mlp_hidden, shape.num_heads
+        else:
+            width, inner, hidden, heads = spec.embed_dim, spec.num_heads * spec.head_dim, spec.mlp_hidden, spec.num_heads
+        square = heads * t_a * t_a // max(1, block.windows)
+        # a windowed block that kept a subset holds its whole input too, to put the rest back in place
+        parked = spec.block_tokens(index) * width if spec.blocks and t_a < spec.block_tokens(index) else 0
         if index in explicit:
             attention = max(t_a * (2 * width + 3 * inner) + 2 * square, t_a * (2 * width + 5 * inner) + square)
         else:  # fused; where a method reads CLS attention only, plus the prefix rows' logits and probabilities
@@ -106,9 +112,9 @@ def estimate_activation_memory(trace: Trace, bytes_per_element: int | None = Non
         held = heads * prefix * t_a if index in prefix_rows else square
         mlp += (held if index in read_next_probs and index not in kept else 0)
         mlp += (3 * t_a * inner if index in read_next_keys else 0)
-        per_block.append((max(attention, mlp) + kept_elements) * scale)
+        per_block.append((max(attention, mlp) + parked + kept_elements) * scale)
         if index in kept:  # the kept map is the probabilities tensor counted above, alive from now on
-            kept_elements += square
+            kept_elements += spec.block_tokens(index) if spec.blocks else square  # Swin keeps a one-row map
     return ActivationEstimate(trace.batch_size, bytes_per_element, tuple(per_block), kept_elements * scale)
 
 

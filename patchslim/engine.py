@@ -74,6 +74,16 @@ def tokens_before(model: LoadedModel, images: Any, block: int, plan: SlimPlan | 
         return _walk(model, x, plan, actions, None, stop_before=block)
 
 
+def check_plan(model: LoadedModel, plan: SlimPlan) -> list[Action]:
+    """The plan's actions placed in ``model``, after every check :func:`run` makes before any block runs.
+
+    Raises:
+        PlanError: a block or stage outside the model, a method that does not apply to its architecture (with
+            the reason), or a method's own refusal.
+    """
+    return _checked_actions(model, plan)
+
+
 def _checked_actions(model: LoadedModel, plan: SlimPlan) -> list[Action]:
     spec = model.spec
     actions = plan.resolve(spec.depth, spec)

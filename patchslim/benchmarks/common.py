@@ -180,12 +180,12 @@ def variants(labels: Sequence[str] | str):
 def variant_plan(model, variant, keep_ratio: float):
     """``(plan, None)`` for a variant at ``keep_ratio``, or ``(None, reason)`` when it cannot run on ``model``
     (e.g. ``rl`` without a trained policy), so that a table can say why a row is missing."""
+    from patchslim.engine import check_plan
     from patchslim.errors import PatchslimError
 
     try:
         plan = variant.plan(keep_ratio)
-        for action in plan.resolve(model.spec.depth, model.spec):
-            action.method.check(dict(action.stage.options), action.stage.keep_ratio, model)
+        check_plan(model, plan)
     except PatchslimError as exc:
         return None, str(exc).split(". ")[0].split(";")[0]
     return plan, None
@@ -196,6 +196,11 @@ def placement(model, variant) -> str:
     from patchslim.methods import get_method
 
     slim = get_method(variant.method)
+    spec = model.spec
+    if spec.hierarchical:
+        blocks = variant.plan(1.0).resolve(spec.depth, spec)
+        stages = sorted({spec.blocks[a.block].stage for a in blocks})
+        return "windows of stages " + "+".join(map(str, stages))
     blocks = variant.blocks if variant.blocks is not None else slim.default_blocks(model.spec.depth)
     if slim.point == "mid":
         return "in every block" if len(blocks) == model.spec.depth else "in " + "+".join(map(str, blocks))

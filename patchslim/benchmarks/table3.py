@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from patchslim.benchmarks import common
 
-DEFAULT_MODELS = ("vit_base_patch16_224", "deit_small_patch16_224", "deit_tiny_patch16_224")
+DEFAULT_MODELS = ("vit_base_patch16_224", "deit_small_patch16_224", "deit_tiny_patch16_224",
+                  "swin_tiny_patch4_window7_224")
 
 
 @dataclass

@@ -198,13 +198,13 @@ class Trace:
 
     @property
     def keep_ratio(self) -> float:
-        """The rho reached: non-prefix tokens the last block's MLP ran on / the tokens it would see unslimmed
-        (N for a ViT)."""
+        """The rho reached: the smallest share of its tokens a block's MLP ran on (non-prefix tokens over what the
+        block sees unslimmed). For a ViT, tokens only shrink, so this is the tokens after the last block / N; for
+        Swin, whose tokens go back in place after every block, the share kept in the slimmed blocks."""
         p = self.spec.num_prefix_tokens
-        last = self.blocks[-1] if self.blocks else None
-        tokens = last.tokens_mlp if last is not None else self.final_tokens
-        full = self.spec.block_tokens(len(self.blocks) - 1) if self.blocks else self.spec.num_patches + p
-        return (tokens - p) / (full - p)
+        if not self.blocks:
+            return (self.final_tokens - p) / self.spec.num_patches
+        return min((b.tokens_mlp - p) / (self.spec.block_tokens(b.index) - p) for b in self.blocks)
 
     @property
     def mean_keep_ratio(self) -> float:

@@ -23,10 +23,14 @@ from patchslim.benchmarks import common
 DEFAULT_RATIOS = (1.0, 0.9, 0.7, 0.5, 0.3)
 
 
-def default_variants(depth: int) -> list[str]:
-    """The table's rows for a model of ``depth`` blocks: every method, plus the placements that compare."""
+def default_variants(depth: int, spec=None) -> list[str]:
+    """The table's rows for a model of ``depth`` blocks: every method, plus the placements that compare; for a
+    hierarchical model (Swin, ``spec.hierarchical``) the methods that act window by window, in the model's default
+    stages."""
     from patchslim.methods import get_method, method_names
 
+    if spec is not None and spec.hierarchical:
+        return [name for name in method_names() if get_method(name).windowed]
     labels: list[str] = []
     for name in method_names():
         method = get_method(name)
@@ -103,7 +107,7 @@ def run_accuracy(config: AccuracyConfig, tick: common.Tick | None = None) -> Acc
     from patchslim.models import load_model
 
     model = common.portable_model(load_model(config.model, device="cpu", pretrained=config.pretrained))
-    labels = list(config.methods) if config.methods else default_variants(model.spec.depth)
+    labels = list(config.methods) if config.methods else default_variants(model.spec.depth, model.spec)
     data = load_labelled(config.data, model).subset(config.limit)
     result = evaluate(model, data, parse_variants(labels), parse_keep_ratios(list(config.keep_ratios)),
                       batch_size=config.batch_size, progress=config.progress)

@@ -4,7 +4,13 @@ Run once, not in CI (about an hour each on 2 CPU cores)::
 
     python -m patchslim.train_bundled --epochs 18 --out patchslim/assets/ --work runs/bundled
     python -m patchslim.train_bundled --model fashion-swin --epochs 12 --drop-path-rate 0.1 \
-        --out patchslim/assets/ --work runs/bundled_swin
+        --out runs/bundled_swin_out --work runs/bundled_swin
+    python -m patchslim.train_bundled --model fashion-swin --epochs 4 --lr 5e-4 --drop-path-rate 0.1 \
+        --init runs/bundled_swin_out/fashion_swin.safetensors --out patchslim/assets/ --work runs/bundled_swin2
+
+(``fashion-swin`` in two runs: the first schedule of 12 epochs ended at 84.54 % on the canvas test set, short of
+the 85 % the project asks of a bundled model, so a second, shorter one-cycle schedule at a quarter of the learning
+rate continues from its weights.)
 
 The ViT is trained with timm's ``patch_drop_rate`` (random token dropping after the position embedding),
 so that it tolerates slimming the way the papers' fine-tuned models do. The run is seeded and resumable:
@@ -67,6 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drop-path-rate", type=float, default=0.05)
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from these weights (.safetensors), e.g. a second, shorter schedule at a lower "
+                             "learning rate after a first run")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--sample-size", type=int, default=500)
     parser.add_argument("--out", type=Path, default=bundled.ASSETS_DIR)
@@ -84,6 +93,10 @@ def main(argv: list[str] | None = None) -> None:
 
     swin = args.model == bundled.SWIN_NAME
     model = build_model(args.patch_drop_rate, args.drop_path_rate, args.model)
+    if args.init is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(args.init)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_items) / args.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(

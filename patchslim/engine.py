@@ -200,6 +200,8 @@ def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: lis
                                    state.groups))
         state = adapter.transition(index, state)
 
+    if state.sizes is not None and not pools_by_size(actions):
+        state = TokenState(state.tokens, state.num_prefix, state.provenance, None, state.key_mask)
     logits = adapter.head(state)
     return Trace(
         logits=logits.float(),
@@ -212,6 +214,12 @@ def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: lis
         attention=attention_kept,
         class_names=model.class_names,
     )
+
+
+def pools_by_size(actions: list[Action]) -> bool:
+    """Whether the head's average pooling counts tokens by their sizes: when any merging stage asks for it
+    (:meth:`~patchslim.methods.SlimMethod.pools_by_size`). Sizes still drive proportional attention either way."""
+    return any(a.method.merges and a.method.pools_by_size(dict(a.stage.options)) for a in actions)
 
 
 def _with_tokens(state: TokenState, tokens: torch.Tensor) -> TokenState:

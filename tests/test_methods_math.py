@@ -13,6 +13,7 @@ from patchslim.methods import StageContext, get_method
 from patchslim.methods.attention import cls_scores, printed_scores, received_scores
 from patchslim.methods.grid import grid_patch_ids, grid_shape
 from patchslim.methods.lowrank import lowrank_tokens
+from patchslim.methods.tome import bipartite_matching, bipartite_sets, merge_weighted, soft_matching
 from patchslim.tokens import Provenance, TokenState
 
 
@@ -275,24 +276,164 @@ def test_tome_from_keep_ratio_spreads_the_budget_to_reach_rho(deit_tiny_random):
     assert [m - 1 for m in _counts(trace)[1]][3:9] == [196, 147, 147, 147, 147, 98]
 
 
-def test_tome_merges_the_most_similar_pair_into_a_size_weighted_average():
-    # Four tokens; A = {0, 2}, B = {1, 3}. Keys of 0 and 1 point the same way, 2 and 3 do not.
-    keys = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [1.0, -1.0]])
-    keys = torch.cat([torch.zeros(1, 2), keys]).reshape(1, 1, 5, 2)  # a CLS token first, one head
-    tokens = torch.arange(15, dtype=torch.float32).reshape(1, 5, 3)
-    sizes = torch.tensor([[1.0, 3.0, 1.0, 1.0, 1.0]])
-    state = TokenState(tokens, 1, Provenance.identity(1, 4), sizes)
-    ctx = StageContext(block=0, point="mid", keep_ratio=1.0, target=4, options={"r": 1}, keys=keys,
-                       num_patches=4, grid_size=(2, 2), depth=1)
+# Five non-prefix tokens with 2-d metrics, chosen so that no similarity ties:
+#   t0 = (1, 0), t1 = (0.8, 0.6), t2 = (0, 1), t3 = (-0.28, 0.96), t4 = (-0.6, 0.8)   (unit vectors)
+# With one prefix token (a CLS at position 0), t0..t4 sit at positions 1..5: A = {t1, t3}, B = {t0, t2, t4};
+#   t1's best is t0 (0.8), t3's best is t2 (0.96).
+# With no prefix token: A = {t0, t2, t4}, B = {t1, t3};
+#   t0's best is t1 (0.8), t2's best is t3 (0.96), t4's best is t3 (0.168 + 0.768 = 0.936).
+_TOME_METRIC = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-0.28, 0.96], [-0.6, 0.8]])
+
+
+@pytest.mark.parametrize("count, prefix, a, b", [
+    (5, 0, [0, 2, 4], [1, 3]),
+    (5, 1, [1, 3], [0, 2, 4]),  # a class token at 0 is in A: patch 0 falls in B
+    (4, 2, [0, 2], [1, 3]),  # CLS (A) and distillation token (B) before them
+    (6, 5, [1, 3, 5], [0, 2, 4]),  # a CLS and four registers
+])
+def test_tome_sets_alternate_over_the_whole_sequence_prefix_included(count, prefix, a, b):
+    set_a, set_b = bipartite_sets(count, prefix)
+    assert set_a.tolist() == a and set_b.tolist() == b
+
+
+def test_tome_matching_with_a_class_token_keeps_the_order_of_the_a_tokens_that_stay():
+    metric = _TOME_METRIC.unsqueeze(0)
+    match = soft_matching(metric, 1, num_prefix=1)
+    assert match.destination.tolist() == [[0, 1, 2, 2, 4]]  # t3 -> t2 (0.96 beats t1's 0.8)
+    assert match.order.tolist() == [[1, 0, 2, 4]]  # A tokens that stayed, then every B token
+    torch.testing.assert_close(match.distinct, torch.tensor([[2.0, 0.2, 2.0, 0.04, 2.0]]))
+    match = soft_matching(metric, 2, num_prefix=1)
+    assert match.destination.tolist() == [[0, 0, 2, 2, 4]] and match.order.tolist() == [[0, 2, 4]]
+
+
+def test_tome_matching_without_prefix_tokens_orders_the_a_tokens_that_stay_by_similarity():
+    metric = _TOME_METRIC.unsqueeze(0)
+    match = soft_matching(metric, 1, num_prefix=0)
+    assert match.destination.tolist() == [[0, 1, 3, 3, 4]]  # t2 -> t3
+    assert match.order.tolist() == [[4, 0, 1, 3]]  # t4 (0.936) before t0 (0.8), as the reference leaves them
+    torch.testing.assert_close(match.distinct, torch.tensor([[0.2, 2.0, 0.04, 2.0, 0.064]]))
+    match = soft_matching(metric, 2, num_prefix=0)
+    assert match.destination.tolist() == [[0, 1, 3, 3, 3]] and match.order.tolist() == [[0, 1, 3]]
+    destination, distinct = bipartite_matching(metric, 2)  # the (destination, distinctiveness) helper
+    assert torch.equal(destination, match.destination) and torch.equal(distinct, match.distinct)
+    with pytest.raises(ValueError, match=r"\[0, 2\]"):
+        soft_matching(metric, 3)
+
+
+def test_tome_merge_is_a_size_weighted_average_in_the_matchs_order():
+    tokens = torch.arange(10, dtype=torch.float32).reshape(1, 5, 2)
+    sizes = torch.tensor([[1.0, 2.0, 1.0, 3.0, 1.0]])
+    match = soft_matching(_TOME_METRIC.unsqueeze(0), 2)  # t2 and t4 -> t3; out: t0, t1, t3
+    merged, new_sizes, combination = merge_weighted(tokens, sizes, match)
+    x = tokens[0]
+    torch.testing.assert_close(merged[0], torch.stack([x[0], x[1], (x[2] + 3 * x[3] + x[4]) / 5]))
+    assert new_sizes.tolist() == [[1.0, 2.0, 5.0]]
+    assert combination[0].tolist() == [[1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 1, 1, 1]]
+
+
+def test_tome_reduce_with_a_class_token_merges_patches_and_tracks_sizes_and_provenance():
+    keys = torch.cat([torch.tensor([[5.0, 5.0]]), _TOME_METRIC]).reshape(1, 1, 6, 2)  # the CLS key is ignored
+    tokens = torch.arange(18, dtype=torch.float32).reshape(1, 6, 3)
+    sizes = torch.tensor([[1.0, 1.0, 1.0, 3.0, 1.0, 1.0]])
+    state = TokenState(tokens, 1, Provenance.identity(1, 5), sizes)
+    ctx = StageContext(block=0, point="mid", keep_ratio=1.0, target=5, options={"r": 1}, keys=keys,
+                       num_patches=5, grid_size=(1, 5), depth=1)
     out = get_method("tome").reduce(state, ctx)
-    merged = out.state
+    merged, x = out.state, tokens[0, 1:]
     assert torch.equal(merged.prefix, tokens[:, :1])
-    expected = (3 * tokens[0, 1] + 1 * tokens[0, 2]) / 4  # sizes 3 and 1
-    torch.testing.assert_close(merged.patches[0, 0], expected)
-    torch.testing.assert_close(merged.patches[0, 1:], tokens[0, 3:])
-    assert merged.sizes.tolist() == [[1.0, 4.0, 1.0, 1.0]]
-    assert merged.provenance.dense()[0].tolist() == [[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
-    assert out.scores[0, 1] == 2.0 and out.scores[0, 0] < out.scores[0, 2]
+    expected = torch.stack([x[1], x[0], (3 * x[2] + x[3]) / 4, x[4]])  # t3 (size 1) into t2 (size 3)
+    torch.testing.assert_close(merged.patches[0], expected)
+    assert merged.sizes.tolist() == [[1.0, 1.0, 1.0, 4.0, 1.0]]
+    assert merged.provenance.dense()[0].tolist() == [[0, 1, 0, 0, 0], [1, 0, 0, 0, 0], [0, 0, 1, 1, 0],
+                                                     [0, 0, 0, 0, 1]]
+    torch.testing.assert_close(out.scores, torch.tensor([[2.0, 0.2, 2.0, 0.04, 2.0]]))
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 2])
+def test_tome_every_merged_token_is_the_size_weighted_mean_of_the_patches_its_provenance_names(prefix):
+    g = torch.Generator().manual_seed(prefix)
+    m, channels, r = 9, 4, 4
+    ids = torch.randperm(m, generator=g).unsqueeze(0)  # tokens arrive in some earlier order
+    state = TokenState(torch.randn(1, prefix + m, channels, generator=g), prefix, Provenance(m, ids=ids),
+                       torch.cat([torch.ones(1, prefix), torch.randint(1, 5, (1, m), generator=g).float()], 1))
+    keys = torch.randn(1, 2, prefix + m, 3, generator=g)
+    ctx = StageContext(block=0, point="mid", keep_ratio=1.0, target=m, options={"r": r}, keys=keys,
+                       num_patches=m, grid_size=(3, 3), depth=1)
+    out = get_method("tome").reduce(state, ctx).state
+    # by original patch id: the features and sizes the tokens had before
+    before = torch.zeros(m, channels).index_copy_(0, ids[0], state.patches[0])
+    size_before = torch.zeros(m).index_copy_(0, ids[0], state.sizes[0, prefix:])
+    rows = out.provenance.dense()[0]
+    assert out.count == m - r and torch.equal(rows.sum(0), torch.ones(m))  # every patch in exactly one token
+    torch.testing.assert_close(out.sizes[0, prefix:], rows @ size_before)
+    torch.testing.assert_close(out.patches[0], (rows * size_before) @ before / (rows @ size_before)[:, None])
+    assert torch.equal(out.prefix, state.prefix)
+
+
+def _tiny_vit(class_token: bool):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=2,
+                            num_heads=2, class_token=class_token, global_pool="token" if class_token else "avg")
+    return patchslim.wrap_model(vit, name="tiny-" + ("cls" if class_token else "avg"))
+
+
+def test_tome_pools_each_final_token_once_by_default_and_by_size_with_the_option():
+    model = _tiny_vit(class_token=False)
+    x = _images(model, 2)
+    seen = []
+    head = model.adapter.head
+
+    def spy(state):
+        seen.append(state)
+        return head(state)
+
+    model.adapter.head = spy  # this test's own model
+    default = patchslim.run(model, x, SlimPlan.single("tome", r=12))
+    weighted = patchslim.run(model, x, SlimPlan.single("tome", r=12, size_weighted_pool=True))
+    vit = model.model
+    with torch.inference_mode():
+        features = vit.norm(seen[0].tokens)
+        assert seen[0].sizes is None  # the published pooling: each token once
+        torch.testing.assert_close(default.logits, vit.head(vit.fc_norm(features.mean(1))))
+        sizes = seen[1].sizes
+        assert sizes is not None and torch.equal(sizes, weighted.final_provenance.dense().sum(-1))
+        features = vit.norm(seen[1].tokens)
+        mean = (features * sizes[..., None]).sum(1) / sizes.sum(1, keepdim=True)
+        torch.testing.assert_close(weighted.logits, vit.head(vit.fc_norm(mean)))
+    assert not torch.allclose(default.logits, weighted.logits)
+    assert default.tokens_per_block == weighted.tokens_per_block == [64, 52]
+
+
+def test_tome_pooling_option_changes_nothing_on_a_class_token_model():
+    model = _tiny_vit(class_token=True)
+    x = _images(model, 2)
+    default = patchslim.run(model, x, SlimPlan.single("tome", r=12))
+    weighted = patchslim.run(model, x, SlimPlan.single("tome", r=12, size_weighted_pool=True))
+    assert torch.equal(default.logits, weighted.logits)
+    assert not torch.equal(default.logits, patchslim.run(model, x).logits)
+
+
+@pytest.mark.parametrize("class_token", [False, True])
+def test_tome_keeps_everything_exactly_at_r_zero_and_rho_one(class_token):
+    model = _tiny_vit(class_token)
+    x = _images(model, 2)
+    with torch.inference_mode():
+        plain = model.model(x)
+    for plan in (SlimPlan.single("tome", r=0), SlimPlan.single("tome", 1.0),
+                 SlimPlan.single("tome", r=0, size_weighted_pool=True)):
+        assert torch.equal(patchslim.run(model, x, plan).logits, plain)
+
+
+def test_tome_protects_the_class_and_distillation_tokens(deit_tiny_distilled_random):
+    model = deit_tiny_distilled_random
+    x = _images(model, 2)
+    trace = patchslim.run(model, x, SlimPlan.single("tome", r=16))
+    rows = trace.final_provenance.dense()
+    assert trace.final_tokens == 2 + rows.shape[1]  # both prefix tokens are still there, apart
+    assert torch.equal(rows.sum(1), torch.ones(2, model.num_patches))  # every patch in one non-prefix token
+    assert set(rows.unique().tolist()) == {0.0, 1.0}
 
 
 # --- evit --------------------------------------------------------------------------------------------

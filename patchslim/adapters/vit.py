@@ -10,7 +10,8 @@ branches, so the engine can act between attention and MLP and read attention whe
 - tokens outside a per-image keep set (``TokenState.key_mask``) are masked out as keys, so no kept token
   reads them;
 - pooling is timm's own (``global_pool``, ``pool_include_prefix``, ``fc_norm``), with merged tokens weighted by
-  their size and masked tokens left out of average and max pooling.
+  their size when the state carries sizes at the head (the engine drops them when the plan's merging stages
+  pool each token once, as the published ToMe does) and masked tokens left out of average and max pooling.
 
 Dropout, drop-path and layer scale are the block's own modules, so a model in ``train()`` mode trains through
 this walk as it would through ``model(x)``.

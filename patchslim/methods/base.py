@@ -216,6 +216,13 @@ class SlimMethod:
         keeps fused attention in that block and computes just those rows: no ``[B, H, T, T]`` tensor."""
         return "all"
 
+    def pools_by_size(self, options: dict) -> bool:
+        """For a method that ``merges``: whether the model's average pooling should count each final token by
+        its size (how many patches it stands for) rather than once. The engine weighs pooling by size when any
+        merging stage of a plan asks for it (the default); ``tome`` follows its reference and does not, unless
+        an option says so."""
+        return True
+
     def check(self, stage_options: dict, keep_ratio: float, model: Any) -> None:
         """Method-specific validation against a model (e.g. a policy trained for another model)."""
 

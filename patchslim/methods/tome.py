@@ -1,40 +1,65 @@
 """``tome``: token merging by bipartite soft matching (Bolya et al., ICLR 2023, "Token Merging: Your ViT
-but Faster").
+but Faster"), as the authors' implementation does it.
 
 Inside every block, between attention and MLP (``point="mid"``), r tokens are merged away:
 
-1. the block's keys averaged over heads are the similarity metric (``[M, d_head]`` per image, prefix
-   tokens excluded, so CLS and the distillation token are never merged);
-2. the M tokens alternate into sets A (positions 0, 2, 4, ...) and B (1, 3, 5, ...);
-3. each A token finds its most cosine-similar B token; the r A tokens with the most similar best
-   matches are merged into their matches (several may join one B token);
+1. the similarity metric is the block's keys averaged over heads (``[B, T, d_head]``);
+2. the T tokens, prefix tokens included, alternate into sets A (positions 0, 2, 4, ...) and B (1, 3, 5, ...).
+   Prefix tokens are protected: one in A (the class token, at 0) never merges into anything, one in B (the
+   distillation token, at 1) never receives a merge. So with a class token, patch 0 falls in B; without
+   one (average pooling), in A;
+3. each unprotected A token finds its most cosine-similar unprotected B token; the r A tokens with the most
+   similar best matches merge into their matches (several may join one B token);
 4. merged features are size-weighted averages, ``x = sum(s_i x_i) / sum(s_i)``, and sizes add up
-   (``TokenState.sizes``); the engine then adds ``log(size)`` to the attention logits (proportional
-   attention) and weighs average pooling by size.
+   (``TokenState.sizes``); from then on the engine adds ``log(size)`` to the attention logits (proportional
+   attention);
+5. the tokens come out as: prefix tokens, the A tokens that stayed, then every B token in its order. The A
+   tokens that stayed keep their order when the model has prefix tokens, and come in order of decreasing
+   best similarity when it has none (as the reference does: it sorts them only to put the class token first).
+   The order matters: it decides the next block's sets A and B.
 
-Block i's attention therefore runs on N_i tokens and its MLP on N_i - r. Survivors keep their order.
+Block i's attention therefore runs on N_i tokens and its MLP on N_i - r. The final tokens go through the
+model's own pooling: a class token model reads the class token, an average-pooling model averages the final
+tokens, each counted once.
 
-How many: option ``r`` merges r tokens in each block it acts on (ToMe's constant schedule; DeiT-S with
-r = 8 / 13 / 16 runs at 3.4 / 2.7 / 2.3 GMACs). As in ToMe, a block merges at most half of its non-prefix
-tokens (``min(r, M // 2)``; the Trace's token counts show where that clipped). An r above the model's
-number of patches is refused (PlanError). Without ``r`` the stage's keep ratio sets the budget: it merges
-``R = M0 - round(rho M0)`` tokens over its blocks (M0: tokens when the stage first acts), spread as evenly
-as integers allow (``floor((i+1) R / n) - floor(i R / n)`` at its i-th of n blocks, a later block making up
-for an earlier clip), so the final count is round(rho M0). ``keep_ratio`` is ignored when ``r`` is set.
+Options:
+
+- ``r``: tokens merged in each block it acts on (ToMe's constant schedule; DeiT-S with r = 8 / 13 / 16 runs at
+  3.4 / 2.7 / 2.3 GMACs). A block merges at most half of its non-prefix tokens (``min(r, M // 2)``, as the
+  reference caps it; the Trace's token counts show where that clipped). An r above the model's number of
+  patches is refused (PlanError). Without ``r`` (a patchslim addition, so that a keep ratio means the same for
+  every method) the stage's keep ratio sets the budget: it merges ``R = M0 - round(rho M0)`` tokens over its
+  blocks (M0: tokens when the stage first acts), spread as evenly as integers allow (``floor((i+1) R / n) -
+  floor(i R / n)`` at its i-th of n blocks, a later block making up for an earlier clip), so the final count
+  is round(rho M0). ``keep_ratio`` is ignored when ``r`` is set.
+- ``size_weighted_pool`` (default off, a patchslim addition): average pooling counts each final token by its
+  size. Reason: a merged token standing for 20 patches then weighs like the 20 patches it replaced, so the
+  pooled feature stays closer to the mean over all image positions that the unslimmed model pools; the
+  reference counts each surviving token once. It changes nothing for class token models.
+
+Where it is not the reference: ties in similarity are broken towards the lower position (a stable sort; the
+reference's order under exact ties is unspecified), the metric is the keys attention used (after ``k_norm``,
+an identity in ViT / DeiT; the reference's blocks also skip layer scale and q/k norm, so they do not model
+architectures that have them), and prefix tokens beyond the class and distillation tokens (registers) are
+protected the same way by their position. With ``r`` set, the logits agree with the reference's to 1e-5 on
+DeiT-S, distilled DeiT-S and an average-pooling ViT-S (``benchmarks/tome_reference.py``).
 r = 0 (or rho = 1) leaves the tokens untouched: the logits are exactly the unslimmed model's.
 
 Reference: D. Bolya, C.-Y. Fu, X. Dai, P. Zhang, C. Feichtenhofer, J. Hoffman, "Token Merging: Your ViT
-but Faster", ICLR 2023.
+but Faster", ICLR 2023; implementation https://github.com/facebookresearch/ToMe (read and run beside this one
+for comparison, not copied).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from patchslim.errors import PlanError
 from patchslim.methods.base import OptionSpec, Reduction, SlimMethod, StageContext, register
-from patchslim.tokens import TokenState, replace_patches, target_count, top_k_index
+from patchslim.tokens import TokenState, replace_patches, target_count
 
 
 def merges_this_block(ctx: StageContext, current: int) -> int:
@@ -52,31 +77,101 @@ def merges_this_block(ctx: StageContext, current: int) -> int:
     return max(0, min(limit, current - final - planned_after))
 
 
-def bipartite_matching(metric: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ToMe's bipartite soft matching.
+def bipartite_sets(count: int, num_prefix: int = 0,
+                   device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions, among ``count`` non-prefix tokens, of sets A and B.
 
-    Args:
-        metric: ``[B, M, d]`` similarity features of the non-prefix tokens.
-        r: tokens to merge away, ``0 <= r <= M // 2``.
+    A token's set is the parity of its position in the whole sequence, prefix tokens included (A even):
+    with one prefix token, non-prefix token 0 sits at position 1 and falls in B.
 
     Returns:
-        (destination ``[B, M]`` int64: the position each token ends up in, itself unless merged;
-        distinctiveness ``[B, M]``: 1 - best cosine similarity for set A, 2 for set B, which is never
-        merged away; higher means kept first).
+        (A positions ``[Ma]``, B positions ``[Mb]``), int64, ascending.
+    """
+    positions = torch.arange(count, device=device)
+    in_a = (positions + num_prefix) % 2 == 0
+    return positions[in_a], positions[~in_a]
+
+
+@dataclass(frozen=True)
+class BipartiteMatch:
+    """The outcome of bipartite soft matching over M non-prefix tokens, r of them merged away.
+
+    Attributes:
+        destination: ``[B, M]`` int64, the position (among the M) of the token each token ends up in: its
+            match for the r merged A tokens, itself for every other.
+        order: ``[B, M - r]`` int64, the positions of the tokens that stay, in the order they come out (A
+            tokens that stayed, then B tokens).
+        distinct: ``[B, M]`` 1 - best cosine similarity for A tokens, 2 for B tokens (never merged away);
+            higher means kept first.
+    """
+
+    destination: torch.Tensor
+    order: torch.Tensor
+    distinct: torch.Tensor
+
+
+def soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 0) -> BipartiteMatch:
+    """ToMe's bipartite soft matching of the non-prefix tokens.
+
+    Args:
+        metric: ``[B, M, d]`` similarity features of the non-prefix tokens (ToMe: keys averaged over heads).
+        r: tokens to merge away, ``0 <= r <= M // 2``.
+        num_prefix: prefix tokens before them in the sequence; they set the parity of the split (see
+            :func:`bipartite_sets`) and, when there are any, the A tokens that stay keep their order (else
+            they come in order of decreasing best similarity, as in the reference).
+
+    Raises:
+        ValueError: r outside ``[0, M // 2]``.
     """
     batch, m, _ = metric.shape
+    if not 0 <= r <= m // 2:
+        raise ValueError(f"r must be in [0, {m // 2}] for {m} tokens, got {r}")
     device = metric.device
+    a_pos, b_pos = bipartite_sets(m, num_prefix, device)
     unit = F.normalize(metric.float(), dim=-1)
-    a, b = unit[:, 0::2], unit[:, 1::2]
-    similarity = a @ b.transpose(1, 2)  # [B, Ma, Mb]
+    similarity = unit[:, a_pos] @ unit[:, b_pos].transpose(1, 2)  # [B, Ma, Mb]
     best, best_b = similarity.max(dim=-1)  # [B, Ma]
-    order = torch.sort(best, dim=-1, descending=True, stable=True).indices
-    sources_a = order[:, :r]  # [B, r] positions within A
-    destination = torch.arange(m, device=device).unsqueeze(0).repeat(batch, 1)
-    destination.scatter_(1, 2 * sources_a, 2 * best_b.gather(1, sources_a) + 1)
+    ranked = torch.sort(best, dim=-1, descending=True, stable=True).indices  # indices into A
+    merged_a, kept_a = ranked[:, :r], ranked[:, r:]
+    if num_prefix:
+        kept_a = kept_a.sort(dim=-1).values
+    a_of = a_pos.expand(batch, -1)
+    destination = torch.arange(m, device=device).repeat(batch, 1)
+    destination.scatter_(1, a_of.gather(1, merged_a), b_pos[best_b.gather(1, merged_a)])
+    order = torch.cat([a_of.gather(1, kept_a), b_pos.expand(batch, -1)], dim=1)
     distinct = torch.full((batch, m), 2.0, device=device)
-    distinct[:, 0::2] = 1.0 - best
-    return destination, distinct
+    distinct[:, a_pos] = 1.0 - best
+    return BipartiteMatch(destination, order, distinct)
+
+
+def bipartite_matching(metric: torch.Tensor, r: int, num_prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(destination, distinctiveness) of :func:`soft_matching`, for callers that keep their own order."""
+    match = soft_matching(metric, r, num_prefix)
+    return match.destination, match.distinct
+
+
+def merge_weighted(tokens: torch.Tensor, sizes: torch.Tensor,
+                   match: BipartiteMatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merges tokens into their destinations as size-weighted averages, in the match's output order.
+
+    Args:
+        tokens: ``[B, M, C]``.
+        sizes: ``[B, M]`` how many original tokens each stands for.
+        match: from :func:`soft_matching`.
+
+    Returns:
+        (merged ``[B, K, C]`` with ``x = sum(s_i x_i) / sum(s_i)`` over the tokens that went into each,
+        sizes ``[B, K]`` (their sums), combination ``[B, K, M]`` 0/1: token i went into output k).
+    """
+    channels = tokens.shape[-1]
+    destination, order = match.destination, match.order
+    summed = torch.zeros_like(tokens).scatter_add_(
+        1, destination.unsqueeze(-1).expand(-1, -1, channels), tokens * sizes.unsqueeze(-1))
+    size_sum = torch.zeros_like(sizes).scatter_add_(1, destination, sizes)
+    new_sizes = size_sum.gather(1, order)
+    merged = summed.gather(1, order.unsqueeze(-1).expand(-1, -1, channels)) / new_sizes.unsqueeze(-1)
+    combination = (order.unsqueeze(-1) == destination.unsqueeze(1)).to(tokens.dtype)
+    return merged, new_sizes, combination
 
 
 @register
@@ -103,11 +198,17 @@ class TokenMerging(SlimMethod):
         OptionSpec("r", "int", None,
                    "tokens merged in each block (at most half of those left; the model's patch count at "
                    "most); unset: derived from the keep ratio", minimum=0),
+        OptionSpec("size_weighted_pool", "bool", False,
+                   "average pooling counts each final token by the number of patches it stands for (the "
+                   "published ToMe counts each once); no effect on class token models"),
     )
 
     def default_blocks(self, depth: int) -> tuple[int, ...]:
         """Every block, as in ToMe."""
         return tuple(range(depth))
+
+    def pools_by_size(self, options: dict) -> bool:
+        return bool(options.get("size_weighted_pool"))
 
     def check(self, stage_options: dict, keep_ratio: float, model) -> None:
         r = stage_options.get("r")
@@ -126,23 +227,13 @@ class TokenMerging(SlimMethod):
         if r == 0:
             return Reduction(state)
         metric = keys.mean(dim=1)[:, p:]  # [B, M, d_head]
-        destination, distinct = bipartite_matching(metric, r)
-        batch, device = state.tokens.shape[0], state.tokens.device
-        sizes = (state.sizes[:, p:].float() if state.sizes is not None
-                 else torch.ones(batch, m, device=device))
+        match = soft_matching(metric, r, p)
         patches = state.patches.float()
-        channels = patches.shape[-1]
-        summed = torch.zeros_like(patches).scatter_add_(
-            1, destination.unsqueeze(-1).expand(-1, -1, channels), patches * sizes.unsqueeze(-1))
-        size_sum = torch.zeros_like(sizes).scatter_add_(1, destination, sizes)
-        survivors = top_k_index((destination == torch.arange(m, device=device)).float(), m - r)  # [B, M-r]
-        new_sizes = size_sum.gather(1, survivors)
-        new_patches = summed.gather(1, survivors.unsqueeze(-1).expand(-1, -1, channels)) / new_sizes.unsqueeze(-1)
-        # combination[b, j, i] = 1 when token i went into survivor j ([B, M - r, M], built directly: no
-        # int64 [B, M, M] one-hot to transpose and gather from).
-        combination = (survivors.unsqueeze(-1) == destination.unsqueeze(1)).float()
-        merged = replace_patches(state, new_patches, combination, new_sizes)
-        d_head = metric.shape[-1]
+        sizes = (state.sizes[:, p:].float() if state.sizes is not None
+                 else torch.ones(patches.shape[:2], device=patches.device))
+        merged_patches, new_sizes, combination = merge_weighted(patches, sizes, match)
+        merged = replace_patches(state, merged_patches, combination, new_sizes)
+        d_head, channels = metric.shape[-1], patches.shape[-1]
         half_a, half_b = (m + 1) // 2, m // 2
         macs = half_a * half_b * d_head + m * d_head + m * channels
-        return Reduction(merged, scores=distinct, selection_macs=float(macs))
+        return Reduction(merged, scores=match.distinct, selection_macs=float(macs))

@@ -21,3 +21,8 @@ PYTHON=${PYTHON:-.venv/bin/python}
 "$PYTHON" benchmarks/app_latency.py                     # ~5 min
 "$PYTHON" benchmarks/app_memory.py                      # ~5 min (500 AppTest interactions)
 "$PYTHON" benchmarks/soak.py --sessions 4 --minutes 4   # ~6 min (4 browser sessions)
+
+# tome beside the reference ToMe (logits; ~2 min): needs a checkout of facebookresearch/ToMe outside this repo.
+if [ -n "${PATCHSLIM_TOME_REFERENCE:-}" ]; then
+    "$PYTHON" benchmarks/tome_reference.py --reference "$PATCHSLIM_TOME_REFERENCE" --out benchmarks/results/tome_reference.md
+fi

@@ -12,6 +12,7 @@ asks to keep them); input pruning happens after the position embedding, so kept 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -201,7 +202,7 @@ def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: lis
         state = adapter.transition(index, state)
 
     if state.sizes is not None and not pools_by_size(actions):
-        state = TokenState(state.tokens, state.num_prefix, state.provenance, None, state.key_mask)
+        state = dataclasses.replace(state, sizes=None)
     logits = adapter.head(state)
     return Trace(
         logits=logits.float(),

@@ -196,7 +196,7 @@ def test_attention_reads_the_window_map_of_the_block_before(tiny, images):
             assert lo_kept >= hi_dropped - 1e-7
 
 
-@pytest.mark.parametrize("name", [n for n in method_names() if n != "tome"])
+@pytest.mark.parametrize("name", method_names())
 def test_support_table_is_what_the_engine_does(tiny, images, name):
     method = get_method(name)
     plan = SlimPlan.single(name, 0.5, stages=(0,)) if method.windowed else SlimPlan.single(name, 0.5)

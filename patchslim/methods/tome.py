@@ -194,6 +194,9 @@ class TokenMerging(SlimMethod):
     needs_keys = True
     merges = True
     input_dependent = True
+    windowed = False
+    window_reason = ("its matching pairs tokens across the whole sequence, so a merged token would belong to no "
+                     "single window")
     options = (
         OptionSpec("r", "int", None,
                    "tokens merged in each block (at most half of those left; the model's patch count at "

@@ -172,7 +172,8 @@ def _nanmean(values: np.ndarray) -> float:
 
 
 def build_report(job: AuditJob, groupings: Sequence[str] = (), n_boot: int = N_BOOT, level: float = LEVEL,
-                 min_group_images: int = MIN_GROUP_IMAGES, command: str = "") -> AuditReport:
+                 min_group_images: int = MIN_GROUP_IMAGES, command: str = "",
+                 failed: dict[int, str] | None = None) -> AuditReport:
     """The report of a finished job (its parts read back from ``job.out_dir``).
 
     Args:
@@ -182,12 +183,14 @@ def build_report(job: AuditJob, groupings: Sequence[str] = (), n_boot: int = N_B
         level: the intervals' confidence level.
         min_group_images: groups smaller than this are left out of the disparity test.
         command: the command line, recorded in the report.
+        failed: shard -> why its task failed (a Ray run whose retries ran out): those shards are left out and
+            listed under "Skipped"; without it, every part must be there.
 
     Raises:
-        PatchslimError: the job has not finished, or an unknown grouping.
+        PatchslimError: the job has not finished (and no ``failed`` shards were given), or an unknown grouping.
     """
     data = job.data
-    out = read_outcomes(job)
+    out = read_outcomes(job, missing_ok=failed is not None)
     seed = job.seed
     names = list(data.class_names)
     group_of: dict[str, np.ndarray] = {"all": np.full(len(data), ALL_GROUP, dtype=object)}
@@ -201,6 +204,11 @@ def build_report(job: AuditJob, groupings: Sequence[str] = (), n_boot: int = N_B
     skipped = list(data.skipped)
     for i, message in sorted(out.errors.items()):
         skipped.append(Skipped(data.items[i], f"could not be decoded: {message}", "file"))
+    for shard in out.missing:
+        start, stop = job.shard_range(shard)
+        why = (failed or {}).get(shard, "its task did not finish")
+        skipped.append(Skipped(f"shard {shard} (items {start}-{stop - 1})", f"not audited: {why}; run the same "
+                               "command again to retry it", "shard", stop - start))
     for by, groups in group_of.items():
         if by in ("all", "class"):
             continue

@@ -304,3 +304,26 @@ def test_a_killed_driver_resumes_from_the_part_files(ray_cluster, fashion_random
     local.run()
     resumed = _job(fashion_random, data, out, shard_size=1)
     assert _tables(resumed) == _tables(local)
+
+
+# --------------------------------------------------------------------------- the scale benchmark (correctness)
+
+def test_the_ray_scale_benchmark_compares_both_runners_on_the_same_job(ray_cluster, tmp_path):
+    from patchslim.benchmarks import BENCHMARKS, TIMED
+    from patchslim.benchmarks.ray_scale import RayScaleConfig, run_ray_scale
+
+    assert "ray_scale" in BENCHMARKS and "ray_scale" in TIMED  # rerun on an idle machine only
+    config = RayScaleConfig(pretrained=False, data="bundled", methods=("random", "tome"), keep_ratios=(0.5,),
+                            limit=24, batch_size=8, shard_size=8, cores=2, work=tmp_path / "work")
+    ticks = []
+    result = run_ray_scale(config, ticks.append)
+    assert [t.split(":")[0] for t in ticks] == ["local 1", "ray 1"]
+    local, ray = result.rows
+    assert (local["runner"], ray["runner"]) == ("local", "ray")
+    assert (ray["workers"], ray["threads_each"], local["threads_each"]) == (2, 1, 2)  # equal cores
+    assert local["images"] == ray["images"] == 24 and ray["shards"] == 3
+    assert ray["identical"] is True  # both runners wrote the same parts
+    files = result.write(tmp_path / "results", "python -m patchslim benchmark --which ray_scale")
+    text = files["md"].read_text()
+    assert "Command: `python -m patchslim benchmark --which ray_scale`" in text
+    assert "the target is at most +15 %" in text and str(tmp_path) not in text

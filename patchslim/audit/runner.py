@@ -11,10 +11,10 @@ not recomputed, so at most the shard in progress is lost. ``OUT/parts/job.json``
 were computed with (model, weights, data fingerprint, shard and batch size, seed, evidence); a run with
 other settings refuses to mix its results in. New methods or rhos can be added to a finished audit.
 
-Scaling out: shard tasks are independent and each is a pure function of (model, data, plans, shard) that
-writes its own files, so :func:`shard_tasks` maps onto Ray tasks or ``torchrun`` ranks unchanged
-(``part=(rank, world_size)`` runs shards ``rank, rank + world_size, ...``); the report is built once all
-parts exist.
+Scaling out: shard tasks are independent and each is a pure function of (model, data, plans, shard)
+(:meth:`AuditJob.compute_task`) whose result is written as its own files (:meth:`AuditJob.write_result`), so
+they map onto ``torchrun`` ranks (``part=(rank, world_size)`` runs shards ``rank, rank + world_size, ...``)
+and onto Ray actors (:mod:`patchslim.audit.ray_runner`) unchanged; the report is built once all parts exist.
 """
 
 from __future__ import annotations

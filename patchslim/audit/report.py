@@ -455,10 +455,11 @@ def matrix_figure(report: AuditReport, groupings: Sequence[str], scale: float | 
     flagged = {(d.method, d.keep_ratio, d.by): d for d in report.disparities if d.flagged}
     shown = [abs(100 * r.drop) for r in report.rows if r.by in panels and math.isfinite(r.drop)]
     half = scale or max(shown + [1.0])
-    widths = [max(len(columns[by]), 1) + (0.6 if by == "all" else 0) for by in panels]
+    widths = [max(len(columns[by]), 1) for by in panels]
     fig = make_subplots(rows=1, cols=len(panels), shared_yaxes=True, column_widths=widths,
                         horizontal_spacing=min(0.04, 0.3 / max(len(panels), 1)),
                         subplot_titles=["overall" if by == "all" else f"by {by}" for by in panels])
+    boxes: list[tuple[int, int, int]] = []  # (panel, column, row) of each flagged cell
     for c, by in enumerate(panels, start=1):
         groups = columns[by]
         z, text, custom = [], [], []
@@ -474,8 +475,7 @@ def matrix_figure(report: AuditReport, groupings: Sequence[str], scale: float | 
                 custom_row.append([row.images, 100 * row.top1_before, 100 * row.top1_after, 100 * row.drop_low,
                                    100 * row.drop_high] if row is not None else [0, 0, 0, 0, 0])
                 if mark:
-                    fig.add_shape(type="rect", x0=j - 0.5, x1=j + 0.5, y0=i - 0.5, y1=i + 0.5, row=1, col=c,
-                                  line=dict(color="#111111", width=2.5))
+                    boxes.append((c, j, i))
             z.append(z_row)
             text.append(text_row)
             custom.append(custom_row)
@@ -494,11 +494,14 @@ def matrix_figure(report: AuditReport, groupings: Sequence[str], scale: float | 
     for c in range(1, len(panels) + 1):
         for b in boundaries:  # a rule between methods
             fig.add_shape(type="line", x0=-0.5, x1=len(columns[panels[c - 1]]) - 0.5, y0=b - 0.5, y1=b - 0.5,
-                          row=1, col=c, line=dict(color="#ffffff", width=5))
+                          row=1, col=c, line=dict(color="#666666", width=1.5))
+    for c, j, i in boxes:  # after the rules, so that they do not cut a box
+        fig.add_shape(type="rect", x0=j - 0.5, x1=j + 0.5, y0=i - 0.5, y1=i + 0.5, row=1, col=c,
+                      line=dict(color="#111111", width=2.5))
     fig.update_annotations(yshift=28, font=dict(size=14))  # panel titles above the top tick labels
-    fig.update_layout(template="plotly_white", height=26 * len(keys) + 170,
+    fig.update_layout(template="plotly_white", height=26 * len(keys) + 150,
                       title=dict(text=title, x=0, xanchor="left", y=0.995, yanchor="top"),
-                      margin=dict(l=10, r=10, t=120, b=10), font=dict(size=12))
+                      margin=dict(l=10, r=10, t=100, b=10), font=dict(size=12))
     return fig
 
 
@@ -566,6 +569,8 @@ def _fmt(value: Any, kind: str = "") -> str:
             return f"{100 * value:.1f}"
         if kind == "pts":
             return f"{100 * value:+.1f}"
+        if kind == "ratio":
+            return f"{value:.3f}"
         return f"{value:.4g}"
     return html.escape(str(value))
 
@@ -594,7 +599,7 @@ DISPARITY_COLUMNS = (
     ("overall_drop", "overall drop", "pts"), ("worst_group", "most hurt", ""), ("worst_drop", "its drop", "pts"),
     ("best_group", "least hurt", ""), ("best_drop", "its drop", "pts"), ("gap", "difference (max − min)", "pts"),
     ("gap_low", "95 % low", "pts"), ("gap_high", "95 % high", "pts"), ("adjusted_low", "corrected low", "pts"),
-    ("flagged", "flagged", ""), ("top1_after_ratio", "top-1 after ratio (min / max)", ""),
+    ("flagged", "flagged", ""), ("top1_after_ratio", "top-1 after ratio (min / max)", "ratio"),
     ("excluded", "left out (too few images)", ""),
 )
 

@@ -124,7 +124,7 @@ def test_local_torchrun_and_ray_give_identical_tables(ray_cluster, fashion_rando
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr",
                           "127.0.0.1", "--nproc-per-node", "2", "-m", "patchslim", "audit", *_cli(
                               "--data", str(photos), "--out", str(out), "--shard-size", "8", "--part", "env")[4:]],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     torchrun = _job(fashion_random, data, out)
     assert torchrun.complete()
@@ -272,7 +272,7 @@ def test_an_unreachable_address_fails_within_seconds_with_what_to_do(tmp_path, p
     start = time.monotonic()
     run = subprocess.run(_cli("--data", str(photos), "--out", str(tmp_path / "out"), "--engine", "ray",
                               "--ray-address", f"ray://127.0.0.1:{port}"),
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1 and f"cannot reach a Ray cluster at ray://127.0.0.1:{port}" in run.stderr
     assert not (tmp_path / "out" / "parts").exists() or not list((tmp_path / "out" / "parts").glob("*.npz"))
@@ -281,8 +281,8 @@ def test_an_unreachable_address_fails_within_seconds_with_what_to_do(tmp_path, p
 @pytest.mark.slow
 def test_a_killed_driver_resumes_from_the_part_files(ray_cluster, fashion_random, photos, tmp_path):
     out = tmp_path / "out"
-    command = _cli("--data", str(photos), "--out", str(out), "--shard-size", "1", "--engine", "ray",
-                   "--ray-address", ray_cluster, "--ray-workers", "1")
+    command = _cli("--data", str(photos), "--out", str(out), "--limit", "24", "--shard-size", "2", "--engine",
+                   "ray", "--ray-address", ray_cluster, "--ray-workers", "1")
     driver = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and driver.poll() is None:
@@ -294,15 +294,15 @@ def test_a_killed_driver_resumes_from_the_part_files(ray_cluster, fashion_random
     driver.wait(30)
     driver.stderr.close()
     done_before = len(list((out / "parts").glob("evit__rho0.5__*.npz")))
-    assert 1 <= done_before < 48
-    rerun = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
+    assert 1 <= done_before < 12
+    rerun = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    reused = int(rerun.stdout.split("resumed: ")[1].split(" of 48")[0])
+    reused = int(rerun.stdout.split("resumed: ")[1].split(" of 12")[0])
     assert reused >= done_before - 1 and reused >= 1  # at most the shard being written was lost
-    data = load_labelled(photos, fashion_random)
-    local = _job(fashion_random, data, tmp_path / "local", shard_size=1)
+    data = load_labelled(photos, fashion_random).subset(24)
+    local = _job(fashion_random, data, tmp_path / "local", shard_size=2)
     local.run()
-    resumed = _job(fashion_random, data, out, shard_size=1)
+    resumed = _job(fashion_random, data, out, shard_size=2)
     assert _tables(resumed) == _tables(local)
 
 
@@ -322,7 +322,7 @@ def test_the_ray_scale_benchmark_compares_both_runners_on_the_same_job(ray_clust
     assert (local["runner"], ray["runner"]) == ("local", "ray")
     assert (ray["workers"], ray["threads_each"], local["threads_each"]) == (2, 1, 2)  # equal cores
     assert local["images"] == ray["images"] == 24 and ray["shards"] == 3
-    assert ray["identical"] is True  # both runners wrote the same parts
+    assert ray["identical"] is True  # both runners wrote the same predictions (probabilities within 1e-6)
     files = result.write(tmp_path / "results", "python -m patchslim benchmark --which ray_scale")
     text = files["md"].read_text()
     assert "Command: `python -m patchslim benchmark --which ray_scale`" in text

@@ -40,8 +40,8 @@ def test_metric_frame_gives_by_group_overall_difference_and_ratio():
     assert frame.ratio()["top1_after"] == pytest.approx(1.0)
 
 
-def test_disparity_rows_speak_metric_frame_and_agree_with_the_group_rows(tmp_path, fashion_random):
-    report = run_audit(fashion_random, "bundled", "random,uniform", "0.5", tmp_path / "out", groupings="family",
+def test_disparity_rows_speak_metric_frame_and_agree_with_the_group_rows(tmp_path, fashion_trained):
+    report = run_audit(fashion_trained, "bundled", "random,uniform", "0.5", tmp_path / "out", groupings="family",
                        limit=60, n_boot=100, shard_size=30)
     for d in report.disparities:
         rows = [r for r in report.rows if (r.method, r.keep_ratio, r.by) == (d.method, d.keep_ratio, d.by)]

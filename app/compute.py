@@ -586,6 +586,20 @@ def audit_figures(report) -> dict[str, Any]:
     return audit_report.figures(report)
 
 
+def audit_matrices(report) -> dict[str, Any]:
+    """The report's first pictures: the accuracy-drop matrices (by group, by class), plotly figures."""
+    from patchslim.audit import report as audit_report
+
+    return audit_report.matrix_figures(report)
+
+
+def audit_findings(report) -> list:
+    """The disparity findings grouped by method (:class:`patchslim.audit.report.MethodFindings`)."""
+    from patchslim.audit import report as audit_report
+
+    return audit_report.method_findings(report)
+
+
 def latency_comparison(model: patchslim.LoadedModel, image: Image.Image, method: str, keep_ratio: float,
                        options: dict[str, Any], repeats: int = 10):
     """The plan timed against the unslimmed forward, interleaved (patchslim.metrics.latency), no maps kept."""

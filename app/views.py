@@ -377,20 +377,20 @@ def audit_summary(outcome: compute.AuditOutcome) -> None:
     cols[3].metric("Time", f"{outcome.seconds:.1f} s", border=True,
                    help=f"{report.throughput.get('baseline_images_per_second', float('nan')):.0f} images/s in "
                         "the unslimmed forward")
-    st.subheader("Is any group hurt more than the others?")
-    flagged = report.flagged()
+    st.subheader("Which group pays?")
     if not report.disparities:
         st.info("Only one group and one class: there is nothing to compare. Add groups (folders "
                 "ROOT/<group>/<class>/<image>, a group column in a CSV) or choose a built-in grouping.")
-    for d in flagged:
-        st.warning(d.message, icon=":material/warning:")
-    calm = [d for d in report.disparities if not d.flagged]
-    if calm:
-        if not flagged:
-            st.success(f"In none of the {len(report.disparities)} method × ρ × grouping combinations is a group "
-                       "hurt more than the others beyond the noise.")
-        with st.expander(f"{len(calm)} combinations without a flag"):
-            st.markdown("\n".join(f"- {d.message}" for d in calm))
+    for key, fig in compute.audit_matrices(report).items():
+        st.plotly_chart(fig, width="stretch", config={"displayModeBar": False}, key=f"audit_matrix_{key}")
+    st.caption("Each cell: the accuracy drop in points (top-1 before minus after slimming, on the same images) of "
+               "one group, for one method at one ρ; red is a loss, blue a gain. ▲ and a box mark the most hurt "
+               "group where its gap to the least hurt one is beyond the noise.")
+    for finding in compute.audit_findings(report):
+        icon = ":material/warning:" if finding.flagged else ":material/check_circle:"
+        with st.expander(f"**{finding.method}**: {finding.flagged} of {finding.total} flagged; {finding.headline}",
+                         icon=icon):
+            st.markdown("\n".join(f"- {d.message}" for d in finding.disparities))
     st.caption(" ".join(report.notes))
 
 

@@ -50,3 +50,8 @@ class DataError(PatchslimError, ValueError):
 
 class DataNotFoundError(DataError, FileNotFoundError):
     """The data folder, manifest, zip or Fashion-MNIST files are not there."""
+
+
+class ClusterError(PatchslimError):
+    """A Ray cluster cannot be reached or used for an audit (an unreachable address, too few resources, workers
+    that cannot see the data or the weights)."""

@@ -12,8 +12,9 @@ group that is hurt more than the others beyond the noise::
 The labelled images come from :mod:`patchslim.data` (folders, grouped folders, CSV manifests, zips, the
 bundled sets, with every bad input reported), the data path every command shares. Modules:
 :mod:`~patchslim.audit.sources` (groupings: the data's own groups, brightness, class families),
-:mod:`~patchslim.audit.runner` (the resumable method x rho x shard job), :mod:`~patchslim.audit.stats`
-(bootstrap, disparity), :mod:`~patchslim.audit.report` (CSV, JSON, self-contained HTML).
+:mod:`~patchslim.audit.runner` (the resumable method x rho x shard job), :mod:`~patchslim.audit.ray_runner`
+(the same job on Ray: one actor per worker), :mod:`~patchslim.audit.stats` (bootstrap, disparity),
+:mod:`~patchslim.audit.report` (CSV, JSON, self-contained HTML led by the accuracy-drop matrix).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import html
 import io
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -71,7 +72,14 @@ class GroupRow:
 
 @dataclass(frozen=True)
 class DisparityRow:
-    """The largest gap in accuracy drop between the groups of one grouping, for one method at one rho."""
+    """The largest gap in accuracy drop between the groups of one grouping, for one method at one rho.
+
+    In Fairlearn's ``MetricFrame`` words: ``gap`` is the *difference* (max - min over the tested groups) of the
+    per-group accuracy drop, ``worst_drop`` / ``best_drop`` are its extreme *by-group* values and
+    ``overall_drop`` its *overall* value; ``top1_after_difference`` and ``top1_after_ratio`` (min / max) are the
+    same for the top-1 after slimming. ``gap_low`` .. ``gap_high`` is its 95 % stratified bootstrap interval,
+    ``adjusted_low`` the low end at the Bonferroni-corrected level, and ``flagged`` says that it excludes zero.
+    """
 
     method: str
     keep_ratio: float
@@ -88,6 +96,9 @@ class DisparityRow:
     pairs: int
     flagged: bool
     excluded: str
+    overall_drop: float
+    top1_after_difference: float
+    top1_after_ratio: float
     message: str
 
 
@@ -171,8 +182,41 @@ def _nanmean(values: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else float("nan")
 
 
+def _top1_before(y_true: np.ndarray, y_pred: np.ndarray, before: np.ndarray) -> float:
+    return float(np.mean(before == y_true))
+
+
+def _top1_after(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    return float(np.mean(y_pred == y_true))
+
+
+def _drop(y_true: np.ndarray, y_pred: np.ndarray, before: np.ndarray) -> float:
+    return float(np.mean(before == y_true) - np.mean(y_pred == y_true))
+
+
+def metric_frame(labels: np.ndarray, pred_before: np.ndarray, pred_after: np.ndarray, groups: np.ndarray):
+    """Fairlearn's ``MetricFrame`` of one plan on one grouping: ``top1_before``, ``top1_after`` and ``drop``
+    (before - after, paired over the same images), by group and overall, with ``difference()`` (max - min)
+    and ``ratio()`` (min / max).
+
+    The report takes its point values from it. Its intervals stay :mod:`patchslim.audit.stats`'s: Fairlearn's
+    bootstrap (``n_boot``) redraws the whole frame and recomputes every metric per draw, where the audit draws
+    each group's outcome counts exactly (a multinomial, thousands of times faster on 10,000 images x 60 frames),
+    stratified by group, and the flag needs the interval of the worst-vs-best gap at a Bonferroni-corrected
+    level, which Fairlearn does not give.
+    """
+    from fairlearn.metrics import MetricFrame
+
+    before = np.asarray(pred_before)
+    return MetricFrame(metrics={"top1_before": _top1_before, "top1_after": _top1_after, "drop": _drop},
+                       y_true=np.asarray(labels), y_pred=np.asarray(pred_after),
+                       sensitive_features=np.asarray(groups, dtype=object),
+                       sample_params={"top1_before": {"before": before}, "drop": {"before": before}})
+
+
 def build_report(job: AuditJob, groupings: Sequence[str] = (), n_boot: int = N_BOOT, level: float = LEVEL,
-                 min_group_images: int = MIN_GROUP_IMAGES, command: str = "") -> AuditReport:
+                 min_group_images: int = MIN_GROUP_IMAGES, command: str = "",
+                 failed: dict[int, str] | None = None) -> AuditReport:
     """The report of a finished job (its parts read back from ``job.out_dir``).
 
     Args:
@@ -182,12 +226,14 @@ def build_report(job: AuditJob, groupings: Sequence[str] = (), n_boot: int = N_B
         level: the intervals' confidence level.
         min_group_images: groups smaller than this are left out of the disparity test.
         command: the command line, recorded in the report.
+        failed: shard -> why its task failed (a Ray run whose retries ran out): those shards are left out and
+            listed under "Skipped"; without it, every part must be there.
 
     Raises:
-        PatchslimError: the job has not finished, or an unknown grouping.
+        PatchslimError: the job has not finished (and no ``failed`` shards were given), or an unknown grouping.
     """
     data = job.data
-    out = read_outcomes(job)
+    out = read_outcomes(job, missing_ok=failed is not None)
     seed = job.seed
     names = list(data.class_names)
     group_of: dict[str, np.ndarray] = {"all": np.full(len(data), ALL_GROUP, dtype=object)}
@@ -201,6 +247,11 @@ def build_report(job: AuditJob, groupings: Sequence[str] = (), n_boot: int = N_B
     skipped = list(data.skipped)
     for i, message in sorted(out.errors.items()):
         skipped.append(Skipped(data.items[i], f"could not be decoded: {message}", "file"))
+    for shard in out.missing:
+        start, stop = job.shard_range(shard)
+        why = (failed or {}).get(shard, "its task did not finish")
+        skipped.append(Skipped(f"shard {shard} (items {start}-{stop - 1})", f"not audited: {why}; run the same "
+                               "command again to retry it", "shard", stop - start))
     for by, groups in group_of.items():
         if by in ("all", "class"):
             continue
@@ -210,6 +261,7 @@ def build_report(job: AuditJob, groupings: Sequence[str] = (), n_boot: int = N_B
     before_all = out.correct[ok].astype(np.float64)
     rows: list[GroupRow] = []
     disparities: list[DisparityRow] = []
+    labels = np.asarray(data.labels)
     for plan in job.plans:
         arrays = out.plans[plan.key]
         drop_per_image = out.correct.astype(np.float64) - arrays["correct"].astype(np.float64)
@@ -219,6 +271,7 @@ def build_report(job: AuditJob, groupings: Sequence[str] = (), n_boot: int = N_B
                 present = [n for n in names if n in set(present)]
             else:
                 present = sorted(present)
+            full = metric_frame(labels[ok], out.pred[ok], arrays["pred"][ok], groups[ok]) if present else None
             drops = {}
             for group in present:
                 mask = ok & (groups == group)
@@ -229,11 +282,12 @@ def build_report(job: AuditJob, groupings: Sequence[str] = (), n_boot: int = N_B
                 b = mean_interval(before, n_boot, seed, ("before", by, group), level)
                 a = mean_interval(after, n_boot, seed, ("after", plan.key, by, group), level)
                 d = mean_interval(drop, n_boot, seed, ("drop", plan.key, by, group), level)
+                values = full.by_group.loc[group]
                 rows.append(GroupRow(
                     method=plan.method, keep_ratio=plan.keep_ratio, by=by, group=str(group), images=int(mask.sum()),
-                    top1_before=b.value, top1_before_low=b.low, top1_before_high=b.high,
-                    top1_after=a.value, top1_after_low=a.low, top1_after_high=a.high,
-                    drop=d.value, drop_low=d.low, drop_high=d.high,
+                    top1_before=float(values["top1_before"]), top1_before_low=b.low, top1_before_high=b.high,
+                    top1_after=float(values["top1_after"]), top1_after_low=a.low, top1_after_high=a.high,
+                    drop=float(values["drop"]), drop_low=d.low, drop_high=d.high,
                     flip_rate=float((arrays["pred"][mask] != out.pred[mask]).mean()) if mask.any() else float("nan"),
                     confidence_change=_nanmean(arrays["conf"][mask] - out.conf[mask]),
                     kept_evidence=_nanmean(arrays["evidence"][mask]),
@@ -242,11 +296,21 @@ def build_report(job: AuditJob, groupings: Sequence[str] = (), n_boot: int = N_B
             if by == "all" or len(present) < 2:
                 continue
             gap = disparity(drops, n_boot, seed, ("gap", plan.key, by), level, min_group_images)
+            two = gap.groups >= 2
+            frame = full
+            if gap.excluded and two:  # the difference and ratio over the groups the test compared
+                tested = ok & ~np.isin(groups, list(gap.excluded))
+                frame = metric_frame(labels[tested], out.pred[tested], arrays["pred"][tested], groups[tested])
+            difference, ratio = frame.difference(), frame.ratio()
             disparities.append(DisparityRow(
                 method=plan.method, keep_ratio=plan.keep_ratio, by=by, groups=gap.groups, worst_group=str(gap.worst),
-                best_group=str(gap.best), worst_drop=gap.worst_drop, best_drop=gap.best_drop, gap=gap.gap.value,
+                best_group=str(gap.best), worst_drop=gap.worst_drop, best_drop=gap.best_drop,
+                gap=float(difference["drop"]) if two else float("nan"),
                 gap_low=gap.gap.low, gap_high=gap.gap.high, adjusted_low=gap.adjusted_low, pairs=gap.pairs,
                 flagged=gap.flagged, excluded="; ".join(f"{g} ({n})" for g, n in sorted(gap.excluded.items())),
+                overall_drop=float(full.overall["drop"]),
+                top1_after_difference=float(difference["top1_after"]) if two else float("nan"),
+                top1_after_ratio=float(ratio["top1_after"]) if two else float("nan"),
                 message=disparity_sentence(gap, plan.method, plan.keep_ratio, by),
             ))
     audited = int(ok.sum())
@@ -359,6 +423,140 @@ def figures(report: AuditReport) -> dict[str, Any]:
     return {by: drop_figure(report, by) for by in groupings}
 
 
+FLAG_MARK = "▲"
+
+
+def _group_order(report: AuditReport, by: str) -> list[str]:
+    groups = list(dict.fromkeys(r.group for r in report.rows if r.by == by))
+    return groups if by == "class" else sorted(groups)
+
+
+def matrix_figure(report: AuditReport, groupings: Sequence[str], scale: float | None = None,
+                  title: str = "Accuracy drop (points) by group"):
+    """The audit at a glance: accuracy drop in points, one row per method x rho, one column per group, one panel
+    per grouping (``overall`` first), coloured red for a loss and blue for a gain on one scale; the most hurt
+    group of each flagged combination is boxed and marked ▲.
+
+    Args:
+        report: the audit.
+        groupings: the panels after ``overall`` (e.g. ``["brightness", "family"]`` or ``["class"]``).
+        scale: the colour scale's half-range in points (default: the largest drop shown); give the same to
+            several figures to make their colours comparable.
+        title: the figure's title.
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    keys = list(dict.fromkeys((r.method, r.keep_ratio) for r in report.rows))
+    labels = [f"{m}  ρ {r:g}" for m, r in keys]
+    panels = ["all", *[g for g in groupings if g != "all"]]
+    columns = {by: _group_order(report, by) for by in panels}
+    cell = {(r.method, r.keep_ratio, r.by, r.group): r for r in report.rows}
+    flagged = {(d.method, d.keep_ratio, d.by): d for d in report.disparities if d.flagged}
+    shown = [abs(100 * r.drop) for r in report.rows if r.by in panels and math.isfinite(r.drop)]
+    half = scale or max(shown + [1.0])
+    widths = [max(len(columns[by]), 1) for by in panels]
+    fig = make_subplots(rows=1, cols=len(panels), shared_yaxes=True, column_widths=widths,
+                        horizontal_spacing=min(0.04, 0.3 / max(len(panels), 1)),
+                        subplot_titles=["overall" if by == "all" else f"by {by}" for by in panels])
+    boxes: list[tuple[int, int, int]] = []  # (panel, column, row) of each flagged cell
+    for c, by in enumerate(panels, start=1):
+        groups = columns[by]
+        z, text, custom = [], [], []
+        for i, (method, rho) in enumerate(keys):
+            z_row, text_row, custom_row = [], [], []
+            worst = flagged.get((method, rho, by))
+            for j, group in enumerate(groups):
+                row = cell.get((method, rho, by, group))
+                value = 100 * row.drop if row is not None and math.isfinite(row.drop) else None
+                mark = worst is not None and worst.worst_group == group
+                z_row.append(value)
+                text_row.append("" if value is None else f"{value:.1f}" + (f" {FLAG_MARK}" if mark else ""))
+                custom_row.append([row.images, 100 * row.top1_before, 100 * row.top1_after, 100 * row.drop_low,
+                                   100 * row.drop_high] if row is not None else [0, 0, 0, 0, 0])
+                if mark:
+                    boxes.append((c, j, i))
+            z.append(z_row)
+            text.append(text_row)
+            custom.append(custom_row)
+        names = ["all images" if by == "all" else html.escape(str(g)) for g in groups]
+        fig.add_trace(go.Heatmap(
+            z=z, x=names, y=labels, text=text, texttemplate="%{text}", customdata=custom,
+            colorscale="RdBu_r", zmin=-half, zmax=half, zmid=0, xgap=2, ygap=2, showscale=c == len(panels),
+            colorbar=dict(title=dict(text="drop<br>(points)"), thickness=12, len=0.9),
+            hovertemplate=("%{y}, %{x}<br>drop %{z:.1f} points (95 % %{customdata[3]:.1f} to %{customdata[4]:.1f})"
+                           "<br>top-1 %{customdata[1]:.1f} → %{customdata[2]:.1f} %<br>%{customdata[0]} images"
+                           "<extra></extra>"),
+        ), row=1, col=c)
+        fig.update_xaxes(side="top", tickangle=0 if len(groups) <= 4 else -35, row=1, col=c)
+    fig.update_yaxes(autorange="reversed", row=1, col=1)
+    boundaries = [i for i in range(1, len(keys)) if keys[i][0] != keys[i - 1][0]]
+    for c in range(1, len(panels) + 1):
+        for b in boundaries:  # a rule between methods
+            fig.add_shape(type="line", x0=-0.5, x1=len(columns[panels[c - 1]]) - 0.5, y0=b - 0.5, y1=b - 0.5,
+                          row=1, col=c, line=dict(color="#666666", width=1.5))
+    for c, j, i in boxes:  # after the rules, so that they do not cut a box
+        fig.add_shape(type="rect", x0=j - 0.5, x1=j + 0.5, y0=i - 0.5, y1=i + 0.5, row=1, col=c,
+                      line=dict(color="#111111", width=2.5))
+    fig.update_annotations(yshift=28, font=dict(size=14))  # panel titles above the top tick labels
+    fig.update_layout(template="plotly_white", height=26 * len(keys) + 150,
+                      title=dict(text=title, x=0, xanchor="left", y=0.995, yanchor="top"),
+                      margin=dict(l=10, r=10, t=100, b=10), font=dict(size=12))
+    return fig
+
+
+def matrix_figures(report: AuditReport) -> dict[str, Any]:
+    """The report's first pictures (:func:`matrix_figure`): ``"groups"`` (the groupings besides class, when
+    there are any) and ``"class"``, on one colour scale."""
+    rows = [abs(100 * r.drop) for r in report.rows if math.isfinite(r.drop)]
+    scale = max(rows + [1.0])
+    groupings = [g for g in report.groupings if g not in ("all", "class")]
+    out = {}
+    if groupings:
+        out["groups"] = matrix_figure(report, groupings, scale,
+                                      f"Accuracy drop (points) by group: {', '.join(groupings)}")
+    if "class" in report.groupings:
+        out["class"] = matrix_figure(report, ["class"], scale, "Accuracy drop (points) by class")
+    return out
+
+
+@dataclass(frozen=True)
+class MethodFindings:
+    """One method's disparity findings, for a collapsed summary.
+
+    Attributes:
+        method: the method's label.
+        flagged, total: flagged rho x grouping combinations, of all tested.
+        headline: one sentence: the flagged combination with the largest difference, or that none is flagged.
+        disparities: the method's rows, flagged first, then by grouping and rho.
+    """
+
+    method: str
+    flagged: int
+    total: int
+    headline: str
+    disparities: list[DisparityRow]
+
+
+def method_findings(report: AuditReport) -> list[MethodFindings]:
+    """The disparity findings grouped by method, in the report's method order."""
+    out = []
+    for method in report.methods:
+        rows = [d for d in report.disparities if d.method == method]
+        if not rows:
+            continue
+        flagged = [d for d in rows if d.flagged]
+        if flagged:
+            top = max(flagged, key=lambda d: d.gap)
+            headline = (f"largest flagged difference: by {top.by} at ρ {top.keep_ratio:g}, '{top.worst_group}' loses "
+                        f"{100 * top.worst_drop:.1f} points, '{top.best_group}' {100 * top.best_drop:.1f}")
+        else:
+            headline = "no group is hurt more than the others beyond the noise"
+        order = sorted(rows, key=lambda d: (not d.flagged, d.by, -d.keep_ratio))
+        out.append(MethodFindings(method, len(flagged), len(rows), headline, order))
+    return out
+
+
 # --------------------------------------------------------------------------- HTML
 
 def _fmt(value: Any, kind: str = "") -> str:
@@ -371,6 +569,8 @@ def _fmt(value: Any, kind: str = "") -> str:
             return f"{100 * value:.1f}"
         if kind == "pts":
             return f"{100 * value:+.1f}"
+        if kind == "ratio":
+            return f"{value:.3f}"
         return f"{value:.4g}"
     return html.escape(str(value))
 
@@ -396,9 +596,10 @@ GROUP_COLUMNS = (
 )
 DISPARITY_COLUMNS = (
     ("method", "method", ""), ("keep_ratio", "ρ", ""), ("by", "grouping", ""), ("groups", "groups", ""),
-    ("worst_group", "most hurt", ""), ("worst_drop", "its drop", "pts"), ("best_group", "least hurt", ""),
-    ("best_drop", "its drop", "pts"), ("gap", "gap (points)", "pts"), ("gap_low", "95 % low", "pts"),
-    ("gap_high", "95 % high", "pts"), ("adjusted_low", "corrected low", "pts"), ("flagged", "flagged", ""),
+    ("overall_drop", "overall drop", "pts"), ("worst_group", "most hurt", ""), ("worst_drop", "its drop", "pts"),
+    ("best_group", "least hurt", ""), ("best_drop", "its drop", "pts"), ("gap", "difference (max − min)", "pts"),
+    ("gap_low", "95 % low", "pts"), ("gap_high", "95 % high", "pts"), ("adjusted_low", "corrected low", "pts"),
+    ("flagged", "flagged", ""), ("top1_after_ratio", "top-1 after ratio (min / max)", "ratio"),
     ("excluded", "left out (too few images)", ""),
 )
 
@@ -411,6 +612,10 @@ th,td{border:1px solid #ddd;padding:3px 6px;text-align:right}th{background:#f4f4
 td:nth-child(-n+3){text-align:left}tr.flag td{background:#fde8e8}
 .flags li{margin:4px 0}.flagged{color:#a40000}.ok{color:#1d6b2f}.facts td{text-align:left}
 details{margin:8px 0}.note{color:#555;font-size:0.9em}.chart{margin:12px 0}
+.lead{font-size:1.05em;margin:4px 0 12px}.method>summary{cursor:pointer;padding:4px 0}
+.method>summary b{display:inline-block;min-width:7em}.method ul{margin:4px 0 10px}
+.badge{display:inline-block;min-width:6.5em;padding:1px 8px;border-radius:10px;font-size:0.85em;margin-right:8px;
+text-align:center}.badge.flagged{background:#fde8e8}.badge.ok{background:#e6f4ea}
 """
 
 
@@ -437,19 +642,35 @@ def _plotly_loader(mode: str) -> str:
     )
 
 
+def _findings_html(report: AuditReport) -> str:
+    """The disparity sentences grouped by method, each method collapsed to one line."""
+    parts = []
+    for f in method_findings(report):
+        badge = (f"<span class='badge flagged'>{f.flagged} of {f.total} flagged</span>" if f.flagged else
+                 f"<span class='badge ok'>0 of {f.total} flagged</span>")
+        items = "".join(f"<li class='{'flagged' if d.flagged else 'ok'}'>{html.escape(d.message)}</li>"
+                        for d in f.disparities)
+        parts.append(f"<details class='method'><summary>{badge}<b>{html.escape(f.method)}</b> "
+                     f"{html.escape(f.headline)}</summary><ul class='flags'>{items}</ul></details>")
+    return "".join(parts)
+
+
 def html_report(report: AuditReport, plotly: str = "compressed") -> str:
-    """One self-contained HTML page: facts, disparity flags, charts, tables, skipped items, settings."""
-    figs = figures(report)
-    specs = {f"chart-{i}": json.loads(fig.to_json()) for i, fig in enumerate(figs.values())}
+    """One self-contained HTML page: the drop matrix first, then the findings by method (collapsed), the
+    disparity table, the drop-vs-rho charts, the tables, skipped items, facts and settings."""
+    matrices = matrix_figures(report)
+    figs = {**{f"matrix-{k}": fig for k, fig in matrices.items()},
+            **{f"chart-{i}": fig for i, fig in enumerate(figures(report).values())}}
+    specs = {key: json.loads(fig.to_json()) for key, fig in figs.items()}
     flagged = report.flagged()
-    flags = "".join(
-        f"<li class='{'flagged' if d.flagged else 'ok'}'>{html.escape(d.message)}</li>"
-        for d in sorted(report.disparities, key=lambda d: (not d.flagged, d.by, d.method, -d.keep_ratio))
-    )
-    summary = (f"<p class='flagged'><b>{len(flagged)} of {len(report.disparities)}</b> method × ρ × grouping "
-               "combinations hurt one group more than the others beyond the noise.</p>" if flagged else
-               f"<p class='ok'>In none of the {len(report.disparities)} method × ρ × grouping combinations is a "
-               "group hurt more than the others beyond the noise.</p>")
+    summary = (f"<b>{len(flagged)} of {len(report.disparities)}</b> method × ρ × grouping combinations hurt one "
+               "group more than the others beyond the noise." if flagged else
+               f"In none of the {len(report.disparities)} method × ρ × grouping combinations is a group hurt more "
+               "than the others beyond the noise." if report.disparities else
+               "There is one group and one class only: nothing to compare.")
+    lead = (f"{html.escape(report.model)} on {html.escape(report.data)}: {report.audited} images audited, unslimmed "
+            f"top-1 {100 * report.baseline_top1.value:.1f} %. "
+            f"<span class='{'flagged' if flagged else 'ok'}'>{summary}</span>")
     tp = report.throughput
     facts = [
         ("Model", f"{report.model} ({report.weights})"), ("Data", report.data),
@@ -465,7 +686,8 @@ def html_report(report: AuditReport, plotly: str = "compressed") -> str:
     if report.command:
         facts.append(("Command", report.command))
     facts_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
-    chart_divs = "".join(f"<div class='chart' id='{key}'></div>" for key in specs)
+    matrix_divs = "".join(f"<div class='chart' id='{key}'></div>" for key in specs if key.startswith("matrix-"))
+    chart_divs = "".join(f"<div class='chart' id='{key}'></div>" for key in specs if key.startswith("chart-"))
     group_tables = []
     for by in report.groupings:
         rows = [r for r in report.rows if r.by == by]
@@ -486,16 +708,22 @@ def html_report(report: AuditReport, plotly: str = "compressed") -> str:
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>
 <body>
 <h1>Audit of patch slimming: {html.escape(report.model)}</h1>
-<table class="facts">{facts_html}</table>
-<h2>Is any group hurt more than the others?</h2>
-{summary}
-<ul class="flags">{flags}</ul>
-{notes}
-<h2>Accuracy drop by group vs keep ratio</h2>
+<p class="lead">{lead}</p>
 <p id="charts-status" class="note">Loading the charts…</p>
-{chart_divs}
+{matrix_divs}
+<p class="note">Each cell: the accuracy drop in percentage points (top-1 before minus after slimming, on the same
+images) of one group, for one method at one keep ratio ρ; red is a loss, blue a gain. {FLAG_MARK} and a box mark the
+most hurt group where the gap to the least hurt one is beyond the noise (flagged). Hover a cell for its interval.</p>
+<h2>Which group pays? By method</h2>
+{_findings_html(report)}
+{notes}
 <h2>Disparity</h2>
+<p class="note">In the words of Fairlearn's <code>MetricFrame</code>: the by-group values of the accuracy drop, its
+overall value, its difference (max − min over the groups tested) with a 95 % interval, and the ratio (min / max) of
+the top-1 after slimming.</p>
 {_table(report.disparities, DISPARITY_COLUMNS)}
+<h2>Accuracy drop by group vs keep ratio</h2>
+{chart_divs}
 <h2>Tables</h2>
 <p class="note">Top-1 before and after slimming with their 95 % intervals (low, high), the paired accuracy drop in
 percentage points, the share of predictions slimming changed (flips), the mean change of the probability of the
@@ -503,7 +731,8 @@ unslimmed prediction (points), the mean share of kept evidence, GMACs per image 
 {''.join(group_tables)}
 <h2>Skipped</h2>
 {skipped_html}
-<h2>Settings</h2>
+<h2>About this audit</h2>
+<table class="facts">{facts_html}</table>
 <details><summary>The job's settings</summary><pre>{settings}</pre></details>
 <script>
 const CHARTS = {charts_json};
@@ -529,11 +758,12 @@ def write_report(report: AuditReport, out_dir: str | Path, plotly: str = "compre
     out.mkdir(parents=True, exist_ok=True)
     paths = dict(groups_csv=out / "audit_groups.csv", disparity_csv=out / "audit_disparity.csv",
                  skipped_csv=out / "audit_skipped.csv", json=out / "audit.json", html=out / "audit.html")
-    paths["groups_csv"].write_text(groups_csv(report))
-    paths["disparity_csv"].write_text(disparity_csv(report))
-    paths["skipped_csv"].write_text(skipped_csv(report))
-    paths["json"].write_text(report_json(report))
-    paths["html"].write_text(html_report(report, plotly), encoding="utf-8")
+    texts = dict(groups_csv=groups_csv(report), disparity_csv=disparity_csv(report), skipped_csv=skipped_csv(report),
+                 json=report_json(report), html=html_report(report, plotly))
+    for kind, text in texts.items():  # atomically: torchrun ranks that finish together may both write
+        tmp = paths[kind].with_name(f".{paths[kind].name}.{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, paths[kind])
     return paths
 
 
@@ -552,6 +782,6 @@ def markdown_summary(report: AuditReport) -> str:
     lines.append("")
     flagged = report.flagged()
     lines.append(f"Disparity: {len(flagged)} of {len(report.disparities)} method x rho x grouping combinations "
-                 "flagged.")
-    lines += [f"- {d.message}" for d in flagged]
+                 "flagged (every sentence: audit_disparity.csv and audit.html).")
+    lines += [f"- {f.method}: {f.flagged} of {f.total} flagged; {f.headline}." for f in method_findings(report)]
     return "\n".join(lines) + "\n"

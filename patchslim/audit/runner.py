@@ -11,10 +11,10 @@ not recomputed, so at most the shard in progress is lost. ``OUT/parts/job.json``
 were computed with (model, weights, data fingerprint, shard and batch size, seed, evidence); a run with
 other settings refuses to mix its results in. New methods or rhos can be added to a finished audit.
 
-Scaling out: shard tasks are independent and each is a pure function of (model, data, plans, shard) that
-writes its own files, so :func:`shard_tasks` maps onto Ray tasks or ``torchrun`` ranks unchanged
-(``part=(rank, world_size)`` runs shards ``rank, rank + world_size, ...``); the report is built once all
-parts exist.
+Scaling out: shard tasks are independent and each is a pure function of (model, data, plans, shard)
+(:meth:`AuditJob.compute_task`) whose result is written as its own files (:meth:`AuditJob.write_result`), so
+they map onto ``torchrun`` ranks (``part=(rank, world_size)`` runs shards ``rank, rank + world_size, ...``)
+and onto Ray actors (:mod:`patchslim.audit.ray_runner`) unchanged; the report is built once all parts exist.
 """
 
 from __future__ import annotations
@@ -77,6 +77,22 @@ class ShardTask:
     stop: int
     plans: tuple[str, ...]
     baseline: bool
+
+
+@dataclass
+class ShardResult:
+    """What one shard task computed: the arrays of each part file it owes (written by
+    :meth:`AuditJob.write_result`).
+
+    Attributes:
+        shard: the shard index.
+        plans: plan key -> the arrays of its part file.
+        baseline: the arrays of the unslimmed forward's part file (None when it existed already).
+    """
+
+    shard: int
+    plans: dict[str, dict[str, np.ndarray]]
+    baseline: dict[str, np.ndarray] | None
 
 
 @dataclass
@@ -165,6 +181,11 @@ class AuditJob:
     def num_shards(self) -> int:
         return max(1, -(-len(self.data) // self.shard_size))
 
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        """Items ``start .. stop - 1`` of a shard."""
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, len(self.data))
+
     def baseline_path(self, shard: int) -> Path:
         return self.parts_dir / f"baseline__{shard:05d}.npz"
 
@@ -248,7 +269,19 @@ class AuditJob:
         return RunSummary(shards, len(tasks), shards - len(tasks), time.time() - t0, self.complete())
 
     def run_task(self, task: ShardTask, step: Callable[[int], None] | None = None) -> None:
-        """Computes one shard task and writes its parts (a pure function of the job and the shard)."""
+        """Computes one shard task and writes its parts."""
+        self.write_result(self.compute_task(task, step))
+
+    def write_result(self, result: "ShardResult") -> None:
+        """Writes a computed shard's part files (atomically: a killed writer leaves no half file)."""
+        for key, arrays in result.plans.items():
+            _atomic_savez(self.parts_dir / f"{key}__{result.shard:05d}.npz", **arrays)
+        if result.baseline is not None:
+            _atomic_savez(self.baseline_path(result.shard), **result.baseline)
+
+    def compute_task(self, task: ShardTask, step: Callable[[int], None] | None = None) -> "ShardResult":
+        """Computes one shard task: a pure function of the job and the shard, writing nothing (the local runner
+        writes the result at once, the Ray runner's driver when the result arrives)."""
         from patchslim.engine import run
         from patchslim.explain.attention import rollout
         from patchslim.explain.evidence import top_patches
@@ -312,21 +345,24 @@ class AuditJob:
                 step(len(rows))
             tick = time.perf_counter()
         ok_index = base["index"][base["ok"]]
+        plan_parts: dict[str, dict[str, np.ndarray]] = {}
         for p in plans:
             out = outs[p.key]
 
             def cat(name: str, dtype) -> np.ndarray:
                 return np.concatenate(out[name]).astype(dtype) if out[name] else np.zeros(0, dtype)
 
-            _atomic_savez(self.plan_path(p, task.shard), index=ok_index, pred=cat("pred", np.int64),
-                          conf=cat("conf", np.float64), correct=cat("correct", bool),
-                          evidence=cat("evidence", np.float64), gmacs=cat("gmacs", np.float64),
-                          reached=cat("reached", np.float64), seconds=np.float64(out["seconds"]))
+            plan_parts[p.key] = dict(index=ok_index, pred=cat("pred", np.int64), conf=cat("conf", np.float64),
+                                     correct=cat("correct", bool), evidence=cat("evidence", np.float64),
+                                     gmacs=cat("gmacs", np.float64), reached=cat("reached", np.float64),
+                                     seconds=np.float64(out["seconds"]))
+        baseline = None
         if task.baseline:
-            _atomic_savez(self.baseline_path(task.shard), **base,
-                          gmacs=np.asarray(base_gmacs, dtype=np.float64),
-                          errors=np.asarray([f"{i}\t{msg}" for i, msg in sorted(errors.items())], dtype=str),
-                          decode_seconds=np.float64(decode_seconds), forward_seconds=np.float64(forward_seconds))
+            baseline = dict(base, gmacs=np.asarray(base_gmacs, dtype=np.float64),
+                            errors=np.asarray([f"{i}\t{msg}" for i, msg in sorted(errors.items())], dtype=str),
+                            decode_seconds=np.float64(decode_seconds), forward_seconds=np.float64(forward_seconds))
+        return ShardResult(task.shard, plan_parts, baseline)
+
 
 
 # --------------------------------------------------------------------------- reading the parts back
@@ -345,6 +381,8 @@ class Outcomes:
             ``seconds``.
         baseline_gmacs: GMACs per image of the unslimmed model.
         timing: seconds spent decoding, in unslimmed forwards, and in each plan's forwards.
+        missing: shards left out because some of their parts are missing (only with ``missing_ok``); their
+            images count as not audited.
     """
 
     ok: np.ndarray
@@ -356,24 +394,32 @@ class Outcomes:
     plans: dict[str, dict[str, np.ndarray]]
     baseline_gmacs: float
     timing: dict[str, float]
+    missing: list[int] = field(default_factory=list)
 
 
-def read_outcomes(job: AuditJob) -> Outcomes:
-    """Gathers every part of a complete job into per-image arrays.
+def read_outcomes(job: AuditJob, missing_ok: bool = False) -> Outcomes:
+    """Gathers every part of a job into per-image arrays.
+
+    Args:
+        job: the job.
+        missing_ok: leave out the shards whose parts are not all there (a run whose tasks failed) instead of
+            refusing; they are listed in ``Outcomes.missing``.
 
     Raises:
-        PatchslimError: parts are missing (the job has not finished).
+        PatchslimError: parts are missing (the job has not finished) and not ``missing_ok``.
     """
-    missing = job.shard_tasks()
-    if missing:
-        raise PatchslimError(f"the audit in {job.out_dir} is not finished: {len(missing)} shard(s) still to run "
+    incomplete = job.shard_tasks()
+    if incomplete and not missing_ok:
+        raise PatchslimError(f"the audit in {job.out_dir} is not finished: {len(incomplete)} shard(s) still to run "
                              "(run the same command again to continue)")
+    missing = sorted(t.shard for t in incomplete)
+    present = [shard for shard in range(job.num_shards()) if shard not in set(missing)]
     n = len(job.data)
     ok, pred, conf = np.zeros(n, bool), np.full(n, -1), np.full(n, np.nan)
     correct, bright = np.zeros(n, bool), np.full(n, np.nan)
     errors: dict[int, str] = {}
     gm, decode, forward = [], 0.0, 0.0
-    for shard in range(job.num_shards()):
+    for shard in present:
         with np.load(job.baseline_path(shard)) as part:
             idx = part["index"]
             ok[idx], pred[idx], conf[idx] = part["ok"], part["pred"], part["conf"]
@@ -390,7 +436,7 @@ def read_outcomes(job: AuditJob) -> Outcomes:
         arrays = dict(pred=np.full(n, -1), conf=np.full(n, np.nan), correct=np.zeros(n, bool),
                       evidence=np.full(n, np.nan), gmacs=np.full(n, np.nan), reached=np.full(n, np.nan))
         seconds = 0.0
-        for shard in range(job.num_shards()):
+        for shard in present:
             with np.load(job.plan_path(p, shard)) as part:
                 idx = part["index"]
                 for name in arrays:
@@ -400,7 +446,7 @@ def read_outcomes(job: AuditJob) -> Outcomes:
         timing[p.key] = seconds
     all_gm = np.concatenate(gm) if gm else np.zeros(0)
     return Outcomes(ok, pred, conf, correct, bright, errors, plans,
-                    float(all_gm.mean()) if all_gm.size else float("nan"), timing)
+                    float(all_gm.mean()) if all_gm.size else float("nan"), timing, missing)
 
 
 def job_settings(job: AuditJob) -> dict:

@@ -7,7 +7,8 @@ benchmark --which NAME``; ``--which all`` writes every one of them).
 - ``table2``: FLOPs and memory reduction beside the accuracy table's top-1;
 - ``table1``: input dependence, selection overhead (ms, % of the slimmed forward), accuracy loss;
 - ``table3``: latency with and without slimming, measured speed-up beside the ideal one (GMAC ratio);
-- ``target``: the issue's performance target (efficiency >= 0.9, selection < 5 %) on DeiT-S at batch 32.
+- ``target``: the issue's performance target (efficiency >= 0.9, selection < 5 %) on DeiT-S at batch 32;
+- ``ray_scale``: the worked audit's job on Ray vs the local runner at equal cores (wall time, start-up).
 
 Each is a ``run_*(config, tick) -> result`` over a config dataclass whose ``jobs()`` lists the work (for a
 progress bar); ``result.write(out, command)`` writes its files, each naming the command (see
@@ -19,6 +20,7 @@ from patchslim.benchmarks.accuracy import AccuracyConfig, run_accuracy  # noqa: 
 from patchslim.benchmarks.audit_fashion import AuditFashionConfig, run_audit_fashion  # noqa: F401
 from patchslim.benchmarks.common import BenchmarkResult, write_result  # noqa: F401
 from patchslim.benchmarks.figure1 import Figure1Config, run_figure1  # noqa: F401
+from patchslim.benchmarks.ray_scale import RayScaleConfig, run_ray_scale  # noqa: F401
 from patchslim.benchmarks.table1 import Table1Config, run_table1  # noqa: F401
 from patchslim.benchmarks.table2 import Table2Config, run_table2  # noqa: F401
 from patchslim.benchmarks.table3 import Table3Config, run_table3  # noqa: F401
@@ -34,6 +36,7 @@ BENCHMARKS = {
     "table1": (Table1Config, run_table1),
     "table3": (Table3Config, run_table3),
     "target": (TargetConfig, run_target),
+    "ray_scale": (RayScaleConfig, run_ray_scale),
 }
 # ``--which`` shorthands.
 GROUPS = {
@@ -41,4 +44,4 @@ GROUPS = {
     "costs": ("figure1", "table2", "table1", "table3", "target"),
 }
 # The benchmarks whose numbers are wall times: rerun them on an idle machine only.
-TIMED = ("table1", "table3", "target")
+TIMED = ("table1", "table3", "target", "ray_scale")

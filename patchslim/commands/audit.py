@@ -48,6 +48,21 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fresh", action="store_true", help="discard the parts of an earlier audit in --out")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--json", action="store_true", help="print one JSON object (the report)")
+    add_ray_arguments(parser)
+
+
+def add_ray_arguments(parser) -> None:
+    """``--engine`` and the Ray runner's options (patchslim.audit.ray_runner)."""
+    parser.add_argument("--engine", default="local", choices=("local", "ray"),
+                        help="local: shard tasks in this process (or --part of them); ray: on Ray, one actor per "
+                             "worker holding the model (a local Ray on this machine, or --ray-address)")
+    parser.add_argument("--ray-address", default=None, metavar="ADDR",
+                        help="--engine ray: join a running cluster (auto, HOST:PORT or ray://HOST:PORT) instead of "
+                             "starting a local Ray; the data and weights must be at the same paths on every node")
+    parser.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                        help="--engine ray: actors (default: one per GPU of the cluster, else one per CPU)")
+    parser.add_argument("--ray-retries", type=int, default=3, metavar="N",
+                        help="--engine ray: runs of a task after its worker died, before it is reported failed")
 
 
 def _part(text: str) -> tuple[int, int]:
@@ -96,27 +111,51 @@ def main(args) -> int:
                        file=sys.stderr)
         bar.update(done - bar.n)
 
+    failed = None
     try:
-        summary = job.run(part=part, progress=progress)
+        if args.engine == "ray":
+            summary = _run_on_ray(args, job, part, progress)
+            failed = summary.failed or None
+        else:
+            summary = job.run(part=part, progress=progress)
     finally:
         if bar is not None:
             bar.close()
-    if not summary.complete:
+    if failed:
+        print(f"{len(failed)} shard(s) failed: " + "; ".join(f"shard {k}: {why}" for k, why in sorted(failed.items()))
+              + ". The report leaves them out; run the same command again to retry them.", file=sys.stderr)
+    if not summary.complete and not failed:
         print(f"part {args.part}: {summary.ran} shard(s) computed, {summary.reused} already there; other parts "
               f"are still missing, so no report yet (run the remaining parts, then any part again)", file=sys.stderr)
         return 0
     command = "python -m patchslim " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
         if sys.argv and sys.argv[0].endswith("__main__.py") else ""
-    report = build_report(job, groupings, n_boot=args.bootstrap, command=command)
+    report = build_report(job, groupings, n_boot=args.bootstrap, command=command, failed=failed)
     written = write_report(report, args.out, plotly=args.plotly)
     if args.json:
         record = report.to_dict()
         record["written_files"] = {k: str(v) for k, v in written.items()}
         print(json.dumps(record))
-        return 0
+        return 1 if failed else 0
     print(markdown_summary(report))
     if summary.reused:
         print(f"resumed: {summary.reused} of {summary.shards} shard(s) were already done")
     for kind, path in written.items():
         print(f"wrote {path}")
-    return 0
+    return 1 if failed else 0
+
+
+def _run_on_ray(args, job, part, progress):
+    """``--engine ray``: the job's shard tasks on Ray; prints where they ran to stderr."""
+    from patchslim.audit.ray_runner import ModelRecipe, RaySettings, run_on_ray
+    from patchslim.errors import PatchslimError
+
+    if part != (0, 1):
+        raise PatchslimError("--part splits an audit by hand and --engine ray splits it itself: give one of them")
+    recipe = ModelRecipe(args.model, args.weights, not args.no_pretrained, getattr(args, "precision", "fp32"))
+    summary = run_on_ray(job, RaySettings(args.ray_address, args.ray_workers, args.ray_retries), recipe, progress)
+    if summary.workers:
+        print(f"ray: {len(summary.workers)} worker(s) ({', '.join(summary.workers)}); start-up "
+              f"{summary.startup_seconds:.1f} s; {summary.ran} shard(s) computed, {summary.restarts} worker "
+              "restart(s)", file=sys.stderr)
+    return summary

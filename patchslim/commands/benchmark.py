@@ -17,7 +17,7 @@ import shlex
 NAME = "benchmark"
 HELP = ("Write the committed tables: accuracy vs rho (accuracy), the worked audit (audit_fashion), latency vs "
         "ideal speed-up (table3), FLOPs vs rho (figure1), selection overhead (table1), FLOPs and memory "
-        "reduction (table2), the performance target (target).")
+        "reduction (table2), the performance target (target), audits on Ray vs the local runner (ray_scale).")
 
 
 def add_arguments(parser) -> None:
@@ -70,7 +70,8 @@ def add_arguments(parser) -> None:
                         help="audit_fashion: keep the parts an interrupted run left in --work (default: start "
                              "over, so that parts made by older code are never mixed in)")
     parser.add_argument("--tag", default="", help="appended to every output file name (e.g. _deit_small)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default); ray_scale: the cores both runners get (0: all)")
     parser.add_argument("--no-png", action="store_true", help="HTML plots only")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--json", action="store_true", help="print one JSON object (files written, rows)")
@@ -147,10 +148,25 @@ def configs(args) -> dict:
                                           if args.repeats else {}),
                                        **({"warmup": args.warmup} if args.warmup is not None else {})),
     }
+    built["ray_scale"] = lambda: _ray_scale_config(args, methods, ratios)
     chosen = {name: built[name]() for name in which}
     for config in chosen.values():
         config.stem += args.tag
     return chosen
+
+
+def _ray_scale_config(args, methods, ratios):
+    """``ray_scale``: the worked audit's job (``--model``, ``--data``, ``--limit``, ``--methods``, ``--ratios``,
+    ``--eval-batch-size``) with ``--threads`` cores (default: all) and ``--repeats`` pairs."""
+    import os
+
+    from patchslim.benchmarks import RayScaleConfig
+
+    return RayScaleConfig(model=args.model or "fashion-vit", pretrained=not args.no_pretrained, data=args.data,
+                          limit=args.limit, cores=args.threads or os.cpu_count() or 1, repeats=args.repeats or 1,
+                          **({"methods": methods} if methods else {}), **({"keep_ratios": ratios} if ratios else {}),
+                          **({"batch_size": args.eval_batch_size} if args.eval_batch_size else {}),
+                          **({"work": args.work} if args.work else {}))
 
 
 def command_line(args, which: str | None = None) -> str:

@@ -14,6 +14,8 @@ PYTHON=${PYTHON:-.venv/bin/python}
 # accuracy (~20 min), audit_fashion (~40 min), figure1 (~2 min), table2 (~5 min), table1 + target (~5 min),
 # table3 (~20 min), in this order (Tables 1 and 2 join the fresh accuracy table).
 "$PYTHON" -m patchslim benchmark --which all --no-progress
+# fashion-swin's accuracy vs rho, window-aware methods in its default stage (~10 min)
+"$PYTHON" -m patchslim benchmark --which accuracy --model fashion-swin --tag _fashion_swin --no-progress
 # Figure 1 for Swin-T (window-aware slimming in its default stages 2-3; ~1 min)
 "$PYTHON" -m patchslim benchmark --which figure1 --model swin_tiny_patch4_window7_224 --tag _swin_tiny --no-progress
 

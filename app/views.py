@@ -363,8 +363,9 @@ def latency_comparison(timing, r: compute.Costs) -> None:
 
 # --------------------------------------------------------------------------- audit (patchslim.audit)
 
-def audit_summary(outcome: compute.AuditOutcome) -> None:
-    """An audit's headline numbers and its disparity flags in plain words."""
+def audit_summary(outcome: compute.AuditOutcome, matrices: dict, findings: list) -> None:
+    """An audit's headline numbers, its accuracy-drop matrices (plotly figures) and its findings by method
+    (:class:`patchslim.audit.report.MethodFindings`), each method collapsed."""
     report = outcome.report
     cols = st.columns(4)
     cols[0].metric("Images audited", f"{report.audited}", border=True,
@@ -381,12 +382,12 @@ def audit_summary(outcome: compute.AuditOutcome) -> None:
     if not report.disparities:
         st.info("Only one group and one class: there is nothing to compare. Add groups (folders "
                 "ROOT/<group>/<class>/<image>, a group column in a CSV) or choose a built-in grouping.")
-    for key, fig in compute.audit_matrices(report).items():
+    for key, fig in matrices.items():
         st.plotly_chart(fig, width="stretch", config={"displayModeBar": False}, key=f"audit_matrix_{key}")
     st.caption("Each cell: the accuracy drop in points (top-1 before minus after slimming, on the same images) of "
                "one group, for one method at one ρ; red is a loss, blue a gain. ▲ and a box mark the most hurt "
                "group where its gap to the least hurt one is beyond the noise.")
-    for finding in compute.audit_findings(report):
+    for finding in findings:
         icon = ":material/warning:" if finding.flagged else ":material/check_circle:"
         with st.expander(f"**{finding.method}**: {finding.flagged} of {finding.total} flagged; {finding.headline}",
                          icon=icon):

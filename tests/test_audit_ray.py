@@ -46,7 +46,15 @@ def ray_cluster():
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False  # loopback, even if ray was imported before the variable was set
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", object_store_memory=256 * 1024**2)
+    for attempt in range(3):  # Ray gives its processes 30 s to start: a loaded machine may need another try
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+                     object_store_memory=256 * 1024**2)
+            break
+        except Exception as exc:
+            ray.shutdown()
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
     address = ray.get_runtime_context().gcs_address
     assert address.startswith("127.0.0.1:")
     yield address

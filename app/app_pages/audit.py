@@ -90,7 +90,7 @@ if settings.choice.random_weights:
     st.warning("The model runs with random weights, so accuracies mean nothing here.")
 if outcome is not None:
     with panel("Audit summary"):
-        views.audit_summary(outcome)
+        views.audit_summary(outcome, compute.audit_matrices(outcome.report), compute.audit_findings(outcome.report))
     with panel("Audit charts"):
         views.audit_charts(compute.audit_figures(outcome.report))
     with panel("Audit tables and downloads"):

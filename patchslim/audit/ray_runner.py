@@ -334,11 +334,21 @@ def ray_session(settings: RaySettings) -> Iterator[Any]:
         # Ray reads this flag when imported: an import earlier in this process, before the variable was set,
         # would bind a local Ray to the network interface instead of loopback.
         ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() in ("1", "true")
-    if address is None:
-        cpus = max(settings.cpus or os.cpu_count() or 1, settings.workers or 1)
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
-    else:
-        ray.init(address=address, logging_level="WARNING")
+    for attempt in (1, 2):
+        try:
+            if address is None:
+                cpus = max(settings.cpus or os.cpu_count() or 1, settings.workers or 1)
+                ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+            else:
+                ray.init(address=address, logging_level="WARNING")
+            break
+        except Exception as exc:  # Ray raises a bare Exception when its processes start too slowly
+            ray.shutdown()
+            if "timed out during startup" not in str(exc):
+                raise
+            if attempt == 2:
+                raise ClusterError(f"Ray did not start on this machine twice in a row ({exc}); it may be too "
+                                   "busy: try again later or with fewer --ray-workers") from None
     try:
         yield ray
     finally:

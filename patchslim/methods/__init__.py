@@ -25,3 +25,4 @@ from patchslim.methods import evit  # noqa: F401,E402
 from patchslim.methods import tofu  # noqa: F401,E402
 from patchslim.methods import pitome  # noqa: F401,E402
 from patchslim.methods import ppt  # noqa: F401,E402
+from patchslim.methods import zerotprune  # noqa: F401,E402

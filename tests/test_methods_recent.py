@@ -292,3 +292,27 @@ def test_the_bundled_model_keeps_its_predictions_better_than_random(fashion_trai
         assert flops.gmacs(trace) < flops.baseline_macs(fashion_trained.spec).gmacs
         kept = int((trace.logits.argmax(1) == unslimmed).sum())
         assert kept > random_kept, (name, kept, random_kept)
+
+
+def test_models_without_a_class_token_and_bad_options(fashion_random):
+    from timm.models.vision_transformer import VisionTransformer
+
+    from patchslim import PlanError
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4, num_classes=5,
+                                class_token=False, global_pool="avg").eval()
+    model = patchslim.wrap_model(vit, name="avg-pool")
+    x = _images(model, 2)
+    with torch.inference_mode():
+        reference = vit(x)
+    for name in ("tofu", "pitome", "zerotprune"):  # average pooling weighs merged tokens by their size
+        assert float((patchslim.run(model, x, SlimPlan.single(name, 1.0)).logits - reference).abs().max()) < 1e-5
+        trace = patchslim.run(model, x, SlimPlan.single(name, 0.5))
+        assert torch.isfinite(trace.logits).all() and trace.final_provenance.count == 8
+    with pytest.raises(PlanError, match="class token"):
+        patchslim.run(model, x, SlimPlan.single("ppt", 0.5))
+    for name in NEW_METHODS:
+        with pytest.raises(PlanError, match=r"'r'.*\[0, 144\]"):
+            patchslim.run(fashion_random, _images(fashion_random), SlimPlan.single(name, r=145))

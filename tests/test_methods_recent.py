@@ -18,7 +18,7 @@ from patchslim.methods import StageContext, get_method
 from patchslim.methods.pitome import energy_matching, energy_scores, margin_at
 from patchslim.methods.ppt import pools, significance_scores
 from patchslim.methods.tofu import merge_groups
-from patchslim.methods.tome import bipartite_matching
+from patchslim.methods.tome import soft_matching
 from patchslim.methods.zerotprune import eir_aggregate, two_stage_keep, weighted_pagerank, wpr_iterations
 from patchslim.metrics import flops
 from patchslim.tokens import Provenance, TokenState
@@ -66,8 +66,8 @@ def _tiny_state(seed: int = 0, m: int = 6, channels: int = 4) -> tuple[TokenStat
 
 def test_tofu_prunes_the_matched_tokens_early_and_merges_them_with_mlerp_late():
     state, keys = _tiny_state()
-    destination, _ = bipartite_matching(keys.mean(1)[:, 1:], 2)  # ToMe's matching, whatever its split
-    survivors = torch.nonzero(destination[0] == torch.arange(6)).flatten()
+    match = soft_matching(keys.mean(1)[:, 1:], 2, 1)  # ToMe's matching and output order
+    destination, survivors = match.destination, match.order[0]
     ctx = _context(block=0, depth=4, options={"r": 2, "merge_from": 2}, keys=keys, num_patches=6, target=4)
     pruned = get_method("tofu").reduce(state, ctx).state
     assert pruned.provenance.is_plain and pruned.sizes is None
@@ -173,9 +173,8 @@ def test_ppt_step_prunes_one_image_and_pools_the_other_in_one_batch():
     assert dense[1].sum(0).tolist() == [1, 1, 1, 1, 0, 0] and (dense[1].sum(1) == 1).all()
     assert torch.equal(out.patches[1], tokens[1, 1:5]) and out.sizes[1].tolist() == [1.0] * 5
     # Image 0 pools with ToMe's matching: every patch still represented, sizes add up to 6.
-    destination, _ = bipartite_matching(keys[:1].mean(1)[:, 1:], 2)
-    survivors = torch.nonzero(destination[0] == torch.arange(m)).flatten()
-    expected, sizes = merge_groups(tokens[:1, 1:], torch.ones(1, m), destination, survivors[None], "mean")
+    match = soft_matching(keys[:1].mean(1)[:, 1:], 2, 1)
+    expected, sizes = merge_groups(tokens[:1, 1:], torch.ones(1, m), match.destination, match.order, "mean")
     torch.testing.assert_close(out.patches[0], expected[0])
     assert dense[0].sum(0).tolist() == [1.0] * m and out.sizes[0, 1:].tolist() == sizes[0].tolist()
 

@@ -113,6 +113,9 @@ class PiToMe(SlimMethod):
     merges = True
     input_dependent = True
     spreads_keep_ratio = True
+    windowed = False
+    window_reason = ("its energy compares every token with every other and it merges tokens, which would then belong "
+                     "to no single window")
     options = (
         OptionSpec("r", "int", None,
                    "tokens merged in each block (at most half of those left); unset: derived from the keep ratio",

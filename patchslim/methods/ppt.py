@@ -16,8 +16,8 @@ attention and MLP (``point="mid"``), r tokens are removed from each image:
 3. ``Var(S) >= tau``: the scores are peaked, a few tokens matter and many are ignored, so the image **prunes**
    its r lowest-scoring tokens (plain removal: ``keep_tokens`` when no image in the batch pools);
 4. ``Var(S) < tau``: attention is spread out, the redundancy is duplication, so the image **pools**: ToMe's
-   bipartite soft matching on the block's keys averaged over heads (:func:`patchslim.methods.tome.bipartite_matching`)
-   and size-weighted averages; sizes add up and proportional attention follows.
+   bipartite soft matching on the block's keys averaged over heads and size-weighted averages, as ``tome`` does
+   them (:func:`patchslim.methods.tome.soft_matching`); sizes add up and proportional attention follows.
 
 Each image removes exactly r tokens either way, so the batch stays rectangular. When some image of the batch
 pools, every image's provenance becomes a source matrix (``replace_patches``; a pruning image's rows are one-hot)
@@ -48,8 +48,8 @@ import torch
 from patchslim.errors import PlanError
 from patchslim.methods.attention import check_aligned
 from patchslim.methods.base import OptionSpec, Reduction, SlimMethod, StageContext, register
-from patchslim.methods.tofu import check_keys, check_r, merge_groups
-from patchslim.methods.tome import bipartite_matching, merges_this_block
+from patchslim.methods.tofu import check_keys, check_r
+from patchslim.methods.tome import merge_weighted, merges_this_block, soft_matching
 from patchslim.tokens import TokenState, keep_tokens, replace_patches, top_k_index
 
 DEFAULT_TAU = 7e-5
@@ -102,6 +102,9 @@ class PruneOrPool(SlimMethod):
     merges = True
     input_dependent = True
     spreads_keep_ratio = True
+    windowed = False
+    window_reason = ("it scores tokens by the class token's attention, which a Swin has not, and pools tokens into "
+                     "merges that would belong to no single window")
     options = (
         OptionSpec("r", "int", None,
                    "tokens removed at each block (at most half of those left); unset: derived from the keep ratio",
@@ -148,13 +151,10 @@ class PruneOrPool(SlimMethod):
         new_patches = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, channels))
         new_sizes = sizes.gather(1, kept)
         combination = torch.zeros(batch, m - r, m, device=device).scatter_(2, kept.unsqueeze(-1), 1.0)
-        # Pooling images: ToMe's matching and size-weighted averages, written over their rows.
-        destination, _ = bipartite_matching(keys.mean(dim=1)[chosen, p:], r)
-        positions = torch.arange(m, device=destination.device)
-        survivors = top_k_index((destination == positions).float(), m - r)
-        merged, merged_sizes = merge_groups(patches[chosen], sizes[chosen], destination, survivors, "mean")
-        new_patches[chosen], new_sizes[chosen] = merged, merged_sizes
-        combination[chosen] = (survivors.unsqueeze(-1) == destination.unsqueeze(1)).float()
+        # Pooling images: ToMe as published (sets by parity, its output order), size-weighted, over their rows.
+        match = soft_matching(keys.mean(dim=1)[chosen, p:], r, p)
+        merged, merged_sizes, merged_combination = merge_weighted(patches[chosen], sizes[chosen], match)
+        new_patches[chosen], new_sizes[chosen], combination[chosen] = merged, merged_sizes, merged_combination
         share = chosen.numel() / batch
         macs += share * (((m + 1) // 2) * (m // 2) * d_head + m * d_head + m * channels)
         return Reduction(replace_patches(state, new_patches, combination, new_sizes), scores=scores,

@@ -1,8 +1,9 @@
 """``tofu``: Token Fusion, pruning in the early blocks and norm-preserving merging in the late ones (Kim et al.,
 WACV 2024, "Token Fusion: Bridging the Gap between Token Pruning and Token Merging").
 
-ToFu starts from ToMe's bipartite soft matching (inside every block, between attention and MLP, on the block's
-keys averaged over heads; see :mod:`patchslim.methods.tome`) and changes what happens to a matched pair:
+ToFu starts from ToMe's bipartite soft matching as published (inside every block, between attention and MLP, on
+the block's keys averaged over heads, sets A and B by the parity of the whole sequence, survivors in the
+reference's output order; :func:`patchslim.methods.tome.soft_matching`) and changes what happens to a match:
 
 - **prune** (early blocks): the matched A token is dropped and its B partner goes on unchanged. The paper's
   argument: a block reacts to a linear interpolation of two inputs, ``f(a x_1 + (1 - a) x_2)``, far from linearly
@@ -42,8 +43,8 @@ import torch
 
 from patchslim.errors import PlanError
 from patchslim.methods.base import OptionSpec, Reduction, SlimMethod, StageContext, register
-from patchslim.methods.tome import bipartite_matching, merges_this_block
-from patchslim.tokens import TokenState, keep_tokens, replace_patches, top_k_index
+from patchslim.methods.tome import merges_this_block, soft_matching
+from patchslim.tokens import TokenState, keep_tokens, replace_patches
 
 
 def merge_groups(patches: torch.Tensor, sizes: torch.Tensor, destination: torch.Tensor, survivors: torch.Tensor,
@@ -54,7 +55,8 @@ def merge_groups(patches: torch.Tensor, sizes: torch.Tensor, destination: torch.
         patches: ``[B, M, C]`` the tokens.
         sizes: ``[B, M]`` how many original tokens each stands for.
         destination: ``[B, M]`` int64, the position each token goes to (itself for survivors).
-        survivors: ``[B, K]`` the positions that survive (ascending), each its own destination.
+        survivors: ``[B, K]`` the positions that survive, each its own destination, in the order the merged tokens
+            come out.
         mode: ``"mean"``: size-weighted average (ToMe); ``"mlerp"``: that average's direction scaled to the
             largest norm in the group (ToFu). A group of one token is returned unchanged either way.
 
@@ -119,6 +121,9 @@ class TokenFusion(SlimMethod):
     merges = True
     input_dependent = True
     spreads_keep_ratio = True
+    windowed = False
+    window_reason = ("its matching pairs tokens across the whole sequence, and the tokens it merges in late blocks "
+                     "would belong to no single window")
     options = (
         OptionSpec("r", "int", None,
                    "tokens removed in each block (at most half of those left); unset: derived from the keep ratio",
@@ -149,13 +154,12 @@ class TokenFusion(SlimMethod):
         if r == 0:
             return Reduction(state)
         metric = keys.mean(dim=1)[:, p:]  # [B, M, d_head]
-        destination, distinct = bipartite_matching(metric, r)
-        positions = torch.arange(m, device=destination.device)
-        survivors = top_k_index((destination == positions).float(), m - r)  # [B, M - r], ascending
+        match = soft_matching(metric, r, p)  # ToMe as published: sets by parity, survivors in its output order
+        destination, survivors, distinct = match.destination, match.order, match.distinct
         d_head, channels = metric.shape[-1], state.tokens.shape[-1]
         macs = ((m + 1) // 2) * (m // 2) * d_head + m * d_head
         if ctx.block < self.first_merge_block(ctx.options, ctx.depth):
-            return Reduction(keep_tokens(state, survivors), scores=distinct, selection_macs=float(macs))
+            return Reduction(keep_tokens(state, survivors, sort=False), scores=distinct, selection_macs=float(macs))
         batch = state.tokens.shape[0]
         sizes = (state.sizes[:, p:].float() if state.sizes is not None
                  else torch.ones(batch, m, device=state.tokens.device))

@@ -144,6 +144,9 @@ class ZeroTPrune(SlimMethod):
     needs_keys = True
     input_dependent = True
     spreads_keep_ratio = True
+    windowed = False
+    window_reason = ("its PageRank runs on the block's full attention graph, and a windowed model exposes only the "
+                     "attention each token receives in its window")
     options = (
         OptionSpec("r", "int", None,
                    "tokens pruned at each block (at most half of those left); unset: derived from the keep ratio",

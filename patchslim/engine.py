@@ -109,6 +109,7 @@ def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: lis
     needed = {a.attention_block for a in actions if a.attention_block is not None}
     explicit, prefix_rows = attention_blocks(plan, spec.depth, actions, has_prefix=spec.num_prefix_tokens > 0)
     keys_needed = {a.attention_block for a in actions if a.method.needs_keys}
+    values_needed = {a.attention_block for a in actions if a.method.needs_values}
     # blocks whose attention an action before the next block reads (else it is dropped after the block's own)
     read_by_next = {a.attention_block for a in actions if a.point == "pre" and a.attention_block is not None}
     generator = torch.Generator().manual_seed(plan.seed)
@@ -130,6 +131,7 @@ def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: lis
     attention_kept: dict[int, torch.Tensor] = {}
     last_attention: torch.Tensor | None = None
     last_keys: torch.Tensor | None = None
+    last_values: torch.Tensor | None = None
 
     def apply(place: tuple[int, str], state: TokenState) -> TokenState:
         for action in by_place.get(place, ()):
@@ -148,6 +150,7 @@ def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: lis
                 attention=(adapter.seen_attention(last_attention, state)
                            if action.method.needs_attention and last_attention is not None else None),
                 keys=last_keys if action.method.needs_keys else None,
+                values=last_values if action.method.needs_values else None,
                 generator=generator,
                 model=model,
                 num_patches=spec.num_patches,
@@ -179,22 +182,22 @@ def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: lis
             return state
         state = adapter.enter(index, state)  # a windowed model groups the tokens by the block's windows here
         state = apply((index, "pre"), state)
-        last_attention = last_keys = None  # every reader of earlier blocks' attention has run
+        last_attention = last_keys = last_values = None  # every reader of earlier blocks' attention has run
         images = state.tokens.shape[0] // state.groups
         provenance_in = state.provenance if state.groups == 1 else state.provenance.regroup(images)
         tokens_in = state.tokens.shape[1] * state.groups  # per image
         sizes_in = state.sizes is not None
         branch = adapter.attention(index, state, want_probs=index in explicit, want_keys=index in keys_needed,
-                                   prefix_probs=index in prefix_rows)
+                                   prefix_probs=index in prefix_rows, want_values=index in values_needed)
         if index in keep_attention:
             attention_kept[index] = branch.probs.float()
         if index in needed:
-            last_attention, last_keys = branch.probs, branch.keys
+            last_attention, last_keys, last_values = branch.probs, branch.keys, branch.values
         state = _with_tokens(state, state.tokens + branch.out)
         del branch  # free it before the MLP; last_attention / last_keys hold what is read
         state = apply((index, "mid"), state)
         if index not in read_by_next:
-            last_attention = last_keys = None
+            last_attention = last_keys = last_values = None
         # no local name keeps a block's input alive through the MLP (it would add a [B, T, C] to the peak)
         state = _with_tokens(state, state.tokens + adapter.mlp(index, state.tokens))
         records.append(BlockRecord(index, tokens_in, state.tokens.shape[1] * state.groups, provenance_in, sizes_in,

@@ -150,7 +150,7 @@ class Action:
     def attention_block(self) -> int | None:
         """The block whose attention (or keys) the action reads, if it needs any."""
         method = self.method
-        if not (method.needs_attention or method.needs_keys):
+        if not (method.needs_attention or method.needs_keys or method.needs_values):
             return None
         return self.block - 1 if self.point == "pre" else self.block
 
@@ -259,7 +259,8 @@ class SlimPlan:
                     raise PlanError(
                         f"stage {stage.method!r}: block {block} is outside the model (blocks 0..{depth - 1})"
                     )
-                if method.point == "pre" and (method.needs_attention or method.needs_keys) and block == 0:
+                reads_block = method.needs_attention or method.needs_keys or method.needs_values
+                if method.point == "pre" and reads_block and block == 0:
                     raise PlanError(
                         f"stage {stage.method!r} reads the attention of the block before it, so it cannot act "
                         f"at block 0 (the input); use a block in 1..{depth - 1}"

@@ -68,7 +68,8 @@ def test_first_screen_falls_back_to_the_bundled_model_without_weights():
     assert _metric(at, "Tokens in last block").value  # results shown with the bundled model
 
 
-@pytest.mark.parametrize("method,keep_ratio", [("uniform", 0.3), ("tome", 0.5), ("attention", 0.7)])
+@pytest.mark.parametrize("method,keep_ratio", [("uniform", 0.3), ("tome", 0.5), ("attention", 0.7), ("tofu", 0.5),
+                                               ("pitome", 0.3), ("ppt", 0.5), ("zerotprune", 0.7)])
 def test_method_and_rho_widgets_drive_the_readouts_like_the_engine(app, engine_model, first_gallery_image,
                                                                    method, keep_ratio):
     from patchslim.metrics.flops import compare_macs

@@ -34,11 +34,13 @@ class AttentionOutput:
         out: ``[B, T, C]`` the residual branch (to be added to the tokens).
         probs: ``[B, H, T, T]`` probabilities (``[B, H, P, T]`` for prefix rows only), or None.
         keys: ``[B, H, T, d]`` keys, or None.
+        values: ``[B, H, T, d]`` values, or None.
     """
 
     out: torch.Tensor
     probs: torch.Tensor | None = None
     keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
 
 
 class Adapter:
@@ -75,7 +77,7 @@ class Adapter:
         raise NotImplementedError
 
     def attention(self, index: int, state: TokenState, want_probs: bool, want_keys: bool,
-                  prefix_probs: bool = False) -> AttentionOutput:  # pragma: no cover - interface
+                  prefix_probs: bool = False, want_values: bool = False) -> AttentionOutput:  # pragma: no cover
         raise NotImplementedError
 
     def mlp(self, index: int, tokens: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface

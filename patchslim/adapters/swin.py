@@ -187,7 +187,7 @@ class SwinAdapter(Adapter):
         return TokenState(windows, 0, prov, groups=windows.shape[0] // b, layout=WindowLayout(index, windows))
 
     def attention(self, index: int, state: TokenState, want_probs: bool, want_keys: bool,
-                  prefix_probs: bool = False) -> AttentionOutput:
+                  prefix_probs: bool = False, want_values: bool = False) -> AttentionOutput:
         """``block.drop_path1(block.attn(block.norm1(x), mask))`` on the kept tokens of every window."""
         block = self._blocks[index]
         attn = block.attn
@@ -228,7 +228,7 @@ class SwinAdapter(Adapter):
                                                  dropout_p=attn.attn_drop.p if attn.training else 0.0)
         out = out.transpose(1, 2).reshape(rows, k, -1)
         out = attn.proj_drop(attn.proj(out))
-        return AttentionOutput(block.drop_path1(out), probs, key if want_keys else None)
+        return AttentionOutput(block.drop_path1(out), probs, key if want_keys else None, v if want_values else None)
 
     def mlp(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
         block = self._blocks[index]

@@ -95,8 +95,8 @@ class ViTAdapter(Adapter):
         return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
 
     def attention(self, index: int, state: TokenState, want_probs: bool, want_keys: bool,
-                  prefix_probs: bool = False) -> AttentionOutput:
-        """``block.ls1(block.attn(block.norm1(x)))`` with optional probabilities and keys.
+                  prefix_probs: bool = False, want_values: bool = False) -> AttentionOutput:
+        """``block.ls1(block.attn(block.norm1(x)))`` with optional probabilities, keys and values.
 
         ``prefix_probs`` (without ``want_probs``): fused attention for the output, plus the probabilities of the
         prefix tokens' queries only, ``[B, H, P, T]`` (``P * T`` instead of ``T^2`` per head).
@@ -130,7 +130,7 @@ class ViTAdapter(Adapter):
             out = out * gate
         out = attn.proj_drop(attn.proj(out))
         out = block.drop_path1(block.ls1(out))
-        return AttentionOutput(out, probs, k if want_keys else None)
+        return AttentionOutput(out, probs, k if want_keys else None, v if want_values else None)
 
     def mlp(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
         block = self.module.blocks[index]

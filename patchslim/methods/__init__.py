@@ -22,3 +22,7 @@ from patchslim.methods import entropy  # noqa: F401,E402
 from patchslim.methods import attention  # noqa: F401,E402
 from patchslim.methods import tome  # noqa: F401,E402
 from patchslim.methods import evit  # noqa: F401,E402
+from patchslim.methods import tofu  # noqa: F401,E402
+from patchslim.methods import pitome  # noqa: F401,E402
+from patchslim.methods import ppt  # noqa: F401,E402
+from patchslim.methods import zerotprune  # noqa: F401,E402

@@ -119,6 +119,8 @@ class StageContext:
             when the method's ``attention_rows(options)`` is ``"prefix"`` and nothing else needs that block's
             full map (the engine then keeps fused attention there).
         keys: ``[B, H, T, d]`` the relevant block's keys, when the method ``needs_keys``.
+        values: ``[B, H, T, d]`` the relevant block's values, when the method ``needs_values`` (PPT weighs CLS
+            attention by each token's value norm).
         generator: a seeded CPU ``torch.Generator`` for methods that draw random numbers.
         model: the :class:`~patchslim.models.LoadedModel` (read only), for learned methods.
         num_patches: N of the unslimmed image.
@@ -138,6 +140,7 @@ class StageContext:
     options: dict
     attention: torch.Tensor | None = None
     keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
     generator: torch.Generator | None = None
     model: Any = None
     num_patches: int = 0
@@ -176,6 +179,7 @@ class SlimMethod:
     point: ClassVar[str] = "pre"
     needs_attention: ClassVar[bool] = False
     needs_keys: ClassVar[bool] = False
+    needs_values: ClassVar[bool] = False
     learned: ClassVar[bool] = False
     merges: ClassVar[bool] = False
     adaptive_count: ClassVar[bool] = False
@@ -188,6 +192,10 @@ class SlimMethod:
     # tokens as ``[B * W, n, C]`` and puts them back in place after the block), and if not, why.
     windowed: ClassVar[bool] = False
     window_reason: ClassVar[str] = ""
+    # How a stage acting at several blocks reads its keep ratio: False, each action keeps rho of the tokens it
+    # receives (attention@3+6+9, evit); True, rho is the share left after the stage's last action, the removals
+    # spread over its blocks (tome's schedule, read through ``StageContext.stage_blocks``).
+    spreads_keep_ratio: ClassVar[bool] = False
     options: ClassVar[tuple[OptionSpec, ...]] = ()
 
     def default_blocks(self, depth: int) -> tuple[int, ...]:
@@ -233,9 +241,10 @@ class SlimMethod:
         """The method's description and flags as plain data (for ``info`` and the app)."""
         return dict(
             name=self.name, summary=self.summary, reference=self.reference, point=self.point,
-            needs_attention=self.needs_attention, needs_keys=self.needs_keys, learned=self.learned,
-            merges=self.merges, adaptive_count=self.adaptive_count, input_dependent=self.input_dependent,
-            exact_count=self.exact_count, windowed=self.windowed, window_reason=self.window_reason,
+            needs_attention=self.needs_attention, needs_keys=self.needs_keys, needs_values=self.needs_values,
+            learned=self.learned, merges=self.merges, spreads_keep_ratio=self.spreads_keep_ratio,
+            adaptive_count=self.adaptive_count, input_dependent=self.input_dependent, exact_count=self.exact_count,
+            windowed=self.windowed, window_reason=self.window_reason,
             options=[dict(name=o.name, kind=o.kind, default=o.default, help=o.help, allowed=o.describe())
                      for o in self.options],
         )

@@ -1,0 +1,157 @@
+"""``pitome``: protect informative tokens before merging, by an energy score (Tran et al., NeurIPS 2024,
+"Accelerating Transformers with Spectrum-Preserving Token Merging").
+
+Inside every block, between attention and MLP (``point="mid"``), k tokens are merged away, as in ToMe, but
+ToMe's bipartite matching runs only on the tokens that sit in large clusters of similar tokens:
+
+1. the similarity features are the block's keys averaged over heads (prefix tokens excluded), ``v_i``;
+2. each token's *energy* is its mean similarity to every token, passed through an ELU at a margin m:
+
+       E_i = (1/M) sum_j f_m(cos(v_i, v_j)),   f_m(x) = x - m if x >= m, alpha (exp(x - m) - 1) otherwise
+
+   (an ELU shifted to the margin, as the authors' release computes it). A token in a big cluster (background, a
+   uniform region) has many neighbours above the margin and a high energy; an isolated token (a small object,
+   an edge) has a low one: below the margin its similarities count for at most -alpha each;
+3. the 2k highest-energy tokens are the merge candidates, split alternately in energy order into sets A
+   (1st, 3rd, ...) and B (2nd, 4th, ...); the M - 2k lower-energy tokens are protected (never merged);
+4. every A token merges into its most cosine-similar B token: size-weighted averages, sizes add up
+   (proportional attention and size-weighted pooling follow, as for ToMe), provenance is the 0/1 source matrix.
+
+Defaults from the paper: alpha = 1 and a margin that falls with depth, ``m_l = 0.9 - 0.9 l / L`` for block l of
+L (strict in early blocks, where features are alike, lenient late); option ``margin`` sets the top value of that
+schedule (``m_l = margin (1 - l / L)``). The paper defines the energy on a graph of the tokens' features; we use
+ToMe's features, the keys averaged over heads.
+
+How many: as ``tome`` (its schedule is reused): option ``r`` merges r tokens in each block (at most half of
+those left); without ``r`` the keep ratio rho is the share left after the stage's last block, the removals
+spread evenly over its blocks (every block by default). The paper's own runs set a per-layer keep ratio
+instead (a geometric schedule that merges more in early blocks); at the same final rho it costs fewer GMACs.
+rho = 1 (or r = 0) changes nothing.
+
+Cost per image: the full similarity matrix ``M^2 d`` plus ``M d`` to normalize, ``M^2`` for the energies (the
+A-B similarities are read from the same matrix) and ``M C`` for the merge.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from patchslim.methods.base import OptionSpec, Reduction, SlimMethod, StageContext, register
+from patchslim.methods.tofu import check_keys, check_r, merge_groups
+from patchslim.methods.tome import merges_this_block
+from patchslim.tokens import TokenState, replace_patches, top_k_index
+
+DEFAULT_MARGIN = 0.9
+DEFAULT_ALPHA = 1.0
+
+
+def margin_at(block: int, depth: int, top: float = DEFAULT_MARGIN) -> float:
+    """PiToMe's margin for block ``block`` of ``depth``: ``top * (1 - block / depth)``."""
+    return top * (1.0 - block / max(depth, 1))
+
+
+def energy_scores(metric: torch.Tensor, margin: float,
+                  alpha: float = DEFAULT_ALPHA) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiToMe's energy of every token.
+
+    Args:
+        metric: ``[B, M, d]`` similarity features.
+        margin: m; similarities above it count linearly, below it through ``alpha (exp(x - m) - 1)``.
+        alpha: the ELU's scale below the margin.
+
+    Returns:
+        (energy ``[B, M]``, higher = in a larger cluster of similar tokens; cosine similarities ``[B, M, M]``).
+    """
+    unit = F.normalize(metric.float(), dim=-1)
+    similarity = unit @ unit.transpose(1, 2)
+    return F.elu(similarity - margin, alpha=alpha).mean(dim=-1), similarity
+
+
+def energy_matching(similarity: torch.Tensor, energy: torch.Tensor, k: int) -> torch.Tensor:
+    """Which token each token goes to: the 2k highest-energy tokens alternate into A and B in energy order, each
+    A token merges into its most similar B token, everything else stays.
+
+    Args:
+        similarity: ``[B, M, M]`` cosine similarities.
+        energy: ``[B, M]`` energy scores.
+        k: merges, ``0 <= k <= M // 2``.
+
+    Returns:
+        ``[B, M]`` int64 destination of every token (itself unless merged).
+    """
+    batch, m = energy.shape
+    device = energy.device
+    destination = torch.arange(m, device=device).unsqueeze(0).repeat(batch, 1)
+    if k == 0:
+        return destination
+    tie = torch.arange(m, device=device, dtype=torch.float64) * 1e-12  # ties: the lower position first
+    order = torch.sort(energy.double() - tie, dim=-1, descending=True).indices[:, : 2 * k]
+    a, b = order[:, 0::2], order[:, 1::2]  # [B, k] each
+    rows = similarity.gather(1, a.unsqueeze(-1).expand(-1, -1, m))  # [B, k, M]
+    best = rows.gather(2, b.unsqueeze(1).expand(-1, k, -1)).argmax(dim=-1)  # [B, k] within B
+    return destination.scatter_(1, a, b.gather(1, best))
+
+
+@register
+class PiToMe(SlimMethod):
+    name = "pitome"
+    summary = "ToMe's merging of the high-energy tokens (big clusters) only; isolated tokens are protected (PiToMe)."
+    explanation = (
+        "Merging similar tokens is safe for a large uniform region, where many tokens say the same thing, and "
+        "harmful for a small detail that happens to resemble one other token. PiToMe gives every token an "
+        "energy: how similar it is, on average, to all the others (similarities below a margin count as a "
+        "small penalty). Tokens in big clusters have high energy and are merged, pairwise, as in ToMe; the "
+        "low-energy, isolated ones are protected. The margin is strict in early blocks and relaxes with depth."
+    )
+    equation = (r"E_i = \frac{1}{M}\sum_j f_m\big(\cos(\mathbf{v}_i,\mathbf{v}_j)\big),\ "
+                r"f_m(x) = \begin{cases} x - m & x \ge m \\ \alpha(e^{x-m}-1) & x < m\end{cases};\ "
+                r"\text{merge the top-}2k\ E_i\text{ by bipartite matching},\ m_l = 0.9\,(1 - l/L)")
+    reference = "Tran et al., Accelerating Transformers with Spectrum-Preserving Token Merging (PiToMe), NeurIPS 2024"
+    point = "mid"
+    needs_keys = True
+    merges = True
+    input_dependent = True
+    spreads_keep_ratio = True
+    windowed = False
+    window_reason = ("its energy compares every token with every other and it merges tokens, which would then belong "
+                     "to no single window")
+    options = (
+        OptionSpec("r", "int", None,
+                   "tokens merged in each block (at most half of those left); unset: derived from the keep ratio",
+                   minimum=0),
+        OptionSpec("margin", "float", DEFAULT_MARGIN,
+                   "energy margin in block 0, falling linearly to 0 at the last block", minimum=-1.0, maximum=1.0),
+        OptionSpec("alpha", "float", DEFAULT_ALPHA, "ELU scale for similarities below the margin",
+                   minimum=0.0, maximum=10.0),
+    )
+
+    def default_blocks(self, depth: int) -> tuple[int, ...]:
+        """Every block, as ToMe."""
+        return tuple(range(depth))
+
+    def check(self, stage_options: dict, keep_ratio: float, model) -> None:
+        check_r(self.name, stage_options, model)
+
+    def reduce(self, state: TokenState, ctx: StageContext) -> Reduction:
+        keys = ctx.keys
+        check_keys(keys, state, ctx, self.name)
+        p, m = state.num_prefix, state.count
+        k = merges_this_block(ctx, m)
+        if k == 0:
+            return Reduction(state)
+        metric = keys.mean(dim=1)[:, p:]  # [B, M, d_head]
+        margin = margin_at(ctx.block, ctx.depth, float(ctx.options.get("margin", DEFAULT_MARGIN)))
+        energy, similarity = energy_scores(metric, margin, float(ctx.options.get("alpha", DEFAULT_ALPHA)))
+        destination = energy_matching(similarity, energy, k)
+        positions = torch.arange(m, device=destination.device)
+        survivors = top_k_index((destination == positions).float(), m - k)  # [B, M - k], ascending
+        batch = state.tokens.shape[0]
+        sizes = (state.sizes[:, p:].float() if state.sizes is not None
+                 else torch.ones(batch, m, device=state.tokens.device))
+        merged, new_sizes = merge_groups(state.patches, sizes, destination, survivors, "mean")
+        combination = (survivors.unsqueeze(-1) == destination.unsqueeze(1)).float()  # [B, M - k, M]
+        d_head, channels = metric.shape[-1], state.tokens.shape[-1]
+        macs = m * m * d_head + m * d_head + m * m + m * channels
+        return Reduction(replace_patches(state, merged, combination, new_sizes), scores=-energy,
+                         selection_macs=float(macs))

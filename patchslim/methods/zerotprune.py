@@ -1,0 +1,185 @@
+"""``zerotprune``: importance by weighted PageRank on the attention graph, then similarity-based pruning (Wang,
+Dedhia and Jha, CVPR 2024, "Zero-TPrune: Zero-Shot Token Pruning through Leveraging of the Attention Graph in
+Pre-Trained Transformers").
+
+Inside a block, between attention and MLP (``point="mid"``), k tokens are pruned in two stages:
+
+1. **I-stage (importance).** Each head's attention matrix is a weighted directed graph: query j sends the weight
+   ``A[j, i]`` to key i, and the rows sum to 1. The Weighted PageRank (WPR) lets importance flow along it,
+   starting uniform,
+
+       s^(0) = 1/T,    s^(t+1)_i = sum_j A[j, i] s^(t)_j     (s <- A^T s, a graph shift),
+
+   so a token is important when important tokens attend to it. ``A^T`` keeps the total at 1 and the iteration
+   converges to the stationary distribution of the Markov chain A (``pi A = pi``). The graph is all T tokens,
+   prefix included; the heads' scores are combined by the paper's Emphasizing-Informative-Region aggregation,
+   a root mean square, ``I_i = sqrt(mean_h s_{h,i}^2)``, which lets a head that singles out a region count more
+   than heads that spread their scores. Iterations per block follow the paper (30-50 in the first three layers of
+   a 12-layer model, 5-10 in the middle ones, 1 in the last three): 30 in the first ``max(1, depth // 4)``
+   blocks, 1 in the last as many, 5 in between (option ``iterations`` sets one count for every block). The
+   ``k_I = k - k_S`` least important tokens are pruned.
+2. **S-stage (similarity).** The remaining tokens are sorted by importance and split in two: the more important
+   half is the target group (kept), the other half the source group. Each source token's similarity is its
+   largest cosine similarity to a target token (keys averaged over heads, as ToMe's features); the ``k_S`` source
+   tokens most similar to a target are pruned, because a more important token already carries what they say.
+   When an object fills the image, the I-stage alone would have to cut into it; the S-stage cuts its repeats.
+
+Pruned tokens leave the provenance (plain patch ids, ``keep_tokens``); nothing is merged.
+
+Choices where the paper leaves one to us (or we could not read it offline): how a block's k removals split
+between the stages: option ``similarity_share`` (``k_S = round(share * k)``), default 0.5; ``0`` is importance
+alone (the paper's Zero-TP-a variant). The paper's Variance-based Head Filter (dropping heads whose score
+variance falls outside a range) is not applied: its thresholds are on a scale we could not pin down, and a
+fixed range would not transfer from DeiT's 196 tokens to other token counts.
+
+How many: the keep ratio rho is the share left after the stage's last block, ``R = M0 - round(rho M0)``
+removals spread as evenly as integers allow over the stage's blocks, every block by default (``tome``'s
+schedule, :func:`patchslim.methods.tome.merges_this_block`); option ``r`` removes r tokens at each block
+instead. A block removes at most half of its tokens. rho = 1 (or r = 0) changes nothing.
+
+Cost per image: ``iterations * H * T^2`` for the WPR (one matrix-vector product per head and iteration),
+``H M`` for the aggregation, ``M d`` to normalize the keys and ``|A| |B| d`` for the source-target
+similarities. The block's attention probabilities must be explicit (``[B, H, T, T]``), which costs time the
+fused kernel would save but no multiply-adds the analytic count does not already hold.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from patchslim.methods.attention import check_aligned
+from patchslim.methods.base import OptionSpec, Reduction, SlimMethod, StageContext, register
+from patchslim.methods.tofu import check_keys, check_r
+from patchslim.methods.tome import merges_this_block
+from patchslim.tokens import TokenState, keep_tokens, top_k_index
+
+DEFAULT_SIMILARITY_SHARE = 0.5
+
+
+def wpr_iterations(block: int, depth: int) -> int:
+    """The paper's iteration counts: 30 in the first quarter of the blocks, 1 in the last, 5 in between."""
+    edge = max(1, depth // 4)
+    if block < edge:
+        return 30
+    if block >= depth - edge:
+        return 1
+    return 5
+
+
+def weighted_pagerank(attention: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Zero-TPrune's Weighted PageRank on each head's attention graph.
+
+    Args:
+        attention: ``[..., T, T]`` row-stochastic attention probabilities (query rows, key columns).
+        iterations: how many times ``s <- A^T s`` is applied, from the uniform ``1/T``.
+
+    Returns:
+        ``[..., T]`` scores summing to 1 (they converge to the stationary distribution ``pi A = pi``).
+    """
+    tokens = attention.shape[-1]
+    probs = attention.float()
+    scores = torch.full((*attention.shape[:-2], 1, tokens), 1.0 / tokens, device=attention.device)
+    for _ in range(iterations):
+        scores = scores @ probs  # row vector times A: (A^T s)^T
+    return scores.squeeze(-2)
+
+
+def eir_aggregate(head_scores: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Emphasizing-Informative-Region aggregation over heads, root mean square: ``[B, H, T]`` -> ``[B, M]``."""
+    return head_scores[:, :, num_prefix:].pow(2).mean(dim=1).sqrt()
+
+
+def two_stage_keep(importance: torch.Tensor, metric: torch.Tensor, prune_importance: int,
+                   prune_similar: int) -> tuple[torch.Tensor, int]:
+    """Which tokens the I-stage and the S-stage leave.
+
+    Args:
+        importance: ``[B, M]`` WPR importance.
+        metric: ``[B, M, d]`` similarity features.
+        prune_importance: k_I, tokens removed as least important.
+        prune_similar: k_S, source tokens removed as most similar to a target, ``k_S <= (M - k_I) // 2``.
+
+    Returns:
+        (``[B, M - k_I - k_S]`` kept positions, ascending; the multiply-adds of the similarities).
+    """
+    batch, m = importance.shape
+    device = importance.device
+    tie = torch.arange(m, device=device, dtype=torch.float64) * 1e-12  # ties: the lower position first
+    order = torch.sort(importance.double() - tie, dim=-1, descending=True).indices
+    remaining = order[:, : m - prune_importance]  # by importance, most important first
+    if prune_similar == 0:
+        return remaining.sort(dim=1).values, 0
+    count = remaining.shape[1]
+    targets, sources = remaining[:, : count - count // 2], remaining[:, count - count // 2:]
+    unit = F.normalize(metric.float(), dim=-1)
+    channels = unit.shape[-1]
+    target_units = unit.gather(1, targets.unsqueeze(-1).expand(-1, -1, channels))
+    source_units = unit.gather(1, sources.unsqueeze(-1).expand(-1, -1, channels))
+    redundancy = (source_units @ target_units.transpose(1, 2)).amax(dim=-1)  # [B, |A|]
+    spared = top_k_index(-redundancy, sources.shape[1] - prune_similar)  # the least redundant sources
+    kept = torch.cat([targets, sources.gather(1, spared)], dim=1)
+    macs = targets.shape[1] * sources.shape[1] * channels + m * channels
+    return kept.sort(dim=1).values, macs
+
+
+@register
+class ZeroTPrune(SlimMethod):
+    name = "zerotprune"
+    summary = "PageRank on the attention graph: prune the least important tokens and the repeats of important ones."
+    explanation = (
+        "Attention is a graph: every token sends its attention to the tokens it looks at. Zero-TPrune runs "
+        "PageRank on it: a token is important if important tokens attend to it, computed by passing the scores "
+        "through the attention matrix a few times. The least important tokens are pruned. Then, among the "
+        "rest, the less important half is compared with the more important half, and the tokens that nearly "
+        "repeat an important one are pruned too, so that a large object is thinned out instead of cut."
+    )
+    equation = (r"\mathbf{s}^{(t+1)} = A^\top \mathbf{s}^{(t)},\ \mathbf{s}^{(0)} = \tfrac{1}{T}\mathbf{1};\quad "
+                r"I_i = \sqrt{\tfrac{1}{H}\textstyle\sum_h s_{h,i}^2};\quad \text{prune } \min I,\ \text{then } "
+                r"\max_{b \in \mathcal{B}} \cos(\mathbf{k}_a, \mathbf{k}_b),\ a \in \mathcal{A}")
+    reference = ("Wang, Dedhia, Jha, Zero-TPrune: Zero-Shot Token Pruning through Leveraging of the Attention Graph, "
+                 "CVPR 2024")
+    point = "mid"
+    needs_attention = True
+    needs_keys = True
+    input_dependent = True
+    spreads_keep_ratio = True
+    windowed = False
+    window_reason = ("its PageRank runs on the block's full attention graph, and a windowed model exposes only the "
+                     "attention each token receives in its window")
+    options = (
+        OptionSpec("r", "int", None,
+                   "tokens pruned at each block (at most half of those left); unset: derived from the keep ratio",
+                   minimum=0),
+        OptionSpec("iterations", "int", None,
+                   "PageRank iterations in every block; unset: 30 / 5 / 1 in the first / middle / last blocks",
+                   minimum=1, maximum=200),
+        OptionSpec("similarity_share", "float", DEFAULT_SIMILARITY_SHARE,
+                   "share of each block's removals decided by similarity (0: by importance alone)",
+                   minimum=0.0, maximum=1.0),
+    )
+
+    def default_blocks(self, depth: int) -> tuple[int, ...]:
+        """Every block."""
+        return tuple(range(depth))
+
+    def check(self, stage_options: dict, keep_ratio: float, model) -> None:
+        check_r(self.name, stage_options, model)
+
+    def reduce(self, state: TokenState, ctx: StageContext) -> Reduction:
+        attention, keys = ctx.attention, ctx.keys
+        check_aligned(attention, state, ctx, self.name)
+        check_keys(keys, state, ctx, self.name)
+        p, m = state.num_prefix, state.count
+        heads, tokens = attention.shape[1], attention.shape[-1]
+        iterations = ctx.options.get("iterations") or wpr_iterations(ctx.block, ctx.depth)
+        importance = eir_aggregate(weighted_pagerank(attention, int(iterations)), p)  # [B, M]
+        macs = iterations * heads * tokens * tokens + heads * m
+        k = merges_this_block(ctx, m)
+        if k == 0:
+            return Reduction(state, scores=importance, selection_macs=float(macs))
+        share = float(ctx.options.get("similarity_share", DEFAULT_SIMILARITY_SHARE))
+        prune_similar = int(share * k + 0.5)
+        metric = keys.mean(dim=1)[:, p:]  # [B, M, d_head]
+        kept, similarity_macs = two_stage_keep(importance, metric, k - prune_similar, prune_similar)
+        return Reduction(keep_tokens(state, kept), scores=importance, selection_macs=float(macs + similarity_macs))

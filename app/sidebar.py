@@ -152,9 +152,10 @@ def _stage_picker(spec) -> tuple[int, ...]:
     default = list(spec.default_stages)
     chosen = st.multiselect(
         "Slims stages", stages, default=default, key=f"stages::{spec.name}::{len(stages)}",
-        format_func=lambda s: compute.stage_label(spec, s),
-        help=f"The method keeps the same share of tokens in every window of every block of these stages; the "
-             f"others sit the block out and come back for the next. Default: {default} (where the GMACs are).",
+        format_func=lambda s: f"stage {s} ({'x'.join(map(str, spec.blocks[spec.stage_blocks(s)[0]].grid))})",
+        help="The method keeps the same share of tokens in every window of every block of these stages; the "
+             "others sit the block out and come back for the next. "
+             + "; ".join(compute.stage_label(spec, s) for s in stages) + f". Default: {default}.",
     )
     if not chosen:
         st.caption(f"No stage chosen: slimming the default stages {default}.")

@@ -105,6 +105,65 @@ def plan_for(method: str, keep_ratio: float, options: dict[str, Any] | None = No
     return patchslim.SlimPlan.from_options(method, keep_ratio, options, seed=0, attention_blocks="all")
 
 
+def applicable_methods(model: patchslim.LoadedModel) -> tuple[list[str], dict[str, str]]:
+    """The methods that apply to the model's architecture (registry order), and why each other one does not.
+
+    A windowed model (Swin) takes only the methods that act window by window (``method.windowed``); the reason a
+    method gives (``method.window_reason``) is what the engine would refuse its plan with.
+    """
+    usable, refused = [], {}
+    for name in patchslim.method_names():
+        slim = patchslim.get_method(name)
+        if model.spec.hierarchical and not slim.windowed:
+            refused[name] = slim.window_reason or "it does not act window by window"
+        else:
+            usable.append(name)
+    return usable, refused
+
+
+def refused_sentence(model: patchslim.LoadedModel, refused: dict[str, str]) -> str:
+    """One line naming the methods that do not apply to ``model`` and why ("" when all apply)."""
+    if not refused:
+        return ""
+    reasons = "; ".join(f"**{name}**: {reason}" for name, reason in refused.items())
+    return f"Not offered for {model.name} ({model.spec.kind}, attention in windows): {reasons}."
+
+
+def stage_label(spec, stage: int) -> str:
+    """``stage 2: 14x14 tokens, 4 windows of 7x7, blocks 4-9`` (a hierarchical model's stage, for pickers)."""
+    blocks = spec.stage_blocks(stage)
+    shape = spec.blocks[blocks[0]]
+    rows, cols = shape.grid
+    windows = shape.windows
+    span = f"block {blocks[0]}" if len(blocks) == 1 else f"blocks {blocks[0]}-{blocks[-1]}"
+    return (f"stage {stage}: {rows}x{cols} tokens, {windows} window{'s' if windows > 1 else ''} of "
+            f"{shape.window[0]}x{shape.window[1]}, {span}")
+
+
+def block_label(spec, block: int) -> str:
+    """How the Explore page's block picker names a point of the forward (``block == depth``: after the last)."""
+    if block == spec.depth:
+        return "after the last block"
+    if not spec.hierarchical:
+        return f"entering block {block}"
+    shape = spec.blocks[block]
+    shifted = ", shifted windows" if any(shape.shift) else ""
+    return f"block {block} (stage {shape.stage}, {shape.grid[0]}x{shape.grid[1]} tokens{shifted})"
+
+
+def default_overlay_block(spec) -> int:
+    """The block the Explore page's overlay opens on: after the last block for a ViT (what is left), the first
+    block of the default stages for a windowed model (whose tokens all come back by the end)."""
+    if spec.hierarchical and spec.default_stages:
+        return spec.stage_blocks(spec.default_stages[0])[0]
+    return spec.depth
+
+
+def slimmed_blocks(trace: patchslim.Trace) -> list[int]:
+    """The blocks where some stage of the plan acted, in order."""
+    return sorted({record.block for record in trace.stages})
+
+
 # The live latency readout times a forward more than once when that is cheap and keeps the fastest run. One
 # run of a small model is a few ms, and a single sample of it is mostly noise: when another thread or process
 # (the browser drawing the last rerun on the same cores, another session's forward) takes a core, PyTorch's
@@ -326,6 +385,26 @@ ATTENTION_VIEWS = {
 }
 
 
+WINDOW_ATTENTION_VIEWS = {
+    "Attention received in the window": AttentionView(
+        lambda trace, block: attention.window_attention(trace, block),
+        True,
+        "Attention received within the window: for each token of the chosen block, the mean attention the tokens "
+        "of its window paid it (over heads and queries; a window's values sum to 1), spread over the patches it "
+        "stands for. Hatched patches' tokens sat this block out.",
+    ),
+}
+
+
+def attention_views(model: patchslim.LoadedModel) -> tuple[dict[str, AttentionView], str | None]:
+    """The attention pictures ``model`` can give, and why CLS attention and rollout are not among them (None when
+    they are: a model with a class token)."""
+    refusal = attention.class_token_refusal(model.spec)
+    if refusal is None:
+        return ATTENTION_VIEWS, None
+    return (WINDOW_ATTENTION_VIEWS if model.spec.hierarchical else {}), refusal
+
+
 @dataclass(frozen=True)
 class AttentionPair:
     """The unslimmed and the slimmed attention picture on one colour scale, and the caption."""
@@ -338,7 +417,7 @@ class AttentionPair:
 def attention_pair(model: patchslim.LoadedModel, pixels: torch.Tensor, before: patchslim.Trace,
                    after: patchslim.Trace, kind: str, block: int) -> AttentionPair:
     """Attention map (or rollout) of the unslimmed and the slimmed forward, drawn on one colour scale."""
-    view = ATTENTION_VIEWS[kind]
+    view = {**ATTENTION_VIEWS, **WINDOW_ATTENTION_VIEWS}[kind]
     grids = [view.grid(trace, block) for trace in (before, after)]
     lo = min(float(np.nanmin(g)) for g in grids)
     hi = max(float(np.nanmax(g)) for g in grids)
@@ -387,7 +466,8 @@ class MethodCard:
 
 def method_cards(results: list[MethodResult], base: Timed, pixels: torch.Tensor,
                  model: patchslim.LoadedModel) -> list[MethodCard]:
-    """One card per method (overlay drawn from ``pixels``, the model's input tensor of the image)."""
+    """One card per method (overlay drawn from ``pixels``, the model's input tensor of the image: after the last
+    block for a ViT, the last block slimming acted in for a windowed model)."""
     base_label, _ = base.trace.top_k(1)[0]
     cards = []
     for result in results:
@@ -397,7 +477,8 @@ def method_cards(results: list[MethodResult], base: Timed, pixels: torch.Tensor,
         trace = result.timed.trace
         label, probability = trace.top_k(1)[0]
         comparison = flops.compare_macs(trace, base.trace)
-        cards.append(MethodCard(result.method, overlay=vis.patch_overlay(pixels, model, trace, legend=True),
+        block = (slimmed_blocks(trace) or [None])[-1] if model.spec.hierarchical else None  # Swin: its last slimmed block
+        cards.append(MethodCard(result.method, overlay=vis.patch_overlay(pixels, model, trace, block, legend=True),
                                 label=label, probability=probability, flipped=label != base_label,
                                 keep_ratio=trace.plan.stages[0].keep_ratio, keep_ratio_reached=trace.keep_ratio,
                                 gmacs=comparison.gmacs, gmacs_reduction=comparison.reduction))

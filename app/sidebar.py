@@ -17,7 +17,7 @@ from patchslim.device import available_devices
 from patchslim.errors import PatchslimError
 from patchslim.methods import OptionSpec
 
-from app import model_sources, state
+from app import compute, model_sources, state
 from app.panels import panel
 
 FRIENDLY = {
@@ -26,7 +26,9 @@ FRIENDLY = {
     "deit_base_patch16_224": "DeiT-B (ImageNet)",
     "vit_base_patch16_224": "ViT-B/16 (ImageNet)",
     "deit_small_distilled_patch16_224": "DeiT-S distilled (ImageNet)",
+    "swin_tiny_patch4_window7_224": "Swin-T (ImageNet)",
     bundled.BUNDLED_NAME: "fashion-vit (bundled, Fashion-MNIST)",
+    bundled.SWIN_NAME: "fashion-swin (bundled Swin, Fashion-MNIST)",
 }
 TYPED_SOURCE = "Another model: type its source…"
 
@@ -67,7 +69,7 @@ def draw() -> Settings:
                 help="A timm model folder inside the models folder the server's operator configured "
                      f"({model_sources.MODELS_DIR_ENV}), or a Hugging Face Hub model if the operator allows "
                      f"downloads ({model_sources.ALLOW_HUB_ENV}=1).")
-        if name != bundled.BUNDLED_NAME and name in state.model_names():  # sources bring their own weights
+        if not bundled.is_bundled(name) and name in state.model_names():  # sources bring their own weights
             st.radio("Weights", [state.PRETRAINED, state.RANDOM_WEIGHTS], key="weights_mode",
                      help="Random weights give meaningless predictions but true timings and GMACs.")
         devices = ["auto"] + [d for d in available_devices()]
@@ -94,39 +96,71 @@ def draw() -> Settings:
                        f"{' · random weights' if choice.random_weights else ''}")
 
         st.header("Slimming")
-        methods = patchslim.method_names()
-        if st.session_state.get("method") not in methods:
-            st.session_state["method"] = methods[0]
+        methods, refused = (compute.applicable_methods(choice.model) if choice is not None
+                            else (patchslim.method_names(), {}))
+        previous = st.session_state.get("method")
+        if previous not in methods:
+            st.session_state["method"] = state.DEFAULT_METHOD if state.DEFAULT_METHOD in methods else methods[0]
         method = st.selectbox("Method", methods, key="method")
+        if previous in refused:
+            st.caption(f"**{previous}** does not apply to {choice.model.name}: {refused[previous]}. "
+                       f"Showing **{method}**.")
         slim = patchslim.get_method(method)
         st.caption(slim.summary)
+        if refused:
+            with st.expander(f"{len(refused)} methods do not apply to {choice.model.spec.kind}"):
+                for name, reason in refused.items():
+                    st.markdown(f"- **{name}**: {reason}")
         keep_ratio = st.slider("Keep ratio ρ = N′/N", min_value=0.05, max_value=1.0, step=0.05, key="keep_ratio",
                                help="The share of patch tokens each slimming step keeps.")
         options = {}
         if choice is not None:
-            options = _option_widgets(slim, choice.model.spec.depth)
+            options = _option_widgets(slim, choice.model.spec)
 
     settings = Settings(choice, method, float(keep_ratio), options, error)
     st.session_state["settings"] = settings
     return settings
 
 
-def _option_widgets(slim: patchslim.methods.SlimMethod, depth: int) -> dict:
-    """One widget per option of the method, plus where it acts; returns the options that are set."""
+def _option_widgets(slim: patchslim.methods.SlimMethod, model_spec) -> dict:
+    """One widget per option of the method, plus where it acts (blocks of a ViT, stages of a windowed model);
+    returns the options that are set."""
     options: dict = {}
-    with st.expander("Method options", expanded=bool(slim.options)):
-        default_blocks = list(slim.default_blocks(depth))
-        blocks = st.multiselect(
-            "Acts at blocks", list(range(depth)), default=default_blocks, key=f"blocks::{slim.name}::{depth}",
-            help=f"0 is the input; the model has blocks 0..{depth - 1}. Default: {default_blocks}.",
-        )
-        if blocks and sorted(blocks) != default_blocks:
-            options["blocks"] = tuple(sorted(blocks))
+    depth = model_spec.depth
+    with st.expander("Method options", expanded=bool(slim.options) or model_spec.hierarchical):
+        if model_spec.hierarchical:
+            options["stages"] = _stage_picker(model_spec)
+        else:
+            default_blocks = list(slim.default_blocks(depth))
+            blocks = st.multiselect(
+                "Acts at blocks", list(range(depth)), default=default_blocks, key=f"blocks::{slim.name}::{depth}",
+                help=f"0 is the input; the model has blocks 0..{depth - 1}. Default: {default_blocks}.",
+            )
+            if blocks and sorted(blocks) != default_blocks:
+                options["blocks"] = tuple(sorted(blocks))
         for spec in slim.options:
             value = _option_widget(spec, slim.name, depth)
             if value is not None:
                 options[spec.name] = value
     return options
+
+
+def _stage_picker(spec) -> tuple[int, ...]:
+    """Which stages of a windowed model (Swin) to slim: the method acts in every block of each, window by window.
+    Nothing chosen means the model's default stages (said below the picker)."""
+    stages = sorted({b.stage for b in spec.blocks})
+    default = list(spec.default_stages)
+    chosen = st.multiselect(
+        "Slims stages", stages, default=default, key=f"stages::{spec.name}::{len(stages)}",
+        format_func=lambda s: f"stage {s} ({'x'.join(map(str, spec.blocks[spec.stage_blocks(s)[0]].grid))})",
+        help="The method keeps the same share of tokens in every window of every block of these stages; the "
+             "others sit the block out and come back for the next. "
+             + "; ".join(compute.stage_label(spec, s) for s in stages) + f". Default: {default}.",
+    )
+    if not chosen:
+        st.caption(f"No stage chosen: slimming the default stages {default}.")
+        return tuple(default)
+    return tuple(sorted(chosen))
 
 
 def _option_widget(spec: OptionSpec, method: str, depth: int):
@@ -138,6 +172,9 @@ def _option_widget(spec: OptionSpec, method: str, depth: int):
         return st.checkbox(label, value=bool(spec.default), key=key, help=help_text)
     if spec.kind == "str":
         if spec.choices:
+            if spec.default is None:  # the method picks by the model (attention: cls, or received without a CLS)
+                return st.selectbox(label, (None, *spec.choices), key=key, help=help_text,
+                                    format_func=lambda c: "method decides" if c is None else c)
             index = spec.choices.index(spec.default) if spec.default in spec.choices else 0
             return st.selectbox(label, spec.choices, index=index, key=key, help=help_text)
         value = st.text_input(label, value=spec.default or "", key=key, help=help_text)

@@ -117,7 +117,8 @@ def _load(name: str, device: str, precision: str, random_weights: bool,
 
 
 def choose_model(name: str, weights_mode: str, device: str, precision: str) -> ModelChoice:
-    """Loads the model the sidebar asks for, falling back to the bundled model when weights are missing.
+    """Loads the model the sidebar asks for, falling back to the bundled model when weights are missing (a bundled
+    model whose checkpoint is missing runs with random weights and a notice).
 
     Never waits on the network: :func:`patchslim.models.weights_status` answers from the local cache and a
     one-second reachability check that is remembered for the process. A ``local-dir:`` or ``hf-hub:`` name is
@@ -132,14 +133,15 @@ def choose_model(name: str, weights_mode: str, device: str, precision: str) -> M
     source = model_sources.check(name, policy, model_names())
     if model_sources.source_of(source) is not None:
         return _source_model(name, source, policy, device, precision)
-    random_weights = weights_mode == RANDOM_WEIGHTS and name != bundled.BUNDLED_NAME
+    random_weights = weights_mode == RANDOM_WEIGHTS and not bundled.is_bundled(name)
     notice = ""
-    if name == bundled.BUNDLED_NAME:
-        if not bundled.CHECKPOINT_PATH.exists():
+    if bundled.is_bundled(name):
+        checkpoint = bundled.checkpoint_path(name)
+        if not checkpoint.exists():
             random_weights = True
-            notice = (f"The bundled checkpoint is missing from {bundled.CHECKPOINT_PATH.parent.name}/ "
-                      "(`python -m patchslim.train_bundled` recreates it): running random weights, so "
-                      "predictions mean nothing.")
+            notice = (f"The checkpoint of {name} is missing from {checkpoint.parent.name}/ "
+                      f"(`python -m patchslim.train_bundled --model {name}` recreates it): running random weights, "
+                      "so predictions mean nothing.")
     elif not random_weights:
         ok, _ = weights_available(name)
         if not ok:
@@ -218,7 +220,7 @@ def local_model_choices() -> list[str]:
 
 @st.cache_resource(max_entries=2, show_spinner=False)
 def gallery(bundled_model: bool) -> list[compute.GalleryItem]:
-    """The gallery for the bundled model (canvas samples) or for ImageNet models (CC0 photos)."""
+    """The gallery for the bundled models (canvas samples) or for ImageNet models (CC0 photos)."""
     return compute.bundled_gallery() if bundled_model else compute.photo_gallery()
 
 

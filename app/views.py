@@ -24,8 +24,9 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms"
 
 
-def readout_row(r: compute.Costs, device: str) -> None:
-    """GMACs, latency, memory, rho reached and tokens, each before -> after (``device``: where it ran)."""
+def readout_row(r: compute.Costs, device: str, windowed: bool = False) -> None:
+    """GMACs, latency, memory, rho reached and tokens, each before -> after (``device``: where it ran;
+    ``windowed``: a Swin, whose tokens all come back after the blocks they sat out)."""
     cols = st.columns(5)
     cols[0].metric("GMACs per image", f"{r.gmacs_after:.3g}",
                    delta=f"{-r.gmacs_reduction:+.0%} (from {r.gmacs_before:.3g})", delta_color="inverse",
@@ -45,10 +46,13 @@ def readout_row(r: compute.Costs, device: str) -> None:
                         "without the attention maps kept for display; bytes per element from the model's "
                         "precision (fp32: 4, bf16 / fp16: 2).")
     cols[3].metric("ρ reached", f"{r.keep_ratio_reached:.2f}", border=True,
-                   help="Patch tokens left after the last block / patches of the image (N′/N).")
+                   help="The smallest share of its tokens a block ran on: the share kept in the slimmed blocks "
+                        "(a Swin's other tokens sit the block out and come back for the next)." if windowed else
+                        "Patch tokens left after the last block / patches of the image (N′/N).")
     cols[4].metric("Tokens in last block", f"{r.tokens_after[-1]}", delta=f"of {r.tokens_before[-1]}",
                    delta_color="off", delta_arrow="off", border=True,
-                   help="Tokens (CLS included) the last block ran on; the chart below shows every block.")
+                   help=("Tokens" if windowed else "Tokens (CLS included)") + " the last block ran on; the chart "
+                        "below shows every block.")
 
 
 def picture(image: Image.Image, caption: str | None = None) -> None:
@@ -78,7 +82,8 @@ def prediction_change(r: compute.Prediction, true_label: str | None) -> None:
     st.caption("➜ marks the unslimmed model's top-1 class in both lists.")
 
 
-def tokens_chart(tokens_before: list[int], tokens_after: list[int]) -> None:
+def tokens_chart(tokens_before: list[int], tokens_after: list[int],
+                 title: str = "Tokens per block (CLS included)") -> None:
     """Tokens per block, unslimmed vs slimmed."""
     import plotly.graph_objects as go
 
@@ -90,19 +95,27 @@ def tokens_chart(tokens_before: list[int], tokens_after: list[int]) -> None:
                    line=dict(color="#888888", dash="dash")),
               dict(type="bar", x=blocks, y=tokens_after, name="slimmed", marker_color="#1f77b4")],
         layout=dict(height=260, margin=dict(l=10, r=10, t=40, b=10), font=FONT,
-                    title=dict(text="Tokens per block (CLS included)", font=FONT),
+                    title=dict(text=title, font=FONT),
                     xaxis=dict(title="block", dtick=1), yaxis=dict(title="tokens", rangemode="tozero"),
                     legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1)))
     st.plotly_chart(fig, width="stretch", config={"displayModeBar": False})
 
 
-def attention_controls(kinds: dict[str, bool], depth: int, key: str) -> tuple[str, int]:
-    """Which attention picture and which block; ``kinds``: name -> whether it depends on the block."""
+def attention_controls(kinds: dict[str, bool], depth: int, key: str, default_block: int | None = None,
+                       scope: str = "") -> tuple[str, int]:
+    """Which attention picture and which block; ``kinds``: name -> whether it depends on the block.
+
+    ``default_block``: where the block slider starts (None: the last block); ``scope`` tells apart models of the
+    same depth whose pictures differ (a ViT's and a Swin's), so each keeps its own block choice.
+    """
     kind_col, block_col = st.columns([2, 3])
-    kind = kind_col.radio("Show", list(kinds), horizontal=True, key=f"{key}_attention_kind")
-    st.session_state.setdefault(f"{key}_attention_block::{depth}", depth - 1)  # default: the last block
-    block = block_col.slider("Block", 0, depth - 1, key=f"{key}_attention_block::{depth}",
-                             disabled=not kinds[kind])
+    kind_key = f"{key}_attention_kind"
+    if st.session_state.get(kind_key) not in kinds:  # a choice made for another model's pictures
+        st.session_state[kind_key] = next(iter(kinds))
+    kind = kind_col.radio("Show", list(kinds), horizontal=True, key=kind_key)
+    block_key = f"{key}_attention_block::{scope}{depth}"
+    st.session_state.setdefault(block_key, depth - 1 if default_block is None else default_block)
+    block = block_col.slider("Block", 0, depth - 1, key=block_key, disabled=not kinds[kind])
     return kind, block
 
 

@@ -24,7 +24,7 @@ class PickedImage:
         name: what to call it.
         image: upright RGB or L image, any size.
         key: content hash (cache key).
-        label: the true label when known (gallery images of the bundled model), else None.
+        label: the true label when known (gallery images of the bundled models), else None.
         credit: where it comes from.
     """
 
@@ -51,7 +51,7 @@ def _take_upload(uploaded) -> None:
 
 def image_picker(model: patchslim.LoadedModel) -> PickedImage | None:
     """Gallery or upload, in one row; returns the chosen image or None (after showing why)."""
-    is_bundled = model.name == bundled.BUNDLED_NAME
+    is_bundled = bundled.is_bundled(model.name)
     items = state.gallery(is_bundled)
     source_col, pick_col = st.columns([1, 3], vertical_alignment="bottom")
     source = source_col.radio("Image", ["Gallery", "Upload"], key="image_source", horizontal=True)

@@ -32,6 +32,12 @@ class PlanError(PatchslimError, ValueError):
     """A slimming plan or one of its options is invalid."""
 
 
+class ExplanationError(PatchslimError, ValueError):
+    """An explanation or a faithfulness score that cannot be computed as asked: a parameter out of range (steps,
+    mode, map kind), a map the model cannot produce (no class token to read attention from), or a way of removing
+    patches the architecture does not support. The message names the parameter and the reason."""
+
+
 class ImageError(PatchslimError, ValueError):
     """An image cannot be read or is refused (empty, truncated, too large, unknown format)."""
 

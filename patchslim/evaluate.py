@@ -60,7 +60,9 @@ def parse_variants(methods: str | Sequence[str], options: dict[str, str] | None 
     """``"random,entropy@1,attention@3+6+9"`` plus options into variants.
 
     ``method@B`` sets where the method acts (several blocks joined by ``+`` or ``;``). An option ``KEY=VALUE``
-    applies to every listed method that has an option KEY; ``METHOD.KEY=VALUE`` to that method only.
+    applies to every listed method that has an option KEY; ``METHOD.KEY=VALUE`` to that method only. ``stages``
+    (``stages=2,3``, or ``METHOD.stages=...``) is a placement every method takes: the stages of a hierarchical
+    model (Swin) it slims, in every block of each.
 
     Raises:
         UnknownMethodError: a method that is not registered (listing those that are).
@@ -83,7 +85,7 @@ def parse_variants(methods: str | Sequence[str], options: dict[str, str] | None 
                 raise PlanError(f"{label!r}: blocks after '@' must be block indices joined by '+'") from None
             if not blocks:
                 raise PlanError(f"{label!r}: no block after '@'")
-        own = {spec.name for spec in slim.options}
+        own = {spec.name for spec in slim.options} | {"stages"}
         chosen = {}
         for key, value in options.items():
             scope, dot, name = key.rpartition(".")
@@ -93,6 +95,8 @@ def parse_variants(methods: str | Sequence[str], options: dict[str, str] | None 
             elif not dot and key in own:
                 chosen[key] = value
                 used.add(key)
+        if "stages" in chosen:
+            chosen["stages"] = _stage_indices(chosen["stages"], label)
         variants.append(Variant(label, method, blocks, chosen))
     unused = sorted(set(options) - used)
     if unused:
@@ -100,6 +104,17 @@ def parse_variants(methods: str | Sequence[str], options: dict[str, str] | None 
     if len({v.label for v in variants}) != len(variants):
         raise PlanError("--methods lists a method twice")
     return variants
+
+
+def _stage_indices(value, label: str) -> tuple[int, ...]:
+    """``"2,3"`` (or ``2;3``, a number, a sequence) -> ``(2, 3)``; the plan checks them against the model."""
+    if isinstance(value, (int, tuple, list)):
+        return (value,) if isinstance(value, int) else tuple(value)
+    try:
+        return tuple(int(s) for s in re.split(r"[,;+]", str(value)) if s.strip())
+    except ValueError:
+        raise PlanError(f"{label!r}: stages must be stage indices separated by commas (stages=2,3), "
+                        f"got {value!r}") from None
 
 
 def parse_keep_ratios(text: str | Sequence[float]) -> list[float]:
@@ -134,7 +149,7 @@ class AccuracyRow:
     Attributes:
         method: the variant's label (``entropy@1``).
         base_method: the registered method.
-        blocks: where it acted (``"default"`` or ``"1"``, ``"3+6+9"``).
+        blocks: where it acted (``"default"`` or ``"1"``, ``"3+6+9"``; ``"stages 2+3"`` for a Swin's stages).
         keep_ratio: rho requested.
         keep_ratio_reached: non-prefix tokens after the last block / N, averaged over images.
         mean_keep_ratio: non-prefix tokens averaged over all blocks / N (what the compute follows).
@@ -404,7 +419,9 @@ def evaluate(model: Any, data: LabelledImages, variants: Sequence[Variant], keep
         s = stats[i]
         rows.append(AccuracyRow(
             method=variant.label, base_method=variant.method,
-            blocks="default" if variant.blocks is None else "+".join(str(b) for b in variant.blocks),
+            blocks=("+".join(str(b) for b in variant.blocks) if variant.blocks is not None else
+                    "stages " + "+".join(str(b) for b in variant.options["stages"]) if "stages" in variant.options
+                    else "default"),
             keep_ratio=ratio, keep_ratio_reached=s["reached"] / n, mean_keep_ratio=s["mean_ratio"] / n,
             top1=s["correct"] / n, agreement=s["agree"] / n, n=n, correct=s["correct"], agree=s["agree"],
             gmacs=s["gmacs"] / n if gmacs_of is not None else float("nan"),

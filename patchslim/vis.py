@@ -51,6 +51,7 @@ GROUP_COLOURS: tuple[tuple[int, int, int], ...] = (
 )
 DROPPED_DIM = 0.22  # dropped patches keep this share of their brightness
 HATCH_COLOUR = (150, 150, 150)
+WINDOW_COLOUR = (255, 196, 0)  # window borders of a windowed model (Swin): amber, visible on dark and grey
 KEPT, MERGED, DROPPED, LOWRANK = 0, 1, 2, 3
 STATUS_NAMES = {KEPT: "kept", MERGED: "merged", DROPPED: "dropped", LOWRANK: "low-rank"}
 
@@ -339,7 +340,8 @@ def patch_overlay(image: Any, model: Any, trace: Any, block: int | None = None, 
 
     Merged groups (a token standing for several patches: ToMe, EViT's fused token) get distinct colours
     (neighbouring groups differ) and an outline. Low-rank tokens (projections) are shown as loading
-    intensity: how much the tokens stand for each patch, with a colour bar.
+    intensity: how much the tokens stand for each patch, with a colour bar. A hierarchical model (Swin) is drawn
+    by :func:`window_overlay`: the block's own token grid and its windows.
 
     Args:
         image: a PIL image (put through the model's transform) or the model's input tensor
@@ -356,6 +358,8 @@ def patch_overlay(image: Any, model: Any, trace: Any, block: int | None = None, 
         An RGB image. Without ``legend`` it is exactly the enlarged image area
         (``grid_cols * cell`` by ``grid_rows * cell`` pixels, ``cell`` a whole number of pixels per patch).
     """
+    if getattr(model.spec, "hierarchical", False):  # Swin: tokens are cells of the block's own grid, in windows
+        return window_overlay(image, model, trace, block, index, legend=legend, title=title, min_side=min_side)
     rows, cols = model.spec.grid_size
     if isinstance(image, torch.Tensor) and image.dim() == 4:
         image = image[index]
@@ -411,7 +415,8 @@ def overlay_legend(kinds: tuple[str, ...] = ("kept", "dropped", "merged"), width
     sw = font_size + 10
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     labels = {"kept": "kept (own token)", "dropped": "dropped",
-              "merged": "merged (one colour per token)", "low-rank": "low-rank loading"}
+              "merged": "merged (one colour per token)", "low-rank": "low-rank loading",
+              "ran": "ran the block", "sat out": "sat it out (carried through)", "window": "window border"}
     entries = [(k, labels.get(k, k)) for k in kinds]
     # lay entries out left to right, wrapping to new lines
     positions, x, y = [], 8, 8
@@ -427,9 +432,11 @@ def overlay_legend(kinds: tuple[str, ...] = ("kept", "dropped", "merged"), width
     grey = (170, 170, 170)
     for kind, text, x, y in positions:
         box = (x, y, x + sw, y + sw)
-        if kind == "kept":
+        if kind in ("kept", "ran"):
             draw.rectangle(box, fill=(235, 235, 235), outline=(60, 60, 60), width=2)
-        elif kind == "dropped":
+        elif kind == "window":
+            draw.rectangle(box, fill=(235, 235, 235), outline=WINDOW_COLOUR, width=4)
+        elif kind in ("dropped", "sat out"):
             draw.rectangle(box, fill=(45, 45, 45))
             _hatch(draw, box, step=max(4, sw // 3), width=2)
             draw.rectangle(box, outline=(60, 60, 60), width=2)
@@ -446,6 +453,201 @@ def overlay_legend(kinds: tuple[str, ...] = ("kept", "dropped", "merged"), width
         draw.text((box[2] + 8, y + (sw - _text_size(draw, "Ag", font)[1]) // 2 - 2), text, fill=(20, 20, 20),
                   font=font)
     return strip
+
+
+# --------------------------------------------------------------------------- windows (Swin)
+
+def window_ids(grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """``[rows, cols]`` int: the window each token of a block's grid attends in.
+
+    Windows are numbered as timm partitions them: the grid is rolled by ``-shift`` (a shifted block), then cut
+    into ``window`` tiles in raster order. In a shifted partition the windows on the last row and column of
+    tiles wrap around the grid's edges, so one window appears in up to four pieces.
+
+    Raises:
+        ValueError: a window that does not tile the grid.
+    """
+    rows, cols = grid
+    wr, wc = window
+    if wr <= 0 or wc <= 0 or rows % wr or cols % wc:
+        raise ValueError(f"window {wr}x{wc} does not tile the token grid {rows}x{cols}")
+    r = (np.arange(rows) - shift[0]) % rows // wr
+    c = (np.arange(cols) - shift[1]) % cols // wc
+    return r[:, None] * (cols // wc) + c[None, :]
+
+
+def window_edges(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where window borders run between neighbouring tokens of a ``[rows, cols]`` window-id grid.
+
+    Returns:
+        ``horizontal`` ``[rows - 1, cols]`` bool, True where token ``(r, c)`` and ``(r + 1, c)`` are in different
+        windows; ``vertical`` ``[rows, cols - 1]`` bool, the same between ``(r, c)`` and ``(r, c + 1)``.
+    """
+    ids = np.asarray(ids)
+    return ids[1:, :] != ids[:-1, :], ids[:, 1:] != ids[:, :-1]
+
+
+@dataclass(frozen=True)
+class WindowStatus:
+    """What became of every token of one block of a windowed model (Swin), on that block's own grid.
+
+    Attributes:
+        block: the block (None: after the last block, on the last block's grid).
+        stage: its stage.
+        grid: (rows, cols) of its tokens; each token stands for ``cell x cell`` patches.
+        cell: patches per token side (1, then 2, 4, ... after each patch merging).
+        window, shift: its window size and the shift of its partition.
+        status: ``[rows, cols]`` int: 0 (``KEPT``) the token ran the block, 1 (``MERGED``) it shared a token with
+            others, 2 (``DROPPED``) it sat the block out (its value was carried through unchanged).
+        windows: ``[rows, cols]`` the window of each token (:func:`window_ids`).
+    """
+
+    block: int | None
+    stage: int
+    grid: tuple[int, int]
+    cell: int
+    window: tuple[int, int]
+    shift: tuple[int, int]
+    status: np.ndarray
+    windows: np.ndarray
+
+    @property
+    def num_windows(self) -> int:
+        return int(self.windows.max()) + 1
+
+    @property
+    def window_tokens(self) -> int:
+        return self.window[0] * self.window[1]
+
+    @property
+    def ran_per_window(self) -> np.ndarray:
+        """``[W]`` tokens of each window that ran the block (kept or merged)."""
+        ran = (self.status != DROPPED).ravel()
+        return np.bincount(self.windows.ravel(), weights=ran, minlength=self.num_windows).astype(np.int64)
+
+    def summary(self) -> str:
+        ran = self.ran_per_window
+        n = self.window_tokens
+        lo, hi = int(ran.min()), int(ran.max())
+        per = f"{lo} of {n}" if lo == hi else f"{lo}-{hi} of {n}"
+        merged = int((self.status == MERGED).sum())
+        where = "" if self.num_windows == 1 else (" in every window" if lo == hi else " in each window")
+        text = f"{per} tokens ran the block{where}"
+        return text + (f" ({merged} merged)" if merged else "")
+
+    def heading(self) -> str:
+        """A title line: where, the grid, the windows, and what ran."""
+        rows, cols = self.grid
+        where = "after the last block" if self.block is None else f"block {self.block}"
+        shifted = f", shifted by {self.shift[0]}" if any(self.shift) else ""
+        return (f"{where} (stage {self.stage}): {rows}x{cols} tokens of {self.cell}x{self.cell} patches, "
+                f"{self.num_windows} window{'s' if self.num_windows > 1 else ''} of {self.window[0]}x{self.window[1]}"
+                f"{shifted}; {self.summary()}")
+
+
+def window_status(trace: Any, block: int | None = None, index: int = 0) -> WindowStatus:
+    """Which tokens of block ``block``'s own grid ran it, for image ``index`` of a Trace of a windowed model.
+
+    Reads the provenance of the tokens that ran the block (``trace.blocks[block].provenance``: ids of the block's
+    coarse grid, or merge weights over patches); None reads the tokens after the last block on its grid.
+
+    Raises:
+        ValueError: the Trace is not of a hierarchical model.
+    """
+    spec = trace.spec
+    if not getattr(spec, "hierarchical", False):
+        raise ValueError(f"{spec.name} is not a windowed model; use patch_status")
+    shape = spec.blocks[-1 if block is None else block]
+    rows, cols = shape.grid
+    prov = trace.provenance_at(block)
+    status = np.full(rows * cols, DROPPED, dtype=np.int64)
+    if prov.ids is not None and prov.cell == shape.cell:
+        status[prov.ids[index].detach().cpu().numpy()] = KEPT
+    else:  # merge weights over patches (or ids at another cell size): sum them over each token's cell of patches
+        weights = prov.dense()[index].detach().abs().double().cpu().numpy()  # [M, N]
+        prow, pcol = spec.grid_size
+        c = shape.cell
+        per_cell = weights.reshape(-1, rows, c, cols, c).sum(axis=(2, 4)).reshape(weights.shape[0], -1) > 1e-8
+        covered = per_cell.sum(0)
+        size = per_cell.sum(1)
+        group = per_cell.argmax(0)
+        status = np.where(covered == 0, DROPPED, np.where(size[group] > 1, MERGED, KEPT))
+    return WindowStatus(block, shape.stage, (rows, cols), shape.cell, shape.window, shape.shift,
+                        status.reshape(rows, cols), window_ids((rows, cols), shape.window, shape.shift))
+
+
+def window_overlay(image: Any, model: Any, trace: Any, block: int | None = None, index: int = 0, *,
+                   legend: bool = True, title: str | None = None, min_side: int = DISPLAY_SIDE) -> Image.Image:
+    """A windowed model's block (Swin): its own token grid over the image, window borders, and which tokens ran it.
+
+    Each token of the block's grid is one cell (``cell x cell`` patches: the grid shrinks at every patch merging);
+    tokens that sat the block out are darkened and hatched, merged ones tinted; thin lines separate the tokens,
+    thick amber lines the windows (a shifted partition's windows wrap around the edges: each piece carries its
+    window's number when there is room).
+
+    Args:
+        image, model, trace, index, legend, title, min_side: as in :func:`patch_overlay`.
+        block: the block to draw (None: the tokens after the last block, on its grid).
+
+    Returns:
+        An RGB image; without ``legend`` exactly the enlarged image area (``cols * px`` by ``rows * px`` pixels,
+        ``px`` a whole number of pixels per token of the block's grid).
+    """
+    if isinstance(image, torch.Tensor) and image.dim() == 4:
+        image = image[index]
+    status = window_status(trace, block, index)
+    rows, cols = status.grid
+    base, px = _display(model_view(image, model), rows, cols, min_side)
+    array = np.asarray(base).copy()
+    sat_out = status.status == DROPPED
+    merged = status.status == MERGED
+    _dim_and_hatch(array, _cell_mask(sat_out, px), px)
+    if merged.any():
+        m = _cell_mask(merged, px)
+        array[m] = (array[m].astype(np.float32) * 0.5 + np.float32(GROUP_COLOURS[0]) * 0.5).astype(np.uint8)
+    out = Image.fromarray(array, "RGB").convert("RGBA")
+    layer = Image.new("RGBA", out.size, (0, 0, 0, 0))
+    _grid_lines(ImageDraw.Draw(layer), rows, cols, px, colour=(255, 255, 255, 70))
+    out = Image.alpha_composite(out, layer).convert("RGB")
+    _draw_window_borders(out, status.windows, px)
+    _label_windows(out, status.windows, px)
+    if not legend:
+        return out
+    kinds = ("ran", "sat out", "window") + (("merged",) if merged.any() else ())
+    return _stack([_title_bar(title if title is not None else status.heading(), out.width), out,
+                   overlay_legend(kinds, width=out.width)])
+
+
+def _draw_window_borders(picture: Image.Image, ids: np.ndarray, px: int) -> None:
+    """Thick lines between tokens of different windows, and around the grid."""
+    draw = ImageDraw.Draw(picture)
+    rows, cols = ids.shape
+    width = max(2, px // 10)
+    half = width // 2
+    horizontal, vertical = window_edges(ids)
+    for r, c in zip(*np.nonzero(horizontal)):
+        y = (r + 1) * px
+        draw.rectangle((c * px, y - half, (c + 1) * px - 1, y - half + width - 1), fill=WINDOW_COLOUR)
+    for r, c in zip(*np.nonzero(vertical)):
+        x = (c + 1) * px
+        draw.rectangle((x - half, r * px, x - half + width - 1, (r + 1) * px - 1), fill=WINDOW_COLOUR)
+    draw.rectangle((0, 0, cols * px - 1, rows * px - 1), outline=WINDOW_COLOUR, width=width)
+
+
+def _label_windows(picture: Image.Image, ids: np.ndarray, px: int) -> None:
+    """The window's number in the top-left token of each of its pieces, when a token is large enough to hold it."""
+    if px < 14 or ids.max() >= 100 or ids.max() == 0:  # too small to read, too many, or one window
+        return
+    draw = ImageDraw.Draw(picture)
+    font = _font(max(10, min(FONT_SIZE, px // 2)))
+    rows, cols = ids.shape
+    for r in range(rows):
+        for c in range(cols):
+            top = r == 0 or ids[r - 1, c] != ids[r, c]
+            left = c == 0 or ids[r, c - 1] != ids[r, c]
+            if top and left:
+                draw.text((c * px + max(3, px // 10) + 1, r * px + max(3, px // 10)), str(int(ids[r, c])),
+                          fill=WINDOW_COLOUR, font=font, stroke_width=2, stroke_fill=(0, 0, 0))
 
 
 # --------------------------------------------------------------------------- heatmaps

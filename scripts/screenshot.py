@@ -1,6 +1,7 @@
-"""Takes the README's screenshot of the app: the bundled model, one gallery image, a method and a keep ratio.
+"""Takes the README's screenshot of the app: a bundled model, one gallery image, a method and a keep ratio.
 
-    .venv/bin/python scripts/screenshot.py [--method attention] [--steps-left 10] [--out docs/screenshot.png]
+    .venv/bin/python scripts/screenshot.py [--model fashion-swin] [--method attention] [--steps-left 10]
+        [--out docs/screenshot.png]
 
 Starts ``streamlit run app/main.py`` on a free localhost port, drives Debian's Chromium with Playwright
 (never Playwright's own browser download), and saves a PNG of the Explore page.
@@ -44,6 +45,7 @@ def _pick(page, label: str, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="fashion-vit", help="the sidebar's model (typed into its picker)")
     parser.add_argument("--method", default="attention")
     parser.add_argument("--steps-left", type=int, default=0,
                         help="ArrowLeft presses on the keep-ratio slider (0.05 each) from its default")
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             page.goto(url)
             page.locator('[data-testid="stMetric"]', has_text="GMACs per image").wait_for(timeout=120_000)
             _wait_idle(page)
-            _pick(page, "Model", "fashion-vit")
+            _pick(page, "Model", args.model)
             _pick(page, "Method", args.method)
             if args.steps_left:
                 thumb = page.locator('[data-testid="stSidebar"] [data-testid="stSlider"]',

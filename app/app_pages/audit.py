@@ -25,7 +25,7 @@ UPLOAD = "Upload a zip"
 FOLDER = "A folder, CSV or zip on this server"
 TYPED = "Type a path inside it…"
 data_policy = data_sources.DataPolicy.from_environment()  # the operator's data folder, or None: no server data
-sources = [BUNDLED] if model.name == bundled.BUNDLED_NAME else []
+sources = [BUNDLED] if bundled.is_bundled(model.name) else []
 sources += [UPLOAD, FOLDER] if data_policy.enabled else [UPLOAD]
 source = st.radio("Labelled images", sources, key="audit_source", horizontal=True)
 if not data_policy.enabled:
@@ -52,15 +52,23 @@ else:
                                key="audit_folder", placeholder="photos/test  (ROOT/<group>/<class>/<image>)")
 
 methods_col, ratios_col, limit_col = st.columns([3, 2, 1])
-names = patchslim.method_names()
-methods = methods_col.multiselect("Methods", names, default=[m for m in ("random", "evit", "tome") if m in names],
-                                  key="audit_methods")
+names, refused = compute.applicable_methods(model)  # a Swin takes the methods that act window by window
+if any(m not in names for m in st.session_state.get("audit_methods", ())):  # chosen for another model: start over
+    del st.session_state["audit_methods"]
+methods = methods_col.multiselect("Methods", names, key="audit_methods",
+                                  default=[m for m in ("random", "evit", "tome") if m in names] or names[:2])
 ratios = ratios_col.multiselect("Keep ratios ρ", [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1],
                                 default=[0.7, 0.5], key="audit_ratios")
 limit = limit_col.number_input("At most N images", 1, 100_000, 500, key="audit_limit",
                                help="Evenly spaced over the data, so every group and class stays in.")
-evidence = st.checkbox("Also measure the kept evidence (slower)", key="audit_evidence",
-                       help="Share of the unslimmed model's top 10 % patches (by attention rollout) that each "
+if refused:
+    st.caption(compute.refused_sentence(model, refused))
+_, no_rollout = compute.attention_views(model)  # kept evidence ranks patches by rollout from the class token
+if no_rollout and st.session_state.get("audit_evidence"):  # ticked for another model
+    del st.session_state["audit_evidence"]
+evidence = st.checkbox("Also measure the kept evidence (slower)", key="audit_evidence", disabled=bool(no_rollout),
+                       help=f"Not offered: {no_rollout}." if no_rollout else
+                            "Share of the unslimmed model's top 10 % patches (by attention rollout) that each "
                             "slimmed forward still has.")
 ready = bool(methods and ratios) and (source == BUNDLED or upload is not None or bool(folder))
 key = ("audit", settings.choice.key, source, upload.file_id if upload is not None else folder, tuple(methods),

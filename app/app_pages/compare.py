@@ -11,12 +11,14 @@ from app.panels import panel
 
 settings = sidebar.current()
 model = settings.choice.model
-names = patchslim.method_names()
-colours = views.method_colours(names)
+names, refused = compute.applicable_methods(model)  # a Swin takes the methods that act window by window
+colours = views.method_colours(patchslim.method_names())  # the same colour per method whatever the model
 
 st.title("Compare methods")
 st.caption(f"Every method at ρ = {settings.keep_ratio:.2f} with its default options and placement "
            f"(the sidebar's options apply to the Explore page).")
+if refused:
+    st.caption(compute.refused_sentence(model, refused))
 picked = widgets.image_picker(model)
 if picked is None:
     st.stop()

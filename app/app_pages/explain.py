@@ -15,6 +15,9 @@ model = settings.choice.model
 st.title("Explain")
 st.caption("Captum attributions of the unslimmed and the slimmed model for the same class, and the share of "
            "the unslimmed model's evidence that slimming kept.")
+_, no_class_token = compute.attention_views(model)
+if no_class_token:  # Swin: maps of the attention received in windows instead
+    st.caption(f"Rollout and CLS attention are not offered: {no_class_token}.")
 if not features.INSTALLED.attributions:
     st.info(features.MISSING_HELP["attributions"], icon=":material/extension_off:")
     st.stop()
@@ -49,5 +52,17 @@ if run_col.button("Explain", type="primary", width="stretch") or result is not N
             bar.empty()
             state.remember(key, result)
         views.explanation(result, compute.attribution_pictures(result, picked.image, model), share)
+        if model.spec.hierarchical:
+            st.caption("On a Swin no patch leaves the model (a token that sits a block out comes back for the "
+                       "next), so every top patch is kept; the rank agreement shows how slimming moved them.")
+    if result is not None and model.spec.hierarchical:
+        with panel("Attention received in the window"):
+            pixels = state.model_input(settings.choice.key, picked.key, model, picked.image)
+            kinds = {name: view.per_block for name, view in compute.WINDOW_ATTENTION_VIEWS.items()}
+            kind, block = views.attention_controls(kinds, model.spec.depth, key="explain",
+                                                   default_block=min(compute.default_overlay_block(model.spec), model.spec.depth - 1),
+                                                   scope="window::")
+            views.attention_pair(compute.attention_pair(model, pixels, result.baseline_trace, result.trace, kind,
+                                                        block))
 else:
     st.info("Attributions take a few seconds to a minute (each is dozens of forwards): press **Explain**.")

@@ -34,7 +34,7 @@ if forwards.failed:  # the panel says why; nothing below can be drawn without th
 costs = prediction = overlay = None  # each set by its panel, unless that panel fails
 with panel("Numbers"):
     costs = compute.costs(base, slim)
-    views.readout_row(costs, model.device.type)
+    views.readout_row(costs, model.device.type, windowed=model.spec.hierarchical)
 with st.expander("Measure the speed-up properly (interleaved runs, median)"), panel("Speed-up measurement"):
     key = ("latency", settings.choice.key, picked.key, settings.method, settings.keep_ratio, settings.options_key)
     timing = state.remembered(key)
@@ -52,13 +52,18 @@ with st.expander("Measure the speed-up properly (interleaved runs, median)"), pa
 # --- what was kept, and what the model now says
 left, right = st.columns([1, 1], gap="large")
 with left:
-    st.subheader("Patches kept, dropped, merged")
+    windowed = model.spec.hierarchical
+    st.subheader("Tokens that ran each block, window by window" if windowed else "Patches kept, dropped, merged")
     depth = model.spec.depth
-    st.session_state.setdefault(f"explore_block::{depth}", depth)  # the default, kept across pages (state.py)
+    block_key = f"explore_block::{model.spec.kind}::{depth}"
+    st.session_state.setdefault(block_key, compute.default_overlay_block(model.spec))  # kept across pages (state.py)
     block = st.select_slider(
-        "Watch the tokens layer by layer", list(range(depth + 1)), key=f"explore_block::{depth}",
-        format_func=lambda b: "after the last block" if b == depth else f"entering block {b}",
-        help="Block 0 is the input: what the model sees after input pruning.")
+        "Watch the tokens layer by layer", list(range(depth + 1)), key=block_key,
+        format_func=lambda b: compute.block_label(model.spec, b),
+        help=("Each block on its own token grid (it shrinks at every patch merging) and its windows (shifted in "
+              "every second block): the tokens a method kept in every window ran the block, the others sat it out "
+              "and came back for the next." if windowed else
+              "Block 0 is the input: what the model sees after input pruning."))
     with panel("Kept / dropped / merged overlay"):
         overlay = compute.overlay(model, pixels, slim.trace, None if block == depth else block)
         caption = f"{picked.name}" + (f" · true label: **{picked.label}**" if picked.label else "")
@@ -70,12 +75,18 @@ with right:
         views.prediction_change(prediction, picked.label)
 
 with panel("Tokens per block"):
-    views.tokens_chart(base.trace.tokens_per_block, slim.trace.tokens_per_block)
+    views.tokens_chart(base.trace.tokens_per_block, slim.trace.tokens_per_block,
+                       "Tokens per block (each on its own grid)" if windowed else "Tokens per block (CLS included)")
 
 st.subheader("Attention: unslimmed vs slimmed")
 with panel("Attention maps"):
+    attention_views, not_offered = compute.attention_views(model)
+    if not_offered:
+        st.caption(f"CLS attention and rollout are not offered: {not_offered}.")
     kind, attention_block = views.attention_controls(
-        {name: view.per_block for name, view in compute.ATTENTION_VIEWS.items()}, model.spec.depth, key="explore")
+        {name: view.per_block for name, view in attention_views.items()}, model.spec.depth, key="explore",
+        default_block=min(compute.default_overlay_block(model.spec), model.spec.depth - 1) if windowed else None,
+        scope=f"{model.spec.kind}::" if windowed else "")
     views.attention_pair(compute.attention_pair(model, pixels, base.trace, slim.trace, kind, attention_block))
 
 with panel(f"How {settings.method} works"):

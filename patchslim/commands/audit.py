@@ -24,7 +24,9 @@ def add_arguments(parser) -> None:
                         help="folder layout (auto: detected from which folder level matches the classes)")
     parser.add_argument("--methods", required=True, help="comma-separated methods (METHOD@B places one)")
     parser.add_argument("--keep", default="0.7,0.5", help="comma-separated keep ratios rho")
-    parser.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option, repeatable")
+    parser.add_argument("--opt", action="append", metavar="KEY=VALUE",
+                        help="method option, repeatable (METHOD.KEY=VALUE for one method); stages=2,3 sets the "
+                             "stages a Swin slims (every method)")
     parser.add_argument("--groups", default=None,
                         help="groupings besides class: group (from the data), brightness (dark/bright by mean "
                              "non-black intensity), family (the bundled model's tops/footwear/others); default: "

@@ -33,7 +33,9 @@ def add_plan_arguments(parser) -> None:
     parser.add_argument("--method", required=True, help="slimming method (see `info`)")
     parser.add_argument("--keep", type=float, default=0.5, help="keep ratio rho in (0, 1]")
     parser.add_argument("--opt", action="append", metavar="KEY=VALUE",
-                        help="method option, repeatable; blocks=3,6,9 sets where it acts (0-based)")
+                        help="method option, repeatable; blocks=3,6,9 sets where it acts (0-based); for a Swin, "
+                             "stages=2,3 sets the stages it slims (every block of each, window by window; "
+                             "default: the model's default stages)")
     parser.add_argument("--seed", type=int, default=0)
 
 

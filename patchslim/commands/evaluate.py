@@ -25,7 +25,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--keep", default="1.0,0.9,0.7,0.5,0.3", help="comma-separated keep ratios rho")
     parser.add_argument("--opt", action="append", metavar="KEY=VALUE",
                         help="method option, repeatable: KEY=VALUE for every method having it, "
-                             "METHOD.KEY=VALUE for one")
+                             "METHOD.KEY=VALUE for one; stages=2,3 sets the stages a Swin slims (every method)")
     parser.add_argument("--limit", type=int, default=None, help=LIMIT_HELP)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--workers", type=int, default=0, help="decoding worker processes for image files")

@@ -66,7 +66,8 @@ def main(args) -> int:
         kept_evidence=ev.kept_evidence,
         spearman=_number(ev.spearman),
         evidence_share=ev.share,
-        evidence_basis=args.attribution if attribution else "rollout",
+        evidence_basis=args.attribution if attribution else ("rollout" if result.rollout_before is not None
+                                                             else "window attention"),
         top_patches=ev.top_count,
         top_patches_kept=ev.top_kept,
         dropped_top_patch_ids=list(ev.dropped_top_patch_ids),
@@ -103,16 +104,25 @@ def write_pictures(result, image, model, out: Path, method: str, keep: float) ->
         files.append(name)
 
     what = f"{method} rho={keep:g}"
-    save(vis.patch_overlay(image, model, result.trace, title=f"{what}, after the last block: "
-                           f"{vis.patch_status(result.trace.final_provenance, model.spec.grid_size).summary()}"),
-         "overlay.png")
+    windowed = model.spec.hierarchical  # Swin: each block on its own grid and windows; no CLS, no rollout
+    if windowed:
+        slimmed = sorted({record.block for record in result.trace.stages})
+        block = slimmed[-1] if slimmed else None
+        save(vis.window_overlay(image, model, result.trace, block,
+                                title=f"{what}, {vis.window_status(result.trace, block).heading()}"), "overlay.png")
+    else:
+        save(vis.patch_overlay(image, model, result.trace, title=f"{what}, after the last block: "
+                               f"{vis.patch_status(result.trace.final_provenance, model.spec.grid_size).summary()}"),
+             "overlay.png")
     block = result.attention_block
     pairs = [
         ("attention", result.attention_before, result.attention_after, "inferno",
+         f"attention received in the window, block {block}" if windowed else
          f"CLS attention, block {block} (mean of heads)", "attention"),
-        ("rollout", result.rollout_before, result.rollout_after, "inferno",
-         "attention rollout from CLS", "rollout"),
     ]
+    if result.rollout_before is not None:
+        pairs.append(("rollout", result.rollout_before, result.rollout_after, "inferno",
+                      "attention rollout from CLS", "rollout"))
     if result.attribution_before is not None:
         kind = "Integrated Gradients" if result.attribution_before.method == "integrated_gradients" else "occlusion"
         pairs.append(("attribution", result.attribution_before.grid, result.attribution_after.grid, "RdBu_r",

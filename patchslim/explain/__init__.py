@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from patchslim.explain.attention import (  # noqa: F401
+    class_token_refusal,
     cls_attention,
     fuse_heads,
     residual_attention,
@@ -28,6 +29,7 @@ from patchslim.explain.attention import (  # noqa: F401
     rollout_product,
     token_transition,
     tokens_to_grid,
+    window_attention,
 )
 from patchslim.explain.attribution import (  # noqa: F401
     Attribution,
@@ -50,8 +52,10 @@ class Explanation:
         target: the class explained (the unslimmed model's prediction unless given).
         target_label: its name.
         attention_block: the block of the attention maps.
-        attention_before, attention_after: ``[rows, cols]`` CLS attention (head mean) in that block.
-        rollout_before, rollout_after: ``[rows, cols]`` attention rollout from CLS over all blocks.
+        attention_before, attention_after: ``[rows, cols]`` CLS attention (head mean) in that block; for a model
+            without a class token (Swin), the attention each token received within its window there.
+        rollout_before, rollout_after: ``[rows, cols]`` attention rollout from CLS over all blocks (None for a
+            model without a class token: ``class_token_refusal(model.spec)`` says why).
         attribution_before, attribution_after: per-patch attributions (None if not asked for).
         evidence: kept evidence and rank agreement (by attribution; by rollout without attributions).
         baseline_trace, trace: the Traces of the unslimmed and the slimmed forward.
@@ -62,8 +66,8 @@ class Explanation:
     attention_block: int
     attention_before: np.ndarray
     attention_after: np.ndarray
-    rollout_before: np.ndarray
-    rollout_after: np.ndarray
+    rollout_before: np.ndarray | None
+    rollout_after: np.ndarray | None
     attribution_before: Attribution | None
     attribution_after: Attribution | None
     evidence: EvidenceReport
@@ -111,17 +115,24 @@ def explain(model, image, plan=None, attribution: str | None = "ig", share: floa
 
         before = attribute(model, x, attribution, SlimPlan(), target=target, progress=part(0), **attribution_options)
         after = attribute(model, x, attribution, plan, target=target, progress=part(1), **attribution_options)
-    rollout_before = rollout(baseline_trace, head_fusion=head_fusion, prefix_row=prefix_row)
-    rollout_after = rollout(trace, head_fusion=head_fusion, prefix_row=prefix_row)
-    importance_before = before.grid if before is not None else rollout_before
-    importance_after = after.grid if after is not None else rollout_after
+    windowed = class_token_refusal(model.spec) is not None  # no CLS row (Swin): maps of received attention
+
+    def attention_map(t):
+        return window_attention(t, block) if windowed else cls_attention(t, block, prefix_row=prefix_row)
+
+    rollout_before = None if windowed else rollout(baseline_trace, head_fusion=head_fusion, prefix_row=prefix_row)
+    rollout_after = None if windowed else rollout(trace, head_fusion=head_fusion, prefix_row=prefix_row)
+    attention_before, attention_after = attention_map(baseline_trace), attention_map(trace)
+    importance_before = before.grid if before is not None else (
+        attention_before if rollout_before is None else rollout_before)
+    importance_after = after.grid if after is not None else (attention_after if rollout_after is None else rollout_after)
     names = model.class_names
     return Explanation(
         target=target,
         target_label=names[target] if target < len(names) else str(target),
         attention_block=block,
-        attention_before=cls_attention(baseline_trace, block, prefix_row=prefix_row),
-        attention_after=cls_attention(trace, block, prefix_row=prefix_row),
+        attention_before=attention_before,
+        attention_after=attention_after,
         rollout_before=rollout_before,
         rollout_after=rollout_after,
         attribution_before=before,

@@ -23,6 +23,11 @@ token ``i`` after the change stands for the patches ``P_to[i]``, tokens before s
 Every row of ``C`` sums to 1, so rows of the rollout stay probability distributions over the original
 tokens and a patch that never entered any block gets exactly 0 (drawn as NaN: the model never saw it).
 
+Windowed models (Swin) have no class token, so neither the CLS row nor a rollout from it exists
+(:func:`class_token_refusal` says so, and :func:`cls_attention` / :func:`rollout` refuse with that reason);
+:func:`window_attention` gives the attention each token *received* within its window in one block, upsampled
+from the block's token grid to the patches.
+
 All functions take arrays and a Trace and return NumPy arrays; nothing here touches the model.
 """
 
@@ -33,6 +38,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from patchslim.errors import ExplanationError
 from patchslim.tokens import Provenance
 
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -104,6 +110,7 @@ def cls_attention(trace, block: int, index: int = 0, heads: str | int = "mean", 
     Raises:
         KeyError: the Trace did not keep this block's attention.
     """
+    _require_class_token(trace.spec)
     probs = _block_attention(trace, block)[index]  # [H, T, T]
     p = trace.spec.num_prefix_tokens
     if not 0 <= prefix_row < p:
@@ -114,6 +121,65 @@ def cls_attention(trace, block: int, index: int = 0, heads: str | int = "mean", 
     elif not isinstance(heads, str):
         row = row[int(heads)]
     return tokens_to_grid(row, trace.blocks[block].provenance, trace.spec.grid_size, index)
+
+
+def class_token_refusal(spec) -> str | None:
+    """Why a model cannot give the maps that read a class token's attention row (CLS attention, rollout from
+    CLS), in one sentence, or None when it can."""
+    if spec.num_prefix_tokens > 0:
+        return None
+    if getattr(spec, "hierarchical", False):
+        return (f"{spec.name} ({spec.kind}) has no class token whose attention row CLS attention and rollout read, "
+                "and its tokens attend only within their windows: the map it offers is the attention each token "
+                "receives in its window")
+    return f"{spec.name} has no class token whose attention row CLS attention and rollout read"
+
+
+def _require_class_token(spec) -> None:
+    reason = class_token_refusal(spec)
+    if reason:
+        raise ExplanationError(reason)
+
+
+def window_attention(trace, block: int, index: int = 0) -> np.ndarray:
+    """The attention each token received within its window in ``block`` of a windowed model (Swin), on the
+    original patch grid.
+
+    The Trace holds, for such a block, a one-row map ``[B, 1, 1, L]`` on the block's own token grid: the mean over
+    heads and over the window's queries of the attention each token received (a window's values sum to 1). A
+    token after patch merging stands for a ``cell x cell`` square of patches, which all take its value; patches
+    whose token sat the block out (a method kept other tokens of its window) are NaN. Needs the block's attention:
+    run with ``attention_blocks=(block,)`` or ``"all"``.
+
+    Args:
+        trace: a :class:`~patchslim.trace.Trace` of a windowed model.
+        block: block index (negative counts from the end).
+        index: which image of the batch.
+
+    Returns:
+        ``[rows, cols]`` float64 on the patch grid.
+
+    Raises:
+        ExplanationError: the model is not windowed (use :func:`cls_attention`).
+        KeyError: the Trace did not keep this block's attention.
+    """
+    spec = trace.spec
+    if not getattr(spec, "hierarchical", False):
+        raise ExplanationError(f"{spec.name} does not attend in windows: window_attention is for windowed models "
+                               "(Swin); use cls_attention")
+    if block < 0:
+        block += spec.depth
+    received = _block_attention(trace, block)[index].detach().double().cpu().reshape(-1).numpy()
+    shape = spec.blocks[block]
+    rows, cols = shape.grid
+    if received.size != rows * cols:
+        raise ValueError(f"block {block}'s map has {received.size} values for its {rows}x{cols} token grid")
+    cell = shape.cell
+    values = np.repeat(np.repeat(received.reshape(rows, cols), cell, axis=0), cell, axis=1)
+    values = values[: spec.grid_size[0], : spec.grid_size[1]].copy()
+    ran = trace.blocks[block].provenance.patch_mask()[index].cpu().numpy().reshape(spec.grid_size)
+    values[~ran] = np.nan
+    return values
 
 
 def _block_attention(trace, block: int) -> torch.Tensor:
@@ -220,6 +286,9 @@ def rollout_matrix(trace, index: int = 0, head_fusion: str = "mean", start_block
         KeyError: the Trace lacks the attention of a block in the range (run with
             ``plan.with_attention("all")``).
     """
+    if getattr(trace.spec, "hierarchical", False):
+        raise ExplanationError(f"{trace.spec.name} is a windowed model: rollout is not defined through its windows "
+                               "and patch merging here")
     depth = trace.spec.depth
     end = depth - 1 if end_block is None else (end_block + depth if end_block < 0 else end_block)
     if not 0 <= start_block <= end < depth:
@@ -255,6 +324,7 @@ def rollout(trace, index: int = 0, head_fusion: str = "mean", prefix_row: int = 
         ``[rows, cols]`` float64; over the patches that are not NaN it sums to the flow from patches
         (1 minus the share the prefix tokens keep).
     """
+    _require_class_token(trace.spec)
     matrix = rollout_matrix(trace, index, head_fusion, start_block, end_block)
     p = trace.spec.num_prefix_tokens
     if not 0 <= prefix_row < p:

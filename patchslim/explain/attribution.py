@@ -241,8 +241,9 @@ def occlusion(model: LoadedModel, image: Any, plan: SlimPlan | None = None, targ
 
 
 def _mark_unseen(grid: np.ndarray, model: LoadedModel, x: torch.Tensor, plan: SlimPlan) -> np.ndarray:
-    """NaN at the patches the slimmed model never saw for this image (dropped before block 0)."""
-    if plan.is_empty:
+    """NaN at the patches the slimmed model never saw for this image (dropped before block 0). A model whose
+    dropped tokens come back (Swin: a token that sits a block out is carried to the next) sees every patch."""
+    if plan.is_empty or not getattr(model.adapter, "token_removal", True):
         return grid
     from patchslim.engine import run
 

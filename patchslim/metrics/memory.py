@@ -84,10 +84,11 @@ def estimate_activation_memory(trace: Trace, bytes_per_element: int | None = Non
     spec = trace.spec
     if bytes_per_element is None:
         bytes_per_element = 4
-    explicit, prefix_rows = attention_blocks(trace.plan, spec.depth, has_prefix=spec.num_prefix_tokens > 0)
+    actions = trace.plan.resolve(spec.depth, spec)  # with the spec: a Swin's plan may name stages
+    explicit, prefix_rows = attention_blocks(trace.plan, spec.depth, actions, has_prefix=spec.num_prefix_tokens > 0)
     kept = trace.plan.attention_wanted(spec.depth)
     read_next_probs, read_next_keys = set(), set()
-    for action in trace.plan.resolve(spec.depth, spec):
+    for action in actions:
         if action.point == "pre" and action.attention_block is not None:
             (read_next_probs if action.method.needs_attention else read_next_keys).add(action.attention_block)
     prefix = spec.num_prefix_tokens
@@ -121,7 +122,9 @@ def estimate_activation_memory(trace: Trace, bytes_per_element: int | None = Non
 def explicit_attention_blocks(trace: Trace) -> set[int]:
     """Blocks where the engine computed the full attention probabilities (kept, or read whole by a method);
     blocks whose readers want CLS attention alone keep fused attention (see ``engine.attention_blocks``)."""
-    return attention_blocks(trace.plan, trace.spec.depth, has_prefix=trace.spec.num_prefix_tokens > 0)[0]
+    spec = trace.spec
+    return attention_blocks(trace.plan, spec.depth, trace.plan.resolve(spec.depth, spec),
+                            has_prefix=spec.num_prefix_tokens > 0)[0]
 
 
 @dataclass(frozen=True)

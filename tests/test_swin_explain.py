@@ -16,15 +16,6 @@ from patchslim.explain.attribution import integrated_gradients, occlusion
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# SwinAdapter._partition caches its index tables the first time a block runs; made under torch.inference_mode (any
-# run without grad), they cannot index tokens that require grad, so Integrated Gradients (the input requires grad)
-# after an inference run fails; occlusion (nothing requires grad) works. The fix belongs in
-# patchslim/adapters/swin.py (build the tables under torch.inference_mode(False)).
-ADAPTER_GRAD_BUG = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="SwinAdapter caches partition tables made in inference mode; run(grad=True) after run() fails")
-
-
 @pytest.fixture(scope="module")
 def swin():
     return patchslim.load_model("fashion-swin", device="cpu", pretrained=False)
@@ -96,7 +87,6 @@ def test_explain_on_a_swin_gives_window_maps_and_no_rollout(swin, x):
     assert 0.0 <= result.evidence.kept_evidence <= 1.0 and result.evidence.top_count == 14
 
 
-@ADAPTER_GRAD_BUG
 def test_integrated_gradients_on_a_swin_go_through_the_one_forward(swin, x):
     patchslim.run(swin, x)  # what every caller does first (the app's unslimmed forward)
     plan = SlimPlan.single("uniform", 0.5)

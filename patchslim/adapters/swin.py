@@ -280,21 +280,26 @@ class SwinAdapter(Adapter):
         key = (index, device)
         part = self._partitions.get(key)
         if part is None:
-            from timm.models.swin_transformer import window_partition
-
-            block = self._blocks[index]
-            h, w = block.input_resolution
-            n = block.window_size[0] * block.window_size[1]
-            grid = torch.arange(h * w, device=device).reshape(1, h, w, 1)
-            if any(block.shift_size):
-                grid = torch.roll(grid, shifts=(-block.shift_size[0], -block.shift_size[1]), dims=(1, 2))
-            order = window_partition(grid, block.window_size).reshape(-1)
-            inverse = torch.empty_like(order)
-            inverse[order] = torch.arange(order.numel(), device=device)
-            local = inverse % n
-            part = _Partition(order, inverse, local)
+            with torch.inference_mode(False):  # plain tensors: the tables also index tokens that require grad
+                part = self._build_partition(index, device)
             self._partitions[key] = part
         return part
+
+    def _build_partition(self, index: int, device: torch.device) -> _Partition:
+        """Index tables of block ``index``'s partition: timm's roll and window_partition applied to grid ids."""
+        from timm.models.swin_transformer import window_partition
+
+        block = self._blocks[index]
+        h, w = block.input_resolution
+        n = block.window_size[0] * block.window_size[1]
+        grid = torch.arange(h * w, device=device).reshape(1, h, w, 1)
+        if any(block.shift_size):
+            grid = torch.roll(grid, shifts=(-block.shift_size[0], -block.shift_size[1]), dims=(1, 2))
+        order = window_partition(grid, block.window_size).reshape(-1)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=device)
+        local = inverse % n
+        return _Partition(order, inverse, local)
 
     def _local(self, index: int, state: TokenState) -> torch.Tensor:
         """``[B * W, k]`` the position inside its window of every kept token (from its grid id)."""

@@ -391,3 +391,26 @@ def test_batched_attributions_equal_the_per_image_ones(fashion_random, fashion_b
         one = np.stack([attribute(fashion_random, x[i:i + 1], kind, p, target=t, **options).grid
                         for i, t in enumerate((1, 4))])
         np.testing.assert_allclose(batched, one, rtol=1e-4, atol=1e-7)
+
+
+def test_cli_audit_writes_the_scores_beside_the_report(tmp_path, capsys):
+    from patchslim.cli import main
+
+    code = main(["audit", "--model", "fashion-vit", "--no-pretrained", "--data", "bundled", "--limit", "4",
+                 "--methods", "tome", "--keep", "0.5", "--no-progress", "--workers", "0", "--bootstrap", "50",
+                 "--out", str(tmp_path), "--json", "--faithfulness", "token", "--faithfulness-steps", "3",
+                 "--faithfulness-maps", "attention"])
+    assert code == 0
+    record = json.loads(capsys.readouterr().out)
+    assert {(r["method"], r["map"]) for r in record["faithfulness"]["rows"]} == {
+        (m, k) for m in ("unslimmed", "tome") for k in ("attention", "random")}
+    assert (tmp_path / "faithfulness.csv").is_file() and (tmp_path / "audit.html").is_file()
+
+
+def test_gradient_rollout_from_the_distillation_token(deit_tiny_distilled_random):
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    cls = G.gradient_rollout(deit_tiny_distilled_random, x, target=5).grids[0]
+    dist = G.gradient_rollout(deit_tiny_distilled_random, x, target=5, prefix_row=1).grids[0]
+    assert cls.shape == dist.shape == (14, 14) and np.isfinite(cls).all() and not np.allclose(cls, dist)
+    with pytest.raises(ExplanationError, match="prefix_row"):
+        G.gradient_rollout(deit_tiny_distilled_random, x, prefix_row=2)

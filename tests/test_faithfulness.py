@@ -414,3 +414,18 @@ def test_gradient_rollout_from_the_distillation_token(deit_tiny_distilled_random
     assert cls.shape == dist.shape == (14, 14) and np.isfinite(cls).all() and not np.allclose(cls, dist)
     with pytest.raises(ExplanationError, match="prefix_row"):
         G.gradient_rollout(deit_tiny_distilled_random, x, prefix_row=2)
+
+
+def test_a_swin_is_scored_in_pixel_mode_on_its_window_attention(fashion_batch):
+    from patchslim.explain import explain
+
+    swin = patchslim.load_model("fashion-swin", device="cpu", pretrained=False)
+    x = fashion_batch[0][:1]
+    assert patch_maps(swin, x, None, "auto").keys() == {"window_attention"}
+    with pytest.raises(ExplanationError, match="token mode does not apply"):
+        F.score_maps(swin, x, {"a": np.arange(144.0).reshape(12, 12)}, mode="token", steps=4)
+    result = explain(swin, x, SlimPlan.single("attention", 0.5), attribution=None, faithfulness="both",
+                     faithfulness_steps=4)
+    assert result.grad_rollout_before is None and "no class token" in result.grad_rollout_refused
+    assert result.faithfulness.modes == ("pixel",) and "token" in result.faithfulness.refused
+    assert {r["map"] for r in result.faithfulness.rows()} == {"window_attention", "random"}

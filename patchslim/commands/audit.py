@@ -51,7 +51,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fresh", action="store_true", help="discard the parts of an earlier audit in --out")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--json", action="store_true", help="print one JSON object (the report)")
-    add_faithfulness_arguments(parser, maps_default="attention,rollout,grad_rollout")
+    add_faithfulness_arguments(parser, maps_default="auto")
     add_ray_arguments(parser)
 
 

@@ -36,7 +36,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-png", action="store_true", help="skip the PNG plot")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    add_faithfulness_arguments(parser, maps_default="attention,rollout,grad_rollout")
+    add_faithfulness_arguments(parser, maps_default="auto")
 
 
 def main(args) -> int:

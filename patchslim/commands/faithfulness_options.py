@@ -18,8 +18,9 @@ def add_faithfulness_arguments(parser, maps_default: str | None = None) -> None:
                         help="steps of the deletion and insertion curves (2 .. the number of patches)")
     if maps_default is not None:
         parser.add_argument("--faithfulness-maps", default=maps_default, metavar="KINDS",
-                            help="map kinds to score, from attention, rollout, grad_rollout, ig, occlusion "
-                                 f"(default {maps_default}; ig and occlusion take dozens of forwards per image)")
+                            help="map kinds to score, from attention, rollout, grad_rollout, window_attention (Swin), "
+                                 "ig, occlusion; auto (default): the attention maps the model gives from one forward "
+                                 "(ig and occlusion take dozens of forwards per image)")
 
 
 def check_faithfulness_arguments(args, model) -> None:

@@ -107,7 +107,10 @@ class Explanation:
         (:data:`~patchslim.explain.maps.MAP_KINDS`)."""
         if phase not in ("before", "after"):
             raise ValueError(f"phase must be 'before' or 'after', got {phase!r}")
-        maps = {"attention": getattr(self, f"attention_{phase}"), "rollout": getattr(self, f"rollout_{phase}")}
+        if self.rollout_before is None:  # no class token (Swin): the attention map is the one received in windows
+            maps = {"window_attention": getattr(self, f"attention_{phase}")}
+        else:
+            maps = {"attention": getattr(self, f"attention_{phase}"), "rollout": getattr(self, f"rollout_{phase}")}
         if self.grad_rollout_before is not None:
             maps["grad_rollout"] = getattr(self, f"grad_rollout_{phase}")
         attribution = getattr(self, f"attribution_{phase}")

@@ -27,7 +27,7 @@ import numpy as np
 from patchslim.errors import DataError, ExplanationError
 from patchslim.explain.faithfulness import (CURVES, DEFAULT_RANDOM_ORDERS, DEFAULT_STEPS, RANDOM, check_steps,
                                             resolve_modes, score_maps)
-from patchslim.explain.maps import ATTENTION_KINDS, MAP_KINDS, check_kinds, patch_maps
+from patchslim.explain.maps import MAP_KINDS, check_kinds, patch_maps
 
 UNSLIMMED = "unslimmed"
 
@@ -177,7 +177,7 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def faithfulness_table(model, data, plans: Sequence[tuple[str, float, Any]], *, kinds: Sequence[str] = ATTENTION_KINDS,
+def faithfulness_table(model, data, plans: Sequence[tuple[str, float, Any]], *, kinds: Sequence[str] | str = "auto",
                        modes: str | Sequence[str] = "both", steps: int = DEFAULT_STEPS,
                        random_orders: int = DEFAULT_RANDOM_ORDERS, seed: int = 0, batch_size: int = 50,
                        rows_per_forward: int = 1000, n_boot: int = 1000, ig_steps: int = 16,

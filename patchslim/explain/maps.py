@@ -3,18 +3,21 @@
 Every kind gives ``[B, rows, cols]`` on the original patch grid (NaN where the slimmed model never saw a patch),
 for the unslimmed or the slimmed model alike, explaining one class per image:
 
-==============  ==========================================================================  ===================
-kind            map                                                                         cost per image
-==============  ==========================================================================  ===================
-``attention``   the class token's attention in the last block, mean over heads              one forward (shared)
-``rollout``     attention rollout (Abnar & Zuidema 2020) through the slimming               (shared)
-``grad_rollout``gradient-weighted rollout (Chefer et al. 2021) for the target class         (shared) + backward
-``ig``          Integrated Gradients per patch (captum), signed sum                         ~18 forward+backward
-``occlusion``   one patch at a time replaced by black (captum), drop of the target's logit  N + 2 forwards
-==============  ==========================================================================  ===================
+====================  ====================================================================  =====================
+kind                  map                                                                   cost per image
+====================  ====================================================================  =====================
+``attention``         the class token's attention in the last block, mean over heads        one forward (shared)
+``rollout``           attention rollout (Abnar & Zuidema 2020) through the slimming         (shared)
+``grad_rollout``      gradient-weighted rollout (Chefer et al. 2021) for the target class   (shared) + backward
+``window_attention``  a windowed model's (Swin) attention received in the window, last      (shared)
+                      block (:func:`patchslim.explain.attention.window_attention`)
+``ig``                Integrated Gradients per patch (captum), signed sum                   ~18 forward+backward
+``occlusion``         one patch at a time replaced by black (captum), drop of the logit     N + 2 forwards
+====================  ====================================================================  =====================
 
-The three attention kinds come from one forward with gradients; each kind says what it needs (:class:`MapKind`)
-and :func:`map_refusal` says why a model cannot produce it.
+The attention kinds come from one forward (with gradients when ``grad_rollout`` is asked for); each kind says
+what it needs (:class:`MapKind`) and :func:`map_refusal` says why a model cannot produce it. A model with a class
+token gives the first three, a windowed one ``window_attention``; both give the captum kinds.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class MapKind:
         reads_prefix: reads the class token's attention row (a model without a class token cannot give it).
         gradients: needs gradients through the forward.
         captum: computed with captum.
+        windowed: reads a windowed model's attention within its windows (Swin).
     """
 
     name: str
@@ -46,33 +50,47 @@ class MapKind:
     reads_prefix: bool
     gradients: bool
     captum: bool
+    windowed: bool = False
 
 
 MAP_KINDS = {
     "attention": MapKind("attention", "CLS attention (last block)", True, False, False),
     "rollout": MapKind("rollout", "attention rollout", True, False, False),
     "grad_rollout": MapKind("grad_rollout", "gradient-weighted rollout", True, True, False),
+    "window_attention": MapKind("window_attention", "attention received in the window (last block)", False, False,
+                                False, windowed=True),
     "ig": MapKind("ig", "Integrated Gradients", False, True, True),
     "occlusion": MapKind("occlusion", "occlusion", False, False, True),
 }
 ATTENTION_KINDS = ("attention", "rollout", "grad_rollout")
-ALL_KINDS = tuple(MAP_KINDS)
+TRACE_KINDS = ATTENTION_KINDS + ("window_attention",)  # read from one forward that keeps every block's attention
+ALL_KINDS = ("attention", "rollout", "grad_rollout", "ig", "occlusion")  # every kind a model with a class token gives
 
 
 def map_refusal(model, kind: str) -> str | None:
     """Why ``model`` cannot produce maps of ``kind``, or None when it can."""
+    from patchslim.explain.attention import class_token_refusal
     from patchslim.explain.grad_rollout import gradient_refusal
 
     spec = MAP_KINDS[kind]
-    if spec.reads_prefix and model.spec.num_prefix_tokens == 0:
-        return f"{model.name} has no class token, whose attention row this map reads"
-    if spec.reads_prefix and model.spec.depth == 0:
+    if spec.reads_prefix and class_token_refusal(model.spec):
+        return class_token_refusal(model.spec)
+    if (spec.reads_prefix or spec.windowed) and model.spec.depth == 0:
         return f"{model.name} has no attention block"
+    if spec.windowed and not model.spec.hierarchical:
+        return f"{model.name} does not attend in windows (window_attention is for Swin); use attention"
     if kind == "grad_rollout":
         return gradient_refusal(model)
     if spec.captum and find_spec("captum") is None:
         return "captum is not installed (pip install captum)"
     return None
+
+
+def default_kinds(model) -> tuple[str, ...]:
+    """The cheap maps this model gives (one forward for all of them): the class token's three, or a windowed
+    model's window attention; Integrated Gradients for a model that gives neither."""
+    kinds = tuple(k for k in TRACE_KINDS if map_refusal(model, k) is None)
+    return kinds or tuple(k for k in ("ig",) if map_refusal(model, k) is None)
 
 
 def check_kinds(model, kinds: Sequence[str] | str) -> tuple[str, ...]:
@@ -82,6 +100,8 @@ def check_kinds(model, kinds: Sequence[str] | str) -> tuple[str, ...]:
         ExplanationError: an unknown kind, none at all, a repeated one, or one the model cannot produce (the
             message says why).
     """
+    if kinds == "auto":
+        kinds = default_kinds(model)
     names = tuple(k.strip() for k in (kinds.split(",") if isinstance(kinds, str) else kinds) if str(k).strip())
     if not names:
         raise ExplanationError(f"maps: name at least one map kind ({', '.join(MAP_KINDS)})")
@@ -104,7 +124,7 @@ def patch_maps(model, images: Any, plan=None, kinds: Sequence[str] = ATTENTION_K
         model: a :class:`~patchslim.models.LoadedModel`.
         images: the model's input ``[B, C, H, W]`` (or PIL images).
         plan: the slimming plan (None: unslimmed).
-        kinds: map kinds (:data:`MAP_KINDS`).
+        kinds: map kinds (:data:`MAP_KINDS`), or ``"auto"`` (:func:`default_kinds`).
         targets: one class per image (None: the unslimmed model's top-1).
         ig_steps: Integrated Gradients path steps.
 
@@ -114,7 +134,7 @@ def patch_maps(model, images: Any, plan=None, kinds: Sequence[str] = ATTENTION_K
     Raises:
         ExplanationError: a kind the model cannot produce.
     """
-    from patchslim.explain.attention import cls_attention, rollout
+    from patchslim.explain.attention import cls_attention, rollout, window_attention
     from patchslim.explain.grad_rollout import gradient_rollout, targets_for
     from patchslim.plan import SlimPlan
 
@@ -123,7 +143,7 @@ def patch_maps(model, images: Any, plan=None, kinds: Sequence[str] = ATTENTION_K
     x = model.preprocess(images).detach()
     targets = targets_for(model, x, targets)
     out: dict[str, np.ndarray] = {}
-    wanted = [k for k in kinds if k in ATTENTION_KINDS]
+    wanted = [k for k in kinds if k in TRACE_KINDS]
     if wanted:
         if "grad_rollout" in wanted:
             result = gradient_rollout(model, x, plan, targets)
@@ -138,6 +158,8 @@ def patch_maps(model, images: Any, plan=None, kinds: Sequence[str] = ATTENTION_K
             out["attention"] = np.stack([cls_attention(trace, model.spec.depth - 1, index=i) for i in batch])
         if "rollout" in wanted:
             out["rollout"] = np.stack([rollout(trace, index=i) for i in batch])
+        if "window_attention" in wanted:
+            out["window_attention"] = np.stack([window_attention(trace, model.spec.depth - 1, index=i) for i in batch])
     for kind in ("ig", "occlusion"):
         if kind in kinds:
             out[kind] = attribution_maps(model, x, plan, kind, targets, ig_steps)

@@ -23,7 +23,7 @@ from PIL import Image
 import patchslim
 from patchslim import bundled, explain, vis
 from patchslim.device import bytes_per_element, synchronize
-from patchslim.explain import attention
+from patchslim.explain import attention, faithfulness, maps
 from patchslim.metrics import flops, latency, memory
 
 # CC0 / public-domain photos shipped inside the scikit-image wheel, with the credit scikit-image gives.
@@ -539,6 +539,75 @@ def attribution_pictures(result, image: Image.Image, model: patchslim.LoadedMode
                                          model=model)
                      for grid, title in zip(grids, ("unslimmed", "slimmed")))
     return first, second
+
+
+def grad_rollout_pictures(result, image: Image.Image, model: patchslim.LoadedModel) -> tuple[Image.Image, Image.Image] | None:
+    """The unslimmed and the slimmed gradient-weighted rollout over the image, on one colour scale (None when the
+    model cannot give it: ``result.grad_rollout_refused`` says why)."""
+    if result.grad_rollout_before is None:
+        return None
+    grids = (result.grad_rollout_before, result.grad_rollout_after)
+    finite = np.concatenate([g[np.isfinite(g)] for g in grids])
+    top = float(finite.max()) if finite.size else 1.0
+    first, second = (vis.heatmap_overlay(image, grid, vmin=0.0, vmax=top or 1.0, legend=True, label="relevance",
+                                         title=f"gradient-weighted rollout, {title}", model=model)
+                     for grid, title in zip(grids, ("unslimmed", "slimmed")))
+    return first, second
+
+
+# --------------------------------------------------------------------------- faithfulness
+
+MAP_LABELS = {kind: spec.label for kind, spec in maps.MAP_KINDS.items()} | {faithfulness.RANDOM: "random (reference)"}
+MODE_LABELS = {"token": "Dropping its token", "pixel": "Blurring its pixels"}
+
+
+def faithfulness_modes(model: patchslim.LoadedModel) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The ways of removing a patch this model allows, and why the others do not apply."""
+    return faithfulness.resolve_modes(model, "both")
+
+
+def faithfulness_scores(model: patchslim.LoadedModel, image: Image.Image, result, mode: str, steps: int):
+    """Deletion and insertion scores of every map of an explanation, before and after slimming, in one mode
+    (:func:`patchslim.explain.faithfulness.compare`).
+
+    Raises:
+        ExplanationError: a mode the model's architecture refuses, or steps out of range.
+    """
+    return faithfulness.compare(model, image, result.trace.plan, result.maps("before"), result.maps("after"),
+                                modes=mode, steps=steps, target=result.target)
+
+
+def faithfulness_rows(scored) -> list[dict]:
+    """One row per map kind: the deletion and insertion scores before and after, with readable names."""
+    return [dict(r, map=MAP_LABELS.get(r["map"], r["map"])) for r in scored.rows()]
+
+
+def faithfulness_figure(scored, mode: str, phase: str = "after"):
+    """A small plotly figure: the deletion and the insertion curve of every map (random dotted), for the unslimmed
+    (``phase="before"``) or the slimmed model."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    scores = scored.scores[(phase, mode)]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Deletion (lower is better)", "Insertion (higher is better)"))
+    palette = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e")
+    kinds = (*scores.kinds, faithfulness.RANDOM) if scores.random_orders else scores.kinds
+    x = scores.curves.fractions
+    for i, kind in enumerate(kinds):
+        line = dict(color="#777777", dash="dot") if kind == faithfulness.RANDOM else dict(color=palette[i % 5])
+        for col, curve in enumerate(faithfulness.CURVES, start=1):
+            area = float(getattr(scores, curve)[kind][0])
+            fig.add_trace(go.Scatter(x=x, y=scores.curve(kind, curve), mode="lines", line=line,
+                                     name=MAP_LABELS.get(kind, kind), legendgroup=kind, showlegend=col == 1,
+                                     hovertemplate=f"{MAP_LABELS.get(kind, kind)}<br>area {area:.3f}<br>"
+                                                   "%{x:.0%} of patches: p = %{y:.3f}<extra></extra>"),
+                          row=1, col=col)
+    fig.update_xaxes(title_text="share of patches removed", tickformat=".0%", row=1, col=1)
+    fig.update_xaxes(title_text="share of patches shown", tickformat=".0%", row=1, col=2)
+    fig.update_yaxes(title_text="probability of the class", range=[0, 1.02], row=1, col=1)
+    fig.update_layout(height=340, margin=dict(l=10, r=10, t=40, b=10), template="plotly_white",
+                      legend=dict(orientation="h", y=-0.25))
+    return fig
 
 
 # --------------------------------------------------------------------------- benchmark

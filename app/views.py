@@ -311,6 +311,38 @@ def explanation(result, pictures: tuple[Image.Image, Image.Image], share: float)
                     f"`{', '.join(map(str, evidence.dropped_top_patch_ids))}`")
 
 
+def grad_rollout(pictures: tuple[Image.Image, Image.Image] | None, refused: str) -> None:
+    """The gradient-weighted rollout before and after slimming, or why the model cannot give it."""
+    if pictures is None:
+        st.info(f"No gradient-weighted rollout: {refused}.", icon=":material/info:")
+        return
+    for col, image in zip(st.columns(2), pictures):
+        col.image(image, width="stretch")
+    st.caption("Gradient-weighted rollout (Chefer et al., ICCV 2021): attention weighted by its gradient for the "
+               "explained class, keeping only what pushes the class up, accumulated block by block and followed "
+               "through pruning and merging. Both maps share one colour scale; hatched patches never entered the "
+               "model.")
+
+
+def faithfulness(rows: list[dict], figure, refused: dict[str, str]) -> None:
+    """Deletion and insertion scores of every map before and after slimming, and the slimmed model's curves."""
+    columns = {
+        "map": st.column_config.TextColumn("Map"),
+        "deletion_before": st.column_config.NumberColumn("Deletion, unslimmed ↓", format="%.3f"),
+        "deletion_after": st.column_config.NumberColumn("Deletion, slimmed ↓", format="%.3f"),
+        "insertion_before": st.column_config.NumberColumn("Insertion, unslimmed ↑", format="%.3f"),
+        "insertion_after": st.column_config.NumberColumn("Insertion, slimmed ↑", format="%.3f"),
+    }
+    st.dataframe([{k: r[k] for k in columns} for r in rows], hide_index=True, width="stretch",
+                 column_config=columns, key="faithfulness_table")
+    st.caption("Deletion: the area under the class's probability as the map's top patches are removed (lower: "
+               "the map found what the answer rests on); insertion: as they are added to an empty image (higher "
+               "is better). 'random' is the mean of 5 random orders: a map is worth its name where it beats it.")
+    st.plotly_chart(figure, width="stretch", config={"displayModeBar": False}, key="faithfulness_curves")
+    for mode, reason in refused.items():
+        st.caption(f"{mode.capitalize()} mode is not offered: {reason}.")
+
+
 # --------------------------------------------------------------------------- benchmark
 
 def benchmark_results(rows: list[dict], model_name: str, colours: dict[str, str]) -> None:

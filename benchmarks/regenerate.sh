@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates every committed file under benchmarks/results/, each of which then names the command that
-# remakes it alone. About 2 hours on the 2-core CPU this project was measured on (estimates per step below;
+# remakes it alone. About 2.5 hours on the 2-core CPU this project was measured on (estimates per step below;
 # each results file's "Took" line or "seconds" field gives the real figure). Run it in the background on an
 # idle machine: Tables 1 and 3, the target and the app harnesses are wall times.
 #
@@ -11,8 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 
-# accuracy (~20 min), audit_fashion (~40 min), figure1 (~2 min), table2 (~5 min), table1 + target (~5 min),
-# table3 (~20 min), in this order (Tables 1 and 2 join the fresh accuracy table).
+# accuracy (~20 min), audit_fashion (~40 min), faithfulness (~40 min: 1.5 million image-forwards of the bundled
+# model), figure1 (~2 min), table2 (~5 min), table1 + target (~5 min), table3 (~20 min), in this order (Tables 1
+# and 2 join the fresh accuracy table).
 "$PYTHON" -m patchslim benchmark --which all --no-progress
 # fashion-swin's accuracy vs rho, window-aware methods in its default stage (~10 min)
 "$PYTHON" -m patchslim benchmark --which accuracy --model fashion-swin --tag _fashion_swin --no-progress

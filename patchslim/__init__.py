@@ -11,6 +11,7 @@ Public API::
 """
 
 from patchslim.errors import (  # noqa: F401
+    ExplanationError,
     ImageError,
     PatchslimError,
     PlanError,

@@ -198,6 +198,36 @@ def test_explain_page_runs_attributions(app):
     assert kept.endswith("%")
 
 
+def test_explain_page_scores_the_maps(app):
+    app.switch_page("app_pages/explain.py").run()
+    app.radio(key="explain_attribution").set_value("occlusion").run()
+    app.button[0].click().run()
+    assert not _exceptions(app)
+    assert app.radio(key="faithfulness_mode").options == ["Dropping its token", "Blurring its pixels"]
+    app.slider(key="faithfulness_steps").set_value(5).run()
+    app.button(key="faithfulness_run").click().run()
+    assert not _exceptions(app) and not app.error
+    table = app.dataframe[0].value
+    assert list(table["map"]) == ["CLS attention (last block)", "attention rollout", "gradient-weighted rollout",
+                                  "occlusion", "random (reference)"]
+    assert ((table["deletion_before"] >= 0) & (table["insertion_after"] <= 1)).all()
+    assert any("Deletion: the area under" in c.value for c in app.caption)
+    app.radio(key="faithfulness_mode").set_value("pixel").run()  # another mode: scored on demand again
+    assert not _exceptions(app) and not app.dataframe[1:]
+
+
+def test_explain_page_offers_pixel_mode_only_where_dropped_tokens_flow_on(app, monkeypatch):
+    from patchslim.adapters.vit import ViTAdapter
+
+    monkeypatch.setattr(ViTAdapter, "token_removal", False)
+    app.switch_page("app_pages/explain.py").run()
+    app.radio(key="explain_attribution").set_value("occlusion").run()
+    app.button[0].click().run()
+    assert not _exceptions(app)
+    assert app.radio(key="faithfulness_mode").options == ["Blurring its pixels"]
+    assert any("Token mode is not offered" in c.value and "pixel mode" in c.value for c in app.caption)
+
+
 def test_benchmark_page_runs_on_demand(app):
     app.switch_page("app_pages/benchmark.py").run()
     assert not _exceptions(app)

@@ -144,8 +144,8 @@ def test_which_all_is_every_benchmark_and_costs_the_cost_tables():
     def chosen(*argv):
         return list(configs(build_parser().parse_args(["benchmark", *argv])))
 
-    assert chosen("--which", "all") == list(BENCHMARKS) == ["accuracy", "audit_fashion", "figure1", "table2",
-                                                              "table1", "table3", "target", "ray_scale"]
+    assert chosen("--which", "all") == list(BENCHMARKS) == ["accuracy", "audit_fashion", "faithfulness", "figure1",
+                                                              "table2", "table1", "table3", "target", "ray_scale"]
     assert chosen() == list(GROUPS["costs"]) == ["figure1", "table2", "table1", "table3", "target"]
     assert chosen("--which", "target,accuracy") == ["accuracy", "target"]  # the accuracy table first
 
@@ -244,3 +244,20 @@ def test_received_attention_still_gets_the_full_map(fashion_random):
 
     explicit, prefix_rows = attention_blocks(plan, fashion_random.spec.depth)
     assert prefix_rows == set() and explicit == {a.attention_block for a in plan.resolve(fashion_random.spec.depth)}
+
+
+def test_faithfulness_table_names_its_command(tmp_path):
+    code = main(["benchmark", "--which", "faithfulness", "--out", str(tmp_path), "--data", "bundled", "--limit", "2",
+                 "--no-pretrained", "--steps", "3", "--methods", "attention", "--maps", "rollout,occlusion",
+                 "--no-progress"])
+    assert code == 0
+    record = json.loads((tmp_path / "faithfulness.json").read_text())
+    assert record["command"].startswith("python -m patchslim benchmark --which faithfulness ")
+    assert record["n"] == 2 and record["steps"] == 3 and record["modes"] == ["token", "pixel"]
+    kinds = {"rollout", "occlusion", "random"}
+    assert {(r["method"], r["mode"], r["map"]) for r in record["rows"]} == {
+        (m, mode, k) for m in ("unslimmed", "attention") for mode in ("token", "pixel") for k in kinds}
+    text = (tmp_path / "faithfulness.md").read_text()
+    assert f"Command: `{record['command']}`" in text and "| map | unslimmed | attention rho 0.5 |" in text
+    assert str(tmp_path) not in text and str(common.PACKAGE_ROOT) not in text
+    assert read(tmp_path / "faithfulness.csv")[0]["method"] == "unslimmed"

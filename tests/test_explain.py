@@ -230,7 +230,8 @@ def test_cli_writes_the_maps(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert 0.0 <= result["kept_evidence"] <= 1.0
     expected = {"overlay.png", "attention_before.png", "attention_after.png", "rollout_before.png",
-                "rollout_after.png", "attribution_before.png", "attribution_after.png"}
+                "rollout_after.png", "grad_rollout_before.png", "grad_rollout_after.png", "attribution_before.png",
+                "attribution_after.png"}
     assert set(result["files"]) == expected
     assert {p.name for p in out.iterdir()} == expected
 

@@ -13,8 +13,8 @@ settings = sidebar.current()
 model = settings.choice.model
 
 st.title("Explain")
-st.caption("Captum attributions of the unslimmed and the slimmed model for the same class, and the share of "
-           "the unslimmed model's evidence that slimming kept.")
+st.caption("Captum attributions and gradient-weighted rollout of the unslimmed and the slimmed model for the same "
+           "class, the share of the unslimmed model's evidence that slimming kept, and how faithful each map is.")
 _, no_class_token = compute.attention_views(model)
 if no_class_token:  # Swin: maps of the attention received in windows instead
     st.caption(f"Rollout and CLS attention are not offered: {no_class_token}.")
@@ -55,7 +55,9 @@ if run_col.button("Explain", type="primary", width="stretch") or result is not N
         if model.spec.hierarchical:
             st.caption("On a Swin no patch leaves the model (a token that sits a block out comes back for the "
                        "next), so every top patch is kept; the rank agreement shows how slimming moved them.")
-    if result is not None and model.spec.hierarchical:
+    if result is None:  # the attributions' panel said why
+        st.stop()
+    if model.spec.hierarchical:
         with panel("Attention received in the window"):
             pixels = state.model_input(settings.choice.key, picked.key, model, picked.image)
             kinds = {name: view.per_block for name, view in compute.WINDOW_ATTENTION_VIEWS.items()}
@@ -64,5 +66,29 @@ if run_col.button("Explain", type="primary", width="stretch") or result is not N
                                                    scope="window::")
             views.attention_pair(compute.attention_pair(model, pixels, result.baseline_trace, result.trace, kind,
                                                         block))
+    with panel("Gradient-weighted rollout"):
+        views.grad_rollout(compute.grad_rollout_pictures(result, picked.image, model), result.grad_rollout_refused)
+
+    st.subheader("Which map to believe?")
+    modes, refused = compute.faithfulness_modes(model)
+    mode_col, steps_col, score_col = st.columns([2, 2, 1], vertical_alignment="bottom")
+    mode = mode_col.radio("Remove a patch by", modes, key="faithfulness_mode", horizontal=True,
+                          format_func=lambda m: compute.MODE_LABELS[m])
+    steps = steps_col.slider("Steps of the curves", 5, 50, 20, 5, key="faithfulness_steps")
+    scored_key = ("faithfulness",) + key + (mode, steps)
+    scored = state.remembered(scored_key)
+    if score_col.button("Score the maps", key="faithfulness_run", width="stretch") or scored is not None:
+        with panel("Faithfulness"):
+            if scored is None:
+                with st.spinner("Deleting and inserting patches in the order of each map…"):
+                    scored = compute.faithfulness_scores(model, picked.image, result, mode, steps)
+                state.remember(scored_key, scored)
+            phase = st.radio("Curves of", ("after", "before"), key="faithfulness_phase", horizontal=True,
+                             format_func=lambda p: "the slimmed model" if p == "after" else "the unslimmed model")
+            views.faithfulness(compute.faithfulness_rows(scored), compute.faithfulness_figure(scored, mode, phase),
+                               refused)
+    else:
+        st.caption("Deletion and insertion scores: a few dozen batched forwards per map and model. "
+                   + " ".join(f"{m.capitalize()} mode is not offered: {r}." for m, r in refused.items()))
 else:
     st.info("Attributions take a few seconds to a minute (each is dozens of forwards): press **Explain**.")

@@ -3,6 +3,7 @@ benchmark --which NAME``; ``--which all`` writes every one of them).
 
 - ``accuracy``: top-1 vs keep ratio rho for every method on the bundled model (the survey's Table 2, our model);
 - ``audit_fashion``: the worked audit example (per-group and per-class accuracy drop, disparity flags);
+- ``faithfulness``: deletion and insertion scores of every map kind, before and after slimming;
 - ``figure1``: FLOPs reduction against the keep ratio rho, per method (analytic);
 - ``table2``: FLOPs and memory reduction beside the accuracy table's top-1;
 - ``table1``: input dependence, selection overhead (ms, % of the slimmed forward), accuracy loss;
@@ -19,6 +20,7 @@ progress bar); ``result.write(out, command)`` writes its files, each naming the 
 from patchslim.benchmarks.accuracy import AccuracyConfig, run_accuracy  # noqa: F401
 from patchslim.benchmarks.audit_fashion import AuditFashionConfig, run_audit_fashion  # noqa: F401
 from patchslim.benchmarks.common import BenchmarkResult, write_result  # noqa: F401
+from patchslim.benchmarks.faithfulness import FaithfulnessConfig, run_faithfulness  # noqa: F401
 from patchslim.benchmarks.figure1 import Figure1Config, run_figure1  # noqa: F401
 from patchslim.benchmarks.ray_scale import RayScaleConfig, run_ray_scale  # noqa: F401
 from patchslim.benchmarks.table1 import Table1Config, run_table1  # noqa: F401
@@ -31,6 +33,7 @@ from patchslim.benchmarks.target import TargetConfig, run_target  # noqa: F401
 BENCHMARKS = {
     "accuracy": (AccuracyConfig, run_accuracy),
     "audit_fashion": (AuditFashionConfig, run_audit_fashion),
+    "faithfulness": (FaithfulnessConfig, run_faithfulness),
     "figure1": (Figure1Config, run_figure1),
     "table2": (Table2Config, run_table2),
     "table1": (Table1Config, run_table1),

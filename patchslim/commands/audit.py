@@ -7,6 +7,7 @@ import shlex
 import sys
 
 from patchslim.commands.common import add_model_arguments
+from patchslim.commands.faithfulness_options import add_faithfulness_arguments
 from patchslim.data import LAYOUTS, LIMIT_HELP, SOURCES_HELP
 
 NAME = "audit"
@@ -50,6 +51,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fresh", action="store_true", help="discard the parts of an earlier audit in --out")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--json", action="store_true", help="print one JSON object (the report)")
+    add_faithfulness_arguments(parser, maps_default="auto")
     add_ray_arguments(parser)
 
 
@@ -91,8 +93,10 @@ def main(args) -> int:
     from patchslim.audit.sources import parse_groupings
     from patchslim.cli import parse_opts
     from patchslim.commands.common import load_model_from_args
+    from patchslim.commands.faithfulness_options import check_faithfulness_arguments, faithfulness_over
     from patchslim.data import load_labelled
     from patchslim.evaluate import parse_keep_ratios, parse_variants
+    from patchslim.explain.faithfulness_report import write_faithfulness
 
     variants = parse_variants(args.methods, parse_opts(args.opt))
     ratios = parse_keep_ratios(args.keep)
@@ -100,6 +104,7 @@ def main(args) -> int:
     model = load_model_from_args(args)
     data = load_labelled(args.data, model, layout=args.layout).subset(args.limit)
     groupings = parse_groupings(args.groups, data)
+    check_faithfulness_arguments(args, model)
     if args.fresh:
         clear_parts(args.out)
     job = AuditJob(model, data, audit_plans(variants, ratios, args.seed), args.out, batch_size=args.batch_size,
@@ -134,12 +139,22 @@ def main(args) -> int:
         if sys.argv and sys.argv[0].endswith("__main__.py") else ""
     report = build_report(job, groupings, n_boot=args.bootstrap, command=command, failed=failed)
     written = write_report(report, args.out, plotly=args.plotly)
+    faithfulness = None
+    if args.faithfulness:  # over the same images and plans, written beside the report
+        faithfulness = faithfulness_over(args, model, data, [(p.method, p.keep_ratio, p.plan) for p in job.plans],
+                                         not args.no_progress)
+        written.update({f"faithfulness_{k}": v for k, v in write_faithfulness(
+            faithfulness, args.out, command=command or None, title="Faithfulness of the maps (audit)").items()})
     if args.json:
         record = report.to_dict()
+        if faithfulness is not None:
+            record["faithfulness"] = faithfulness.to_dict()
         record["written_files"] = {k: str(v) for k, v in written.items()}
         print(json.dumps(record))
         return 1 if failed else 0
     print(markdown_summary(report))
+    if faithfulness is not None:
+        print(faithfulness.markdown())
     if summary.reused:
         print(f"resumed: {summary.reused} of {summary.shards} shard(s) were already done")
     for kind, path in written.items():

@@ -15,7 +15,8 @@ import json
 import shlex
 
 NAME = "benchmark"
-HELP = ("Write the committed tables: accuracy vs rho (accuracy), the worked audit (audit_fashion), latency vs "
+HELP = ("Write the committed tables: accuracy vs rho (accuracy), the worked audit (audit_fashion), faithfulness of "
+        "the maps before and after slimming (faithfulness), latency vs "
         "ideal speed-up (table3), FLOPs vs rho (figure1), selection overhead (table1), FLOPs and memory "
         "reduction (table2), the performance target (target), audits on Ray vs the local runner (ray_scale).")
 
@@ -33,19 +34,20 @@ def add_arguments(parser) -> None:
                         help="table3: comma-separated models (default: ViT-B/16, DeiT-S, DeiT-Ti)")
     parser.add_argument("--model", default=None,
                         help="figure1, table1, target: the model (default: deit_small_patch16_224); accuracy, "
-                             "audit_fashion: the model (default: fashion-vit, trained weights)")
+                             "audit_fashion, faithfulness: the model (default: fashion-vit, trained weights)")
     parser.add_argument("--memory-model", default=None,
                         help="table2: the model (default: the accuracy table's, else fashion-vit)")
     parser.add_argument("--methods", default=None,
                         help="comma-separated method labels, METHOD@B to act at block B (default: every method; "
                              "table2: the accuracy table's; accuracy: every method and the placements it "
-                             "compares; audit_fashion: random,uniform,attention,evit,tome)")
+                             "compares; audit_fashion: random,uniform,attention,evit,tome; faithfulness: "
+                             "attention,tome)")
     parser.add_argument("--target-methods", default=None, help="target: method labels (default: input pruning "
                         "methods at block 0, evit@3+6+9, attention@3+6+9)")
     parser.add_argument("--keep", type=float, default=0.5, help="table3, table1, target: keep ratio rho")
     parser.add_argument("--ratios", default=None,
-                        help="figure1, table2, accuracy, audit_fashion: comma-separated keep ratios (default: "
-                             "0.1..1.0 / the accuracy table's / 1.0,0.9,0.7,0.5,0.3 / 0.7,0.5,0.3)")
+                        help="figure1, table2, accuracy, audit_fashion, faithfulness: comma-separated keep ratios "
+                             "(default: 0.1..1.0 / the accuracy table's / 1.0,0.9,0.7,0.5,0.3 / 0.7,0.5,0.3 / 0.5)")
     parser.add_argument("--batch-sizes", default="1,32", help="table3, table1: comma-separated batch sizes")
     parser.add_argument("--batch", type=int, default=32, help="target: batch size; table2: the larger memory batch")
     parser.add_argument("--repeats", type=int, default=None,
@@ -57,12 +59,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-pretrained", action="store_true",
                         help="table2, accuracy, audit_fashion: random weights even when a checkpoint exists")
     parser.add_argument("--data", default="fashion-mnist",
-                        help="accuracy, audit_fashion: labelled images (fashion-mnist: the 10,000 canvas test "
-                             "images; bundled: the 500 shipped; or a folder, CSV manifest or zip)")
+                        help="accuracy, audit_fashion, faithfulness: labelled images (fashion-mnist: the 10,000 "
+                             "canvas test images; bundled: the 500 shipped; or a folder, CSV manifest or zip)")
     parser.add_argument("--limit", type=int, default=None,
-                        help="accuracy, audit_fashion: at most N images (evenly spaced)")
+                        help="accuracy, audit_fashion, faithfulness: at most N images (evenly spaced; faithfulness "
+                             "default 500)")
+    parser.add_argument("--steps", type=int, default=20, help="faithfulness: steps of the deletion / insertion curves")
+    parser.add_argument("--maps", default=None,
+                        help="faithfulness: comma-separated map kinds (default: attention,rollout,grad_rollout,ig,"
+                             "occlusion)")
     parser.add_argument("--eval-batch-size", type=int, default=None,
-                        help="accuracy, audit_fashion: images per forward (default 500 / 250)")
+                        help="accuracy, audit_fashion, faithfulness: images per forward (default 500 / 250 / 50)")
     parser.add_argument("--work", default=None,
                         help="audit_fashion: folder for the audit's resumable parts (default: "
                              "runs/benchmark_audit_fashion)")
@@ -98,8 +105,8 @@ def configs(args) -> dict:
     """name -> config of every benchmark ``--which`` selects, filled from the arguments."""
     from pathlib import Path
 
-    from patchslim.benchmarks import (AccuracyConfig, AuditFashionConfig, Figure1Config, Table1Config,
-                                      Table2Config, Table3Config, TargetConfig)
+    from patchslim.benchmarks import (AccuracyConfig, AuditFashionConfig, FaithfulnessConfig, Figure1Config,
+                                      Table1Config, Table2Config, Table3Config, TargetConfig)
     from patchslim.benchmarks.common import parse_list
     from patchslim.errors import PatchslimError
 
@@ -130,6 +137,9 @@ def configs(args) -> dict:
         "accuracy": lambda: AccuracyConfig(**labelled),
         "audit_fashion": lambda: AuditFashionConfig(**labelled, resume=args.resume,
                                                     **({"work": args.work} if args.work else {})),
+        "faithfulness": lambda: FaithfulnessConfig(**dict(labelled, limit=args.limit or FaithfulnessConfig.limit),
+                                                   steps=args.steps, **({"kinds": tuple(parse_list(args.maps))}
+                                                                        if args.maps else {})),
         "figure1": lambda: Figure1Config(model=model, methods=methods,
                                          **({"keep_ratios": ratios} if ratios else {})),
         "table2": lambda: Table2Config(model=args.memory_model, methods=methods, keep_ratios=ratios,

@@ -7,10 +7,12 @@ import math
 from pathlib import Path
 
 from patchslim.commands.common import add_model_arguments, add_plan_arguments
+from patchslim.commands.faithfulness_options import add_faithfulness_arguments
 
 NAME = "explain"
-HELP = ("Explain one image before and after slimming: write overlay, attention, rollout and attribution "
-        "maps as PNG files and report how much of the model's evidence the slimming kept.")
+HELP = ("Explain one image before and after slimming: write overlay, attention, rollout, gradient-weighted "
+        "rollout and attribution maps as PNG files, report how much of the model's evidence the slimming kept "
+        "and, with --faithfulness, how faithful each map is (deletion / insertion scores).")
 
 
 def add_arguments(parser) -> None:
@@ -25,10 +27,12 @@ def add_arguments(parser) -> None:
                         help="top share of patches by attribution that counts as the evidence")
     parser.add_argument("--block", type=int, default=-1, help="block of the attention maps (-1: the last)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_faithfulness_arguments(parser)
 
 
 def main(args) -> int:
     from patchslim.commands.common import load_model_from_args, plan_from_args
+    from patchslim.commands.faithfulness_options import check_faithfulness_arguments
     from patchslim.errors import PatchslimError
     from patchslim.explain import explain
     from patchslim.images import open_image
@@ -45,11 +49,13 @@ def main(args) -> int:
     model = load_model_from_args(args)
     if not -model.spec.depth <= args.block < model.spec.depth:
         raise PatchslimError(f"--block must be in -{model.spec.depth}..{model.spec.depth - 1}, got {args.block}")
+    check_faithfulness_arguments(args, model)
     attribution = None if args.attribution == "none" else args.attribution
     options = {"n_steps": args.steps} if attribution == "ig" else {}
     progress = None if args.json else _progress_bar()
     result = explain(model, image, plan, attribution=attribution, share=args.share, attention_block=args.block,
-                     progress=progress, **options)
+                     progress=progress, faithfulness=args.faithfulness, faithfulness_steps=args.faithfulness_steps,
+                     **options)
     if progress is not None:
         progress(None, None)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,9 +81,12 @@ def main(args) -> int:
         top5_after=[dict(label=label, prob=prob) for label, prob in result.trace.top_k(5)],
         attribution_seconds=None if result.attribution_before is None else dict(
             before=result.attribution_before.seconds, after=result.attribution_after.seconds),
+        grad_rollout_refused=result.grad_rollout_refused or None,
         out=str(out),
         files=files,
     )
+    if result.faithfulness is not None:
+        summary["faithfulness"] = result.faithfulness.to_dict()
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -86,8 +95,24 @@ def main(args) -> int:
     basis = summary["evidence_basis"]
     print(f"kept evidence: {ev.top_kept} of the top {ev.top_count} patches by {basis} kept "
           f"({ev.kept_evidence:.0%}); rank agreement (Spearman) {ev.spearman:.3f}")
+    if result.faithfulness is not None:
+        print(faithfulness_text(result.faithfulness))
     print(f"wrote {len(files)} files to {out}: {', '.join(files)}")
     return 0
+
+
+def faithfulness_text(faithfulness) -> str:
+    """The scores as a small table per mode: deletion (lower is better) and insertion (higher is better)."""
+    lines = [f"faithfulness ({faithfulness.steps} steps, class {faithfulness.target}; deletion: lower is better, "
+             "insertion: higher is better; random: the mean of 5 random rankings):"]
+    for mode, reason in faithfulness.refused.items():
+        lines.append(f"  {mode} mode left out: {reason}")
+    for mode in faithfulness.modes:
+        lines.append(f"  {mode} mode        deletion before / after   insertion before / after")
+        for row in (r for r in faithfulness.rows() if r["mode"] == mode):
+            lines.append(f"    {row['map']:<14} {row['deletion_before']:>8.3f} / {row['deletion_after']:<8.3f}"
+                         f"      {row['insertion_before']:>8.3f} / {row['insertion_after']:<8.3f}")
+    return "\n".join(lines)
 
 
 def write_pictures(result, image, model, out: Path, method: str, keep: float) -> list[str]:
@@ -123,6 +148,9 @@ def write_pictures(result, image, model, out: Path, method: str, keep: float) ->
     if result.rollout_before is not None:
         pairs.append(("rollout", result.rollout_before, result.rollout_after, "inferno",
                       "attention rollout from CLS", "rollout"))
+    if result.grad_rollout_before is not None:
+        pairs.append(("grad_rollout", result.grad_rollout_before, result.grad_rollout_after, "inferno",
+                      f"gradient-weighted rollout, class {result.target_label!r}", "relevance"))
     if result.attribution_before is not None:
         kind = "Integrated Gradients" if result.attribution_before.method == "integrated_gradients" else "occlusion"
         pairs.append(("attribution", result.attribution_before.grid, result.attribution_after.grid, "RdBu_r",

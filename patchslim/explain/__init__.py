@@ -8,14 +8,17 @@ dropped. :func:`explain` runs the whole comparison for one image (unslimmed vs s
     result.evidence.kept_evidence, result.rollout_after, result.attribution_after.grid
 
 Modules: :mod:`~patchslim.explain.attention` (CLS attention maps, rollout through changing token sets),
+:mod:`~patchslim.explain.grad_rollout` (Chefer et al.'s gradient-weighted rollout),
 :mod:`~patchslim.explain.attribution` (Integrated Gradients and per-patch occlusion with captum),
-:mod:`~patchslim.explain.evidence` (kept evidence, rank agreement).
+:mod:`~patchslim.explain.evidence` (kept evidence, rank agreement), :mod:`~patchslim.explain.maps` (every map kind
+for a batch), :mod:`~patchslim.explain.faithfulness` (deletion / insertion scores of the maps, token and pixel
+modes).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -42,6 +45,23 @@ from patchslim.explain.attribution import (  # noqa: F401
     per_patch,
 )
 from patchslim.explain.evidence import EvidenceReport, evidence_report, kept_evidence, spearman, top_patches  # noqa: F401
+from patchslim.explain.faithfulness import (  # noqa: F401
+    DEFAULT_STEPS,
+    Faithfulness,
+    MapScores,
+    compare,
+    curve_area,
+    perturbation_curves,
+    score_maps,
+)
+from patchslim.explain.grad_rollout import (  # noqa: F401
+    GradientRollout,
+    gradient_refusal,
+    gradient_rollout,
+    gradient_weighted_attention,
+    relevance_product,
+)
+from patchslim.explain.maps import MAP_KINDS, patch_maps  # noqa: F401
 
 
 @dataclass
@@ -59,6 +79,10 @@ class Explanation:
         attribution_before, attribution_after: per-patch attributions (None if not asked for).
         evidence: kept evidence and rank agreement (by attribution; by rollout without attributions).
         baseline_trace, trace: the Traces of the unslimmed and the slimmed forward.
+        grad_rollout_before, grad_rollout_after: ``[rows, cols]`` gradient-weighted rollout for the target
+            class (None when the model cannot give it: ``grad_rollout_refused`` says why).
+        grad_rollout_refused: why there is no gradient-weighted rollout ("" when there is).
+        faithfulness: deletion / insertion scores of every map before and after (None if not asked for).
     """
 
     target: int
@@ -73,11 +97,32 @@ class Explanation:
     evidence: EvidenceReport
     baseline_trace: Any
     trace: Any
+    grad_rollout_before: np.ndarray | None = None
+    grad_rollout_after: np.ndarray | None = None
+    grad_rollout_refused: str = ""
+    faithfulness: Faithfulness | None = None
+
+    def maps(self, phase: str = "after") -> dict[str, np.ndarray]:
+        """Every map of the unslimmed (``"before"``) or the slimmed (``"after"``) model, by kind
+        (:data:`~patchslim.explain.maps.MAP_KINDS`)."""
+        if phase not in ("before", "after"):
+            raise ValueError(f"phase must be 'before' or 'after', got {phase!r}")
+        if self.rollout_before is None:  # no class token (Swin): the attention map is the one received in windows
+            maps = {"window_attention": getattr(self, f"attention_{phase}")}
+        else:
+            maps = {"attention": getattr(self, f"attention_{phase}"), "rollout": getattr(self, f"rollout_{phase}")}
+        if self.grad_rollout_before is not None:
+            maps["grad_rollout"] = getattr(self, f"grad_rollout_{phase}")
+        attribution = getattr(self, f"attribution_{phase}")
+        if attribution is not None:
+            maps["ig" if attribution.method == "integrated_gradients" else "occlusion"] = attribution.grid
+        return maps
 
 
 def explain(model, image, plan=None, attribution: str | None = "ig", share: float = 0.1,
             attention_block: int = -1, head_fusion: str = "mean", prefix_row: int = 0, target: int | None = None,
-            progress: Callable[[int, int], None] | None = None, **attribution_options: Any) -> Explanation:
+            progress: Callable[[int, int], None] | None = None, faithfulness: str | Sequence[str] | None = None,
+            faithfulness_steps: int = DEFAULT_STEPS, **attribution_options: Any) -> Explanation:
     """Explains one image with and without the plan's slimming.
 
     Args:
@@ -91,6 +136,9 @@ def explain(model, image, plan=None, attribution: str | None = "ig", share: floa
         prefix_row: 0 for CLS; 1 for a distilled model's distillation token.
         target: class to explain (None: the unslimmed model's prediction).
         progress: ``progress(done, total)`` over both attributions.
+        faithfulness: also score every map by deletion and insertion in these modes (``"both"``: every mode the
+            architecture allows; ``"token"``, ``"pixel"``), before and after (None: not scored).
+        faithfulness_steps: the curves' steps.
         attribution_options: passed to the attribution (``n_steps``, ``internal_batch_size``,
             ``perturbations_per_eval``, ``baseline``).
     """
@@ -101,9 +149,22 @@ def explain(model, image, plan=None, attribution: str | None = "ig", share: floa
     x = model.preprocess(image)
     if x.shape[0] != 1:
         raise ValueError(f"explain takes one image, got a batch of {x.shape[0]}")
-    baseline_trace = run(model, x, SlimPlan(attention_blocks="all"))
-    trace = run(model, x, plan.with_attention("all"))
-    target = int(baseline_trace.logits[0].argmax()) if target is None else int(target)
+    if faithfulness is not None:
+        from patchslim.explain.faithfulness import check_steps, resolve_modes
+
+        resolve_modes(model, faithfulness)  # refuse bad modes and steps before any work
+        check_steps(faithfulness_steps, model.spec.num_patches)
+    refused = gradient_refusal(model)
+    grad_before = grad_after = None
+    if refused:
+        baseline_trace = run(model, x, SlimPlan(attention_blocks="all"))
+        trace = run(model, x, plan.with_attention("all"))
+        target = int(baseline_trace.logits[0].argmax()) if target is None else int(target)
+    else:  # the gradient forwards keep every block's attention: they serve the other maps too
+        grad_before = gradient_rollout(model, x, None, target, prefix_row)
+        target = grad_before.targets[0]
+        grad_after = gradient_rollout(model, x, plan, target, prefix_row)
+        baseline_trace, trace = grad_before.trace, grad_after.trace
     block = attention_block % model.spec.depth
     before = after = None
     if attribution is not None:
@@ -127,7 +188,7 @@ def explain(model, image, plan=None, attribution: str | None = "ig", share: floa
         attention_before if rollout_before is None else rollout_before)
     importance_after = after.grid if after is not None else (attention_after if rollout_after is None else rollout_after)
     names = model.class_names
-    return Explanation(
+    result = Explanation(
         target=target,
         target_label=names[target] if target < len(names) else str(target),
         attention_block=block,
@@ -140,4 +201,11 @@ def explain(model, image, plan=None, attribution: str | None = "ig", share: floa
         evidence=evidence_report(importance_before, importance_after, trace, share),
         baseline_trace=baseline_trace,
         trace=trace,
+        grad_rollout_before=None if grad_before is None else grad_before.grids[0],
+        grad_rollout_after=None if grad_after is None else grad_after.grids[0],
+        grad_rollout_refused=refused or "",
     )
+    if faithfulness is not None:
+        result.faithfulness = compare(model, x, plan, result.maps("before"), result.maps("after"), modes=faithfulness,
+                                      steps=faithfulness_steps, target=target)
+    return result

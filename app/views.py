@@ -216,7 +216,8 @@ def method_grid(cards: list[compute.MethodCard], columns: int = 4) -> None:
                 st.markdown(f"**{card.label}** {card.probability:.0%} · {flip}")
                 if card.budget is not None:
                     st.markdown(f"ρ needed **{card.keep_ratio:.3g}** · {card.gmacs:.3g} GMACs "
-                                f"({1 - card.gmacs_reduction:.3f} of unslimmed) · ρ reached {card.keep_ratio_reached:.2f}")
+                                f"({1 - card.gmacs_reduction:.3f} of unslimmed) · "
+                                f"ρ reached {card.keep_ratio_reached:.2f}")
                 else:
                     st.markdown(f"{card.gmacs:.3g} GMACs ({-card.gmacs_reduction:+.0%}) · "
                                 f"ρ reached {card.keep_ratio_reached:.2f}")

@@ -156,12 +156,12 @@ def search(cost: Callable[[float], float], budget: float, knob: Knob, tolerance:
            samples: int = SAMPLES, prefer_high: bool = True) -> SearchResult:
     """The knob value whose cost is nearest ``budget``, within ``tolerance`` of it (relative).
 
-    ``cost`` is sampled at ``samples`` evenly spaced values (and next to both ends); every pair of neighbours whose costs lie on both sides
-    of the budget is bisected until the bracket is as narrow as the knob allows. So a cost that is monotone between
-    samples (a step function of token counts is) is solved exactly, and one that is not monotone over the whole
-    range (a method whose own work vanishes at one end) is searched in each of its monotone stretches. Ties are
-    broken towards the higher knob value (``prefer_high``: more tokens kept for a keep ratio), then a value with
-    fewer decimals and the same cost replaces it (0.42 rather than 0.4197).
+    ``cost`` is sampled at ``samples`` evenly spaced values (and next to both ends); every pair of neighbours whose
+    costs lie on both sides of the budget is bisected until the bracket is as narrow as the knob allows. So a cost
+    that is monotone between samples (a step function of token counts is) is solved exactly, and one that is not
+    monotone over the whole range (a method whose own work vanishes at one end) is searched in each of its monotone
+    stretches. Ties are broken towards the higher knob value (``prefer_high``: more tokens kept for a keep ratio),
+    then a value with fewer decimals and the same cost replaces it (0.42 rather than 0.4197).
 
     Args:
         cost: knob value -> cost as a fraction of the unslimmed cost (a pure function; it is called once per value).
@@ -488,8 +488,8 @@ def plan_for_budget(model: Any, method: str, budget: float, blocks: tuple[int, .
         fixed = _options_fixing_cost(model, method, stage, knob, exc.reachable)
         if fixed:
             raise BudgetError(f"{what} costs {exc.reachable[0]:.3f} of the unslimmed GMACs whatever its "
-                              f"{knob.name.replace('_', ' ')} with {fixed} set: that option fixes the count, so leave it unset for a "
-                              "budget") from None
+                              f"{knob.name.replace('_', ' ')} with {fixed} set: that option fixes the count, so "
+                              "leave it unset for a budget") from None
         raise
 
 

@@ -348,3 +348,33 @@ def test_evaluate_command_with_budgets(capsys):
     assert {(r["method"], r["budget"]) for r in record["rows"]} == {("uniform", 0.6), ("uniform", 0.3),
                                                                     ("tome", 0.6)}
     assert "tome at budget 0.3" in record["refused"]
+
+
+def test_the_budgets_benchmark_ranks_at_half_the_gmacs_and_names_its_command(tmp_path, capsys):
+    code, _, err = cli(capsys, "benchmark", "--which", "budgets", "--out", str(tmp_path), "--data", "bundled",
+                       "--limit", "16", "--methods", "random,tome", "--budgets", "0.7,0.5,0.35", "--no-pretrained",
+                       "--no-png", "--no-progress")
+    assert code == 0, err
+    record = json.loads((tmp_path / "budgets.json").read_text())
+    assert record["command"].startswith("python -m patchslim benchmark --which budgets ")
+    text = (tmp_path / "budgets.md").read_text()
+    assert f"Command: `{record['command']}`" in text and "Methods ranked by top-1 at a budget of 0.5" in text
+    assert "tome at budget 0.35" in record["refused"] and "Target (at 0.5 of the unslimmed GMACs" in text
+    ranked = [line.split(" | ")[1] for line in text.splitlines() if line.startswith(("| 1 | ", "| 2 | "))]
+    top = {r["method"]: r["top1"] for r in record["rows"] if r["budget"] == 0.5}
+    assert ranked == sorted(top, key=lambda m: -top[m])
+
+
+def test_the_target_investigation_chooses_on_training_canvases(fashion_random):
+    from patchslim.benchmarks.budget_target import CANDIDATES, BudgetTargetConfig, run_budget_target
+
+    config = BudgetTargetConfig(pretrained=False, data="bundled", limit=12, selection_images=24, finalists=1,
+                                candidates=CANDIDATES[:2] + (CANDIDATES[-4],))
+    result = run_budget_target(config)
+    rows = [r for r in result.rows if r.get("rank")]
+    assert [r["rank"] for r in rows] == [1, 2, 3]
+    assert [r["selection_top1"] for r in rows] == sorted((r["selection_top1"] for r in rows), reverse=True)
+    assert all(abs(r["reached"] / 0.5 - 1) <= 0.02 for r in rows)
+    tested = [r for r in rows if r["test_top1"] is not None]
+    assert len(tested) == 1 and tested[0]["rank"] == 1  # only the chosen finalist saw the test images
+    assert "Chosen on the selection images" in result.body and "training split" in result.body

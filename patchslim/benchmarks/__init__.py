@@ -3,6 +3,8 @@ benchmark --which NAME``; ``--which all`` writes every one of them).
 
 - ``accuracy``: top-1 vs keep ratio rho for every method on the bundled model (the survey's Table 2, our model);
 - ``budgets``: top-1 of every method at equal cost (budgets of 0.7 / 0.5 / 0.35 of the unslimmed GMACs), ranked;
+- ``budget_target``: the equal-cost target investigated (training-free plan families at 0.5 of the GMACs, chosen on
+  training canvases, the best run on the test set);
 - ``audit_fashion``: the worked audit example (per-group and per-class accuracy drop, disparity flags);
 - ``figure1``: FLOPs reduction against the keep ratio rho, per method (analytic);
 - ``table2``: FLOPs and memory reduction beside the accuracy table's top-1;
@@ -19,6 +21,7 @@ progress bar); ``result.write(out, command)`` writes its files, each naming the 
 
 from patchslim.benchmarks.accuracy import AccuracyConfig, run_accuracy  # noqa: F401
 from patchslim.benchmarks.audit_fashion import AuditFashionConfig, run_audit_fashion  # noqa: F401
+from patchslim.benchmarks.budget_target import BudgetTargetConfig, run_budget_target  # noqa: F401
 from patchslim.benchmarks.budgets import BudgetsConfig, run_budgets  # noqa: F401
 from patchslim.benchmarks.common import BenchmarkResult, write_result  # noqa: F401
 from patchslim.benchmarks.figure1 import Figure1Config, run_figure1  # noqa: F401
@@ -33,6 +36,7 @@ from patchslim.benchmarks.target import TargetConfig, run_target  # noqa: F401
 BENCHMARKS = {
     "accuracy": (AccuracyConfig, run_accuracy),
     "budgets": (BudgetsConfig, run_budgets),
+    "budget_target": (BudgetTargetConfig, run_budget_target),
     "audit_fashion": (AuditFashionConfig, run_audit_fashion),
     "figure1": (Figure1Config, run_figure1),
     "table2": (Table2Config, run_table2),

@@ -131,8 +131,9 @@ def ranked_markdown(result, budget: float) -> str:
             + f" | loss at {budget:g} (points) | " + " | ".join(f"rho at {c:g}" for c in columns) + " |")
     lines = [f"Methods ranked by top-1 at a budget of {budget:g} of the unslimmed GMACs (unslimmed top-1 "
              f"{100 * result.baseline_top1:.2f} %). Each cell is the method's plan that costs the budget within 2 %; "
-             "\"rho\" is the keep ratio it needed, with the rho reached after the last block in brackets; n/a: no plan of the method meets that budget at its default placement "
-             "(why below).", "", head, "|---:|---|---|" + "---:|" * (2 * len(columns) + 1)]
+             "\"rho\" is the keep ratio it needed, with the rho reached after the last block in brackets; n/a: no "
+             "plan of the method meets that budget at its default placement (why below).", "", head,
+             "|---:|---|---|" + "---:|" * (2 * len(columns) + 1)]
     for rank, entry in enumerate(ranked, 1):
         top = [("n/a" if entry["cells"].get(c) is None else f"{100 * entry['cells'][c]['top1']:.2f}") for c in columns]
         rho = [("n/a" if entry["cells"].get(c) is None else

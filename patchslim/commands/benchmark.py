@@ -15,7 +15,8 @@ import json
 import shlex
 
 NAME = "benchmark"
-HELP = ("Write the committed tables: accuracy vs rho (accuracy), accuracy at equal cost (budgets), the worked audit (audit_fashion), latency vs "
+HELP = ("Write the committed tables: accuracy vs rho (accuracy), accuracy at equal cost (budgets) and the target at "
+        "half the GMACs investigated (budget_target), the worked audit (audit_fashion), latency vs "
         "ideal speed-up (table3), FLOPs vs rho (figure1), selection overhead (table1), FLOPs and memory "
         "reduction (table2), the performance target (target), audits on Ray vs the local runner (ray_scale).")
 
@@ -33,7 +34,7 @@ def add_arguments(parser) -> None:
                         help="table3: comma-separated models (default: ViT-B/16, DeiT-S, DeiT-Ti)")
     parser.add_argument("--model", default=None,
                         help="figure1, table1, target: the model (default: deit_small_patch16_224); accuracy, "
-                             "budgets, audit_fashion: the model (default: fashion-vit, trained weights)")
+                             "budgets, budget_target, audit_fashion: the model (default: fashion-vit, trained weights)")
     parser.add_argument("--memory-model", default=None,
                         help="table2: the model (default: the accuracy table's, else fashion-vit)")
     parser.add_argument("--methods", default=None,
@@ -58,15 +59,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--accuracy", default=None,
                         help="the accuracy table to join (default: OUT/accuracy.csv)")
     parser.add_argument("--no-pretrained", action="store_true",
-                        help="table2, accuracy, budgets, audit_fashion: random weights even when a checkpoint "
-                             "exists")
+                        help="table2, accuracy, budgets, budget_target, audit_fashion: random weights even when a "
+                             "checkpoint exists")
     parser.add_argument("--data", default="fashion-mnist",
-                        help="accuracy, budgets, audit_fashion: labelled images (fashion-mnist: the 10,000 canvas test "
-                             "images; bundled: the 500 shipped; or a folder, CSV manifest or zip)")
+                        help="accuracy, budgets, budget_target, audit_fashion: labelled images (fashion-mnist: the "
+                             "10,000 canvas test images; bundled: the 500 shipped; or a folder, CSV manifest or zip)")
     parser.add_argument("--limit", type=int, default=None,
-                        help="accuracy, budgets, audit_fashion: at most N images (evenly spaced)")
+                        help="accuracy, budgets, budget_target, audit_fashion: at most N images (evenly spaced)")
     parser.add_argument("--eval-batch-size", type=int, default=None,
-                        help="accuracy, budgets, audit_fashion: images per forward (default 500 / 500 / 250)")
+                        help="accuracy, budgets, budget_target, audit_fashion: images per forward (default 500, "
+                             "audit_fashion 250)")
     parser.add_argument("--work", default=None,
                         help="audit_fashion: folder for the audit's resumable parts (default: "
                              "runs/benchmark_audit_fashion)")
@@ -102,8 +104,8 @@ def configs(args) -> dict:
     """name -> config of every benchmark ``--which`` selects, filled from the arguments."""
     from pathlib import Path
 
-    from patchslim.benchmarks import (AccuracyConfig, AuditFashionConfig, BudgetsConfig, Figure1Config,
-                                      Table1Config, Table2Config, Table3Config, TargetConfig)
+    from patchslim.benchmarks import (AccuracyConfig, AuditFashionConfig, BudgetsConfig, BudgetTargetConfig,
+                                      Figure1Config, Table1Config, Table2Config, Table3Config, TargetConfig)
     from patchslim.budget import parse_budgets
     from patchslim.benchmarks.common import parse_list
     from patchslim.errors import PatchslimError
@@ -136,6 +138,8 @@ def configs(args) -> dict:
         "accuracy": lambda: AccuracyConfig(**labelled),
         "budgets": lambda: BudgetsConfig(**{k: v for k, v in labelled.items() if k != "keep_ratios"},
                                          **({"budgets": budgets} if budgets else {})),
+        "budget_target": lambda: BudgetTargetConfig(
+            **{k: v for k, v in labelled.items() if k in ("model", "pretrained", "data", "limit", "batch_size")}),
         "audit_fashion": lambda: AuditFashionConfig(**labelled, resume=args.resume,
                                                     **({"work": args.work} if args.work else {})),
         "figure1": lambda: Figure1Config(model=model, methods=methods,

@@ -250,6 +250,26 @@ def slimmed(model: patchslim.LoadedModel, image: Image.Image | torch.Tensor, met
     return _timed_run(model, image, plan_for(method, keep_ratio, options), with_baseline=True)
 
 
+def plan_at_budget(model: patchslim.LoadedModel, method: str, budget: float) -> "patchslim.BudgetSolution":
+    """The method's plan (default options and placement) that costs ``budget`` of the unslimmed GMACs, keeping
+    attention in every block as :func:`plan_for` does (the search itself is cached by the engine per model shape).
+
+    Raises:
+        BudgetError: a budget the method cannot reach at its default placement (the message gives what it can).
+    """
+    return patchslim.plan_for_budget(model, method, budget, attention_blocks="all")
+
+
+def slimmed_at_budget(model: patchslim.LoadedModel, image: Image.Image | torch.Tensor, method: str,
+                      budget: float) -> Timed:
+    """The forward under the method's plan at a compute budget (see :func:`plan_at_budget`).
+
+    Raises:
+        BudgetError: as :func:`plan_at_budget`.
+    """
+    return _timed_run(model, image, plan_at_budget(model, method, budget).plan)
+
+
 # --------------------------------------------------------------------------- readouts
 
 @dataclass(frozen=True)
@@ -448,8 +468,9 @@ class MethodCard:
         overlay: the kept / dropped / merged overlay with its legend.
         label, probability: the slimmed top-1 class and its probability.
         flipped: the top-1 differs from the unslimmed model's.
-        keep_ratio: the rho asked for; keep_ratio_reached: the rho reached.
+        keep_ratio: the rho asked for (at a budget: the rho the method needed); keep_ratio_reached: the rho reached.
         gmacs, gmacs_reduction: GMACs per image and the share saved against the unslimmed forward.
+        budget: the compute budget the plan was found for (None: compared at the same rho).
     """
 
     method: str
@@ -462,12 +483,14 @@ class MethodCard:
     keep_ratio_reached: float = 0.0
     gmacs: float = 0.0
     gmacs_reduction: float = 0.0
+    budget: float | None = None
 
 
 def method_cards(results: list[MethodResult], base: Timed, pixels: torch.Tensor,
-                 model: patchslim.LoadedModel) -> list[MethodCard]:
+                 model: patchslim.LoadedModel, budget: float | None = None) -> list[MethodCard]:
     """One card per method (overlay drawn from ``pixels``, the model's input tensor of the image: after the last
-    block for a ViT, the last block slimming acted in for a windowed model)."""
+    block for a ViT, the last block slimming acted in for a windowed model); ``budget``: the compute budget the
+    plans were found for (None: they share one rho)."""
     base_label, _ = base.trace.top_k(1)[0]
     cards = []
     for result in results:
@@ -481,7 +504,7 @@ def method_cards(results: list[MethodResult], base: Timed, pixels: torch.Tensor,
         cards.append(MethodCard(result.method, overlay=vis.patch_overlay(pixels, model, trace, block, legend=True),
                                 label=label, probability=probability, flipped=label != base_label,
                                 keep_ratio=trace.plan.stages[0].keep_ratio, keep_ratio_reached=trace.keep_ratio,
-                                gmacs=comparison.gmacs, gmacs_reduction=comparison.reduction))
+                                gmacs=comparison.gmacs, gmacs_reduction=comparison.reduction, budget=budget))
     return cards
 
 

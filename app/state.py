@@ -40,6 +40,7 @@ from app.panels import log
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ACCURACY_CSV = REPO_ROOT / "benchmarks" / "results" / "accuracy.csv"
+BUDGETS_CSV = REPO_ROOT / "benchmarks" / "results" / "budgets.csv"  # accuracy at equal cost (benchmark --which budgets)
 
 MAX_UPLOAD_MB = 20  # per uploaded image; must equal server.maxUploadSize in .streamlit/config.toml
 MAX_UPLOAD_PIXELS = 25_000_000  # a 24 MP camera photo fits; decoded as RGB at most 75 MB per cached upload
@@ -285,12 +286,20 @@ def slimmed(model_key: str, image_key: str, method: str, keep_ratio: float, opti
                            dict(options))
 
 
+@st.cache_resource(max_entries=48, ttl=FORWARD_TTL, show_spinner=False)
+def slimmed_at_budget(model_key: str, image_key: str, method: str, budget: float,
+                      _model: patchslim.LoadedModel, _image: Image.Image) -> compute.Timed:
+    """The forward of an image under the method's plan at a compute budget (default options and placement)."""
+    return compute.slimmed_at_budget(_model, model_input(model_key, image_key, _model, _image), method, budget)
+
+
 @st.cache_data(max_entries=8, show_spinner=False)
-def accuracy_table(mtime: float):
-    """``benchmarks/results/accuracy.csv`` as a DataFrame (keyed by its modification time)."""
+def accuracy_table(mtime: float, path: str = str(ACCURACY_CSV)):
+    """A results CSV (``benchmarks/results/accuracy.csv`` by default) as a DataFrame, keyed by its modification
+    time."""
     import pandas as pd
 
-    return pd.read_csv(ACCURACY_CSV)
+    return pd.read_csv(path)
 
 
 def load_accuracy_table():
@@ -300,6 +309,13 @@ def load_accuracy_table():
     return accuracy_table(ACCURACY_CSV.stat().st_mtime)
 
 
+def load_budgets_table():
+    """The accuracy-at-equal-cost table (``benchmark --which budgets``) if it has been written, else None."""
+    if not BUDGETS_CSV.exists():
+        return None
+    return accuracy_table(BUDGETS_CSV.stat().st_mtime, str(BUDGETS_CSV))
+
+
 @st.cache_data(max_entries=128, ttl=FORWARD_TTL, show_spinner=False)
 def flops_curve(model_key: str, image_key: str, method: str, _model: patchslim.LoadedModel,
                 _image: Image.Image) -> list[dict]:
@@ -307,17 +323,32 @@ def flops_curve(model_key: str, image_key: str, method: str, _model: patchslim.L
     return compute.flops_curve(_model, _image, method)
 
 
-def accuracy_source() -> str | None:
-    """The model ``accuracy.csv`` was measured on, from the JSON written next to it (None: unknown)."""
-    meta = ACCURACY_CSV.with_suffix(".json")
+def accuracy_source(csv_path: Path = ACCURACY_CSV) -> str | None:
+    """The model a results CSV (``accuracy.csv`` by default) was measured on, from the JSON written next to it
+    (None: unknown)."""
+    return results_facts(csv_path).get("model")
+
+
+def results_facts(csv_path: Path = ACCURACY_CSV) -> dict:
+    """The JSON written next to a results CSV (model, unslimmed top-1 and GMACs, command...) without its rows,
+    or {}."""
+    meta = csv_path.with_suffix(".json")
     if not meta.exists():
-        return None
+        return {}
+    return _results_facts(str(meta), meta.stat().st_mtime)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _results_facts(path: str, mtime: float) -> dict:
     import json
 
     try:
-        return json.loads(meta.read_text()).get("model")
+        record = json.loads(Path(path).read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    return {k: v for k, v in record.items() if k not in ("rows", "settings", "unreadable")}
 
 
 # --------------------------------------------------------------------------- long runs kept per session

@@ -214,8 +214,13 @@ def method_grid(cards: list[compute.MethodCard], columns: int = 4) -> None:
                 st.image(card.overlay, width="stretch")
                 flip = ":red[**label flipped**]" if card.flipped else "same as unslimmed"
                 st.markdown(f"**{card.label}** {card.probability:.0%} · {flip}")
-                st.markdown(f"{card.gmacs:.3g} GMACs ({-card.gmacs_reduction:+.0%}) · "
-                            f"ρ reached {card.keep_ratio_reached:.2f}")
+                if card.budget is not None:
+                    st.markdown(f"ρ needed **{card.keep_ratio:.3g}** · {card.gmacs:.3g} GMACs "
+                                f"({1 - card.gmacs_reduction:.3f} of unslimmed) · "
+                                f"ρ reached {card.keep_ratio_reached:.2f}")
+                else:
+                    st.markdown(f"{card.gmacs:.3g} GMACs ({-card.gmacs_reduction:+.0%}) · "
+                                f"ρ reached {card.keep_ratio_reached:.2f}")
 
 
 def _layout(fig, title: str, x_title: str, y_title: str, height: int = 420) -> None:
@@ -238,9 +243,10 @@ def flops_curve_chart(curves: list[dict], cards: list[compute.MethodCard], base_
                                  mode="lines+markers", name=method, legendgroup=method,
                                  line=dict(color=colours.get(method, OTHER_COLOUR), width=3)))
     here = [card for card in cards if not card.error]
+    at_budget = any(card.budget is not None for card in here)
     fig.add_trace(go.Scatter(
         x=[card.keep_ratio for card in here], y=[card.gmacs for card in here], mode="markers",
-        name="this image, chosen ρ",
+        name="this image, ρ needed for the budget" if at_budget else "this image, chosen ρ",
         marker=dict(symbol="star", size=18, color=[colours.get(card.method, OTHER_COLOUR) for card in here],
                     line=dict(color="black", width=1.5)),
         text=[card.method for card in here], hovertemplate="%{text}: %{y:.3g} GMACs<extra>this image</extra>",
@@ -250,7 +256,68 @@ def flops_curve_chart(curves: list[dict], cards: list[compute.MethodCard], base_
     _layout(fig, "GMACs per image vs keep ratio ρ", "keep ratio ρ (requested)", "GMACs per image", height=560)
     st.plotly_chart(fig, width="stretch", config={"displayModeBar": False})
     st.caption("Analytic GMACs (patchslim.metrics.flops) of each method with its default placement, on this "
-               "image; stars mark the chosen ρ.")
+               "image; stars mark " + ("the ρ each method needs for the budget: one height, many ρ." if at_budget
+                                       else "the chosen ρ."))
+
+
+def accuracy_compute_chart(table, facts: dict, budgets_table, budgets_facts: dict, model_name: str,
+                           budget: float | None, colours: dict[str, str]) -> None:
+    """The headline: top-1 vs the share of the unslimmed GMACs, from the committed tables. One line per method
+    through its points at each rho (``accuracy.csv``), and, when ``budgets.csv`` is there, a diamond per method and
+    budget (each plan searched to cost the budget); ``budget`` (same-cost mode) is marked."""
+    import plotly.graph_objects as go
+
+    source = facts.get("model")
+    if table is None and budgets_table is None:
+        st.info("Accuracy vs compute: `benchmarks/results/accuracy.csv` has not been written yet "
+                "(`python -m patchslim benchmark --which accuracy,budgets` writes it).",
+                icon=":material/hourglass_empty:")
+        return
+    if source is not None and source != model_name:
+        st.info(f"Accuracy vs compute was measured on {source}; the app is running {model_name}, so it is not "
+                "shown for it.", icon=":material/info:")
+        return
+    fig = go.Figure()
+    base_gmacs = facts.get("baseline_gmacs") or budgets_facts.get("baseline_gmacs")
+    if table is not None and base_gmacs and "gmacs" in table:
+        for method in dict.fromkeys(table["method"]):
+            rows = table[table["method"] == method].sort_values("gmacs")
+            base = rows["base_method"].iloc[0] if "base_method" in rows else method
+            fig.add_trace(go.Scatter(
+                x=rows["gmacs"] / base_gmacs, y=rows["top1"], mode="lines+markers", name=method, legendgroup=base,
+                line=dict(color=colours.get(base, OTHER_COLOUR), width=2, dash="solid" if method == base else "dot"),
+                customdata=rows[["keep_ratio"]].to_numpy(),
+                hovertemplate=f"{method}<br>ρ %{{customdata[0]:g}}: %{{x:.3f}} of the GMACs<br>top-1 %{{y:.2%}}"
+                              "<extra></extra>"))
+    if budgets_table is not None and "budget" in budgets_table and budgets_facts.get("model") in (None, model_name):
+        for method in dict.fromkeys(budgets_table["method"]):
+            rows = budgets_table[budgets_table["method"] == method].sort_values("budget")
+            base = rows["base_method"].iloc[0] if "base_method" in rows else method
+            fig.add_trace(go.Scatter(
+                x=rows["budget_reached"], y=rows["top1"], mode="markers", name=f"{method} at a budget",
+                legendgroup=base, showlegend=table is None,
+                marker=dict(symbol="diamond", size=13, color=colours.get(base, OTHER_COLOUR),
+                            line=dict(color="black", width=1)),
+                customdata=rows[["budget", "keep_ratio"]].to_numpy(),
+                hovertemplate=(f"{method} at budget %{{customdata[0]:g}} (ρ %{{customdata[1]:.3g}})<br>"
+                               "top-1 %{y:.2%}<extra></extra>")))
+    if budget is not None:
+        fig.add_vline(x=budget, line=dict(color="black", dash="dash", width=2),
+                      annotation_text=f"budget {budget:.2f}", annotation_position="top")
+    baseline = facts.get("baseline_top1") or budgets_facts.get("baseline_top1")
+    if baseline:
+        fig.add_hline(y=baseline, line=dict(color="#555555", dash="dot"),
+                      annotation_text=f"unslimmed {baseline:.1%}", annotation_position="bottom right")
+    _layout(fig, "Top-1 accuracy vs compute: which method is most accurate for the compute you can pay",
+            "share of the unslimmed GMACs", "top-1 accuracy", height=600)
+    fig.update_xaxes(range=[0, 1.15])  # a method's own work can cost more than the tokens it saves (lowrank)
+    fig.update_yaxes(tickformat=".0%")
+    st.plotly_chart(fig, width="stretch", config={"displayModeBar": False})
+    n = facts.get("n") or budgets_facts.get("n")
+    st.caption(f"From benchmarks/results/accuracy.csv (lines: each method at ρ 1 … 0.3) and budgets.csv (diamonds: "
+               f"each method's plan searched to cost 0.7 / 0.5 / 0.35 of the GMACs), {source or 'model not recorded'}"
+               f"{f', {n} test images' if n else ''}. Up and to the left is better; a method missing a diamond "
+               "cannot reach that budget at its default placement.")
 
 
 def accuracy_curve_chart(table, source_model: str | None, model_name: str, keep_ratio: float,

@@ -8,9 +8,11 @@ Public API::
     trace = patchslim.run(model, images, plan, grad=True)          # differentiable (captum, training)
     trace = patchslim.run(model, images, patchslim.SlimPlan((patchslim.KeepSet(1, keep),)))  # given tokens
     model = patchslim.wrap_model(my_timm_vit, name="mine")           # a model built in your own code
+    solution = patchslim.plan_for_budget(model, "tome", 0.5)          # the plan costing half the GMACs
 """
 
 from patchslim.errors import (  # noqa: F401
+    BudgetError,
     ExplanationError,
     ImageError,
     PatchslimError,
@@ -26,5 +28,6 @@ from patchslim.plan import KeepSet, SlimPlan, Stage  # noqa: F401
 from patchslim.models import LoadedModel, load_model, model_names, wrap_model  # noqa: F401
 from patchslim.engine import run, tokens_before  # noqa: F401
 from patchslim.trace import Trace  # noqa: F401
+from patchslim.budget import BudgetSolution, plan_for_budget  # noqa: F401
 
 __version__ = "0.1.0"

@@ -38,6 +38,11 @@ class ExplanationError(PatchslimError, ValueError):
     patches the architecture does not support. The message names the parameter and the reason."""
 
 
+class BudgetError(PlanError):
+    """A compute budget that is out of range, that a method cannot reach (the message gives what it can reach), or
+    that contradicts the plan's options (an adaptive count, a fixed count)."""
+
+
 class ImageError(PatchslimError, ValueError):
     """An image cannot be read or is refused (empty, truncated, too large, unknown format)."""
 

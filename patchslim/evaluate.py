@@ -55,6 +55,16 @@ class Variant:
     def plan(self, keep_ratio: float, seed: int = 0) -> SlimPlan:
         return SlimPlan.single(self.method, keep_ratio, self.blocks, seed=seed, **self.options)
 
+    def plan_for_budget(self, model: Any, budget: float, seed: int = 0):
+        """The :class:`~patchslim.budget.BudgetSolution` of this variant at ``budget`` of the unslimmed GMACs.
+
+        Raises:
+            BudgetError: a budget it cannot reach at this placement, or options that contradict a budget.
+        """
+        from patchslim.budget import plan_for_budget
+
+        return plan_for_budget(model, self.method, budget, self.blocks, self.options, seed=seed)
+
 
 def parse_variants(methods: str | Sequence[str], options: dict[str, str] | None = None) -> list[Variant]:
     """``"random,entropy@1,attention@3+6+9"`` plus options into variants.
@@ -158,6 +168,9 @@ class AccuracyRow:
         n: images.
         correct, agree: the counts behind top1 and agreement.
         gmacs: analytic GMACs per image, when the cost model is available (else NaN).
+        budget: for a plan found for a compute budget (:mod:`patchslim.budget`), the fraction of the unslimmed
+            GMACs asked for; ``keep_ratio`` is then the rho the method needed (NaN for a plan at a given rho).
+        budget_reached: ``gmacs`` / the unslimmed GMACs, for such a plan.
     """
 
     method: str
@@ -172,6 +185,13 @@ class AccuracyRow:
     correct: int
     agree: int
     gmacs: float = float("nan")
+    budget: float = float("nan")
+    budget_reached: float = float("nan")
+
+    @property
+    def column(self) -> float:
+        """Where the row sits in a table: its budget when it has one, else its keep ratio."""
+        return self.keep_ratio if math.isnan(self.budget) else self.budget
 
 
 @dataclass
@@ -190,6 +210,7 @@ class EvaluationResult:
             unsafe zip member, ...).
         seconds: wall time.
         settings: batch size, seed, device, options.
+        refused: ``"label at budget F"`` -> why no plan of that variant meets that budget (not evaluated).
     """
 
     model: str
@@ -203,12 +224,30 @@ class EvaluationResult:
     unreadable: list[str] = field(default_factory=list)
     seconds: float = 0.0
     settings: dict = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
 
     def row(self, method: str, keep_ratio: float) -> AccuracyRow:
         for r in self.rows:
             if r.method == method and abs(r.keep_ratio - keep_ratio) < 1e-9:
                 return r
         raise KeyError((method, keep_ratio))
+
+    @property
+    def by_budget(self) -> bool:
+        """True when the rows are plans found for compute budgets (columns are budgets, not keep ratios)."""
+        return any(not math.isnan(r.budget) for r in self.rows)
+
+    @property
+    def columns(self) -> list[float]:
+        """The budgets (for a result by budget) or the keep ratios, in the order asked."""
+        return list(dict.fromkeys(r.column for r in self.rows))
+
+    def cell(self, method: str, column: float) -> AccuracyRow:
+        """The row of ``method`` at a column (a budget or a keep ratio, see :attr:`columns`)."""
+        for r in self.rows:
+            if r.method == method and abs(r.column - column) < 1e-9:
+                return r
+        raise KeyError((method, column))
 
     @property
     def methods(self) -> list[str]:
@@ -245,20 +284,22 @@ class EvaluationResult:
         return out.getvalue()
 
     def markdown(self) -> str:
-        """Pivot tables (top-1, agreement, rho reached) with the run's facts on top."""
-        ratios = self.keep_ratios
-        head = "| method | " + " | ".join(f"rho {r:g}" for r in ratios) + " |"
-        rule = "|---|" + "---:|" * len(ratios)
+        """Pivot tables (top-1, agreement, rho reached; by budget: the rho each method needed and the budget
+        reached) with the run's facts on top."""
+        columns = self.columns
+        by_budget = self.by_budget
+        head = "| method | " + " | ".join(f"{'budget' if by_budget else 'rho'} {c:g}" for c in columns) + " |"
+        rule = "|---|" + "---:|" * len(columns)
 
         def table(cell: Callable[[AccuracyRow], str]) -> list[str]:
             lines = [head, rule]
             for m in self.methods:
                 cells = []
-                for r in ratios:
+                for c in columns:
                     try:
-                        cells.append(cell(self.row(m, r)))
+                        cells.append(cell(self.cell(m, c)))
                     except KeyError:
-                        cells.append("")
+                        cells.append("n/a" if by_budget else "")
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
             return lines
 
@@ -267,7 +308,8 @@ class EvaluationResult:
             f"Unslimmed top-1: **{100 * self.baseline_top1:.2f} %**"
             + (f"; {self.baseline_gmacs:.4f} GMACs per image." if not math.isnan(self.baseline_gmacs) else "."),
             "",
-            "Top-1 accuracy (%) by requested keep ratio rho:",
+            ("Top-1 accuracy (%) at a compute budget (fraction of the unslimmed GMACs; each method's rho searched to "
+             "cost that much):" if by_budget else "Top-1 accuracy (%) by requested keep ratio rho:"),
             "",
             *table(lambda r: f"{100 * r.top1:.2f}"),
             "",
@@ -275,12 +317,19 @@ class EvaluationResult:
             "",
             *table(lambda r: f"{100 * r.agreement:.2f}"),
             "",
-            "Keep ratio reached after the last block (mean over blocks, which the compute follows, in brackets):",
-            "",
-            *table(lambda r: f"{r.keep_ratio_reached:.3f} ({r.mean_keep_ratio:.3f})"),
         ]
+        if by_budget:
+            lines += ["Keep ratio rho each method needed (reached after the last block in brackets):", "",
+                      *table(lambda r: f"{r.keep_ratio:.3g} ({r.keep_ratio_reached:.3f})"), "",
+                      "Fraction of the unslimmed GMACs reached:", "", *table(lambda r: f"{r.budget_reached:.4f}")]
+        else:
+            lines += ["Keep ratio reached after the last block (mean over blocks, which the compute follows, in "
+                      "brackets):", "", *table(lambda r: f"{r.keep_ratio_reached:.3f} ({r.mean_keep_ratio:.3f})")]
         if any(not math.isnan(r.gmacs) for r in self.rows):
             lines += ["", "GMACs per image:", "", *table(lambda r: f"{r.gmacs:.4f}")]
+        if self.refused:
+            lines += ["", "Not evaluated (no plan of the method meets the budget):", ""]
+            lines += [f"- {what}: {why}" for what, why in self.refused.items()]
         if self.unknown_labels:
             lines += ["", "Not evaluated (folders matching no class): "
                       + ", ".join(f"{k} ({v})" for k, v in sorted(self.unknown_labels.items()))]
@@ -319,20 +368,25 @@ def merge_results(results: Sequence[EvaluationResult], order: Sequence[str] | No
                                      f"{getattr(first, key)!r} vs {getattr(other, key)!r}")
         if abs(other.baseline_top1 - first.baseline_top1) > 1e-12:
             raise PatchslimError("cannot merge results whose unslimmed top-1 differs (different images?)")
+    if len({r.by_budget for r in results if r.rows}) > 1:
+        raise PatchslimError("cannot merge results by keep ratio with results by compute budget")
     rows: dict[tuple[str, float], AccuracyRow] = {}
     for result in results:
         for row in result.rows:
-            rows[(row.method, row.keep_ratio)] = row
+            rows[(row.method, row.column)] = row
     rank = {m: i for i, m in enumerate(order or ())}
     first_seen = {m: i for i, m in enumerate(dict.fromkeys(m for m, _ in rows))}
     methods = sorted(first_seen, key=lambda m: rank.get(m, len(rank) + first_seen[m]))
-    ratios = list(dict.fromkeys(r for result in results for r in result.keep_ratios))
-    merged = [rows[(m, r)] for m in methods for r in ratios if (m, r) in rows]
+    columns = list(dict.fromkeys(c for result in results for c in result.columns))
+    merged = [rows[(m, c)] for m in methods for c in columns if (m, c) in rows]
+    refused: dict[str, str] = {}
+    for result in results:
+        refused.update(result.refused)
     return EvaluationResult(
         model=first.model, weights=first.weights, data=first.data, n=first.n, baseline_top1=first.baseline_top1,
         rows=merged, baseline_gmacs=first.baseline_gmacs, unknown_labels=first.unknown_labels,
         unreadable=first.unreadable, seconds=sum(r.seconds for r in results),
-        settings=dict(first.settings, merged_from=len(results)),
+        settings=dict(first.settings, merged_from=len(results)), refused=refused,
     )
 
 
@@ -346,37 +400,75 @@ def _gmacs_function() -> Callable | None:
     return gmacs
 
 
-def evaluate(model: Any, data: LabelledImages, variants: Sequence[Variant], keep_ratios: Sequence[float],
-             batch_size: int = 256, seed: int = 0, progress: bool = True, workers: int = 0) -> EvaluationResult:
-    """Top-1 and agreement of every variant at every keep ratio on ``data``.
+def budget_plans(model: Any, variants: Sequence[Variant], budgets: Sequence[float], seed: int = 0
+                 ) -> tuple[list[tuple[Variant, float, Any]], dict[str, str]]:
+    """Every variant's plan at every compute budget (:func:`patchslim.budget.plan_for_budget`).
+
+    Returns:
+        ``[(variant, budget, BudgetSolution)]`` for the pairs that have a plan, and ``"label at budget F"`` ->
+        the reason for those that do not (a budget the method cannot reach at its placement, options that make its
+        count depend on the image), so that one unreachable pair does not stop a table.
+
+    Raises:
+        PlanError: a variant that does not fit the model at all (unknown options, blocks outside it).
+    """
+    from patchslim.errors import BudgetError
+
+    solved, refused = [], {}
+    for variant in variants:
+        for budget in budgets:
+            try:
+                solved.append((variant, float(budget), variant.plan_for_budget(model, budget, seed)))
+            except BudgetError as exc:
+                refused[f"{variant.label} at budget {budget:g}"] = str(exc)
+    return solved, refused
+
+
+def evaluate(model: Any, data: LabelledImages, variants: Sequence[Variant], keep_ratios: Sequence[float] | None,
+             batch_size: int = 256, seed: int = 0, progress: bool = True, workers: int = 0,
+             budgets: Sequence[float] | None = None) -> EvaluationResult:
+    """Top-1 and agreement of every variant at every keep ratio (or compute budget) on ``data``.
 
     Args:
         model: a :class:`~patchslim.models.LoadedModel`.
         data: from :func:`patchslim.data.load_labelled` (or :func:`patchslim.data.canvas_images`).
         variants: from :func:`parse_variants`.
-        keep_ratios: rho values (requested).
+        keep_ratios: rho values (requested); None or empty with ``budgets``.
         batch_size: images per forward.
         seed: the plans' seed (``random`` and sampled decisions).
         progress: show a tqdm bar (on stderr).
         workers: processes decoding image files (0: this one).
+        budgets: fractions of the unslimmed GMACs instead of keep ratios: each variant runs the plan that costs
+            that much (:func:`budget_plans`); pairs without such a plan are listed in ``result.refused``.
 
     Raises:
         PlanError: a plan that does not fit the model (checked before any image runs).
+        BudgetError: budgets together with keep ratios, a budget outside (0, 1], or no variant meeting any budget.
         DataError: none of the images could be decoded.
     """
     from tqdm.auto import tqdm
 
+    from patchslim.budget import parse_budgets
     from patchslim.engine import run
+    from patchslim.errors import BudgetError
 
     if batch_size < 1:
         raise PatchslimError(f"--batch-size must be at least 1, got {batch_size}")
     plans = []
-    for variant in variants:
+    refused: dict[str, str] = {}
+    if budgets is not None:
+        if keep_ratios:
+            raise BudgetError("keep ratios and budgets are two ways to say how much to slim: give one of them")
+        solved, refused = budget_plans(model, variants, parse_budgets(list(budgets), "budgets"), seed)
+        if not solved:
+            raise BudgetError("no method meets any of the budgets: " + "; ".join(refused.values()))
+        plans = [(variant, solution.keep_ratio, solution.plan, budget) for variant, budget, solution in solved]
+    for variant in variants if budgets is None else ():
         for ratio in keep_ratios:
-            plan = variant.plan(ratio, seed)
-            for action in plan.resolve(model.spec.depth, model.spec):  # fail before any image runs
-                action.method.check(dict(action.stage.options), action.stage.keep_ratio, model)
-            plans.append((variant, ratio, plan))
+            plans.append((variant, ratio, variant.plan(ratio, seed), float("nan")))
+    for _, _, plan, _ in plans:
+        for action in plan.resolve(model.spec.depth, model.spec):  # fail before any image runs
+            action.method.check(dict(action.stage.options), action.stage.keep_ratio, model)
     gmacs_of = _gmacs_function()
     n = 0
     stats = {i: dict(correct=0, agree=0, reached=0.0, mean_ratio=0.0, gmacs=0.0) for i in range(len(plans))}
@@ -400,7 +492,7 @@ def evaluate(model: Any, data: LabelledImages, variants: Sequence[Variant], keep
         if gmacs_of is not None:
             base_gmacs += gmacs_of(base) * b
         bar.update(b)
-        for i, (_, _, plan) in enumerate(plans):
+        for i, (_, _, plan, _) in enumerate(plans):
             trace = run(model, images, plan)
             pred = trace.logits.argmax(-1)
             s = stats[i]
@@ -415,8 +507,10 @@ def evaluate(model: Any, data: LabelledImages, variants: Sequence[Variant], keep
     if not n:
         raise DataError(f"none of the {len(data)} images of {data.name} could be decoded (e.g. {left_out[-1]})")
     rows = []
-    for i, (variant, ratio, _) in enumerate(plans):
+    baseline_gmacs = base_gmacs / n if gmacs_of is not None else float("nan")
+    for i, (variant, ratio, _, budget) in enumerate(plans):
         s = stats[i]
+        gmacs = s["gmacs"] / n if gmacs_of is not None else float("nan")
         rows.append(AccuracyRow(
             method=variant.label, base_method=variant.method,
             blocks=("+".join(str(b) for b in variant.blocks) if variant.blocks is not None else
@@ -424,15 +518,19 @@ def evaluate(model: Any, data: LabelledImages, variants: Sequence[Variant], keep
                     else "default"),
             keep_ratio=ratio, keep_ratio_reached=s["reached"] / n, mean_keep_ratio=s["mean_ratio"] / n,
             top1=s["correct"] / n, agreement=s["agree"] / n, n=n, correct=s["correct"], agree=s["agree"],
-            gmacs=s["gmacs"] / n if gmacs_of is not None else float("nan"),
+            gmacs=gmacs, budget=budget,
+            budget_reached=gmacs / baseline_gmacs if not math.isnan(budget) else float("nan"),
         ))
+    settings = dict(batch_size=batch_size, seed=seed, device=str(model.device), precision=model.precision,
+                    variants=[asdict(v) for v in variants])
+    if budgets is not None:
+        settings.update(budgets=[float(b) for b in budgets], plans=[
+            dict(method=variant.label, budget=budget, plan=plan.to_dict()) for variant, _, plan, budget in plans])
     return EvaluationResult(
         model=model.name, weights=model.weights_name, data=data.name, n=n, baseline_top1=base_correct / n,
-        rows=rows, baseline_gmacs=base_gmacs / n if gmacs_of is not None else float("nan"),
+        rows=rows, baseline_gmacs=baseline_gmacs,
         unknown_labels={s.item: s.count for s in data.skipped if s.kind == "label"}, unreadable=left_out,
-        seconds=time.time() - t0,
-        settings=dict(batch_size=batch_size, seed=seed, device=str(model.device), precision=model.precision,
-                      variants=[asdict(v) for v in variants]),
+        seconds=time.time() - t0, settings=settings, refused=refused,
     )
 
 
@@ -451,24 +549,29 @@ def _line_style(method: str, methods: Sequence[str]) -> dict:
 
 
 def accuracy_figure(result: EvaluationResult):
-    """A plotly figure: top-1 vs requested rho, one line per method, the unslimmed top-1 dashed."""
+    """A plotly figure: top-1 vs requested rho (or vs the compute budget, for a result by budget), one line per
+    method, the unslimmed top-1 dashed."""
     import plotly.graph_objects as go
 
+    by_budget = result.by_budget
     fig = go.Figure()
     for method in result.methods:
-        rows = sorted((r for r in result.rows if r.method == method), key=lambda r: r.keep_ratio)
+        rows = sorted((r for r in result.rows if r.method == method), key=lambda r: r.column)
+        hover = (f"{method}<br>budget %{{x:g}}: rho %{{customdata[2]:.3g}} (reached %{{customdata[0]:.3f}})"
+                 if by_budget else f"{method}<br>rho %{{x:g}} (reached %{{customdata[0]:.3f}})")
         fig.add_trace(go.Scatter(
-            x=[r.keep_ratio for r in rows], y=[100 * r.top1 for r in rows], mode="lines+markers", name=method,
+            x=[r.column for r in rows], y=[100 * r.top1 for r in rows], mode="lines+markers", name=method,
             line=_line_style(method, result.methods),
-            customdata=[[r.keep_ratio_reached, 100 * r.agreement] for r in rows],
-            hovertemplate=(f"{method}<br>rho %{{x:g}} (reached %{{customdata[0]:.3f}})<br>top-1 %{{y:.2f}} %"
-                           "<br>agreement %{customdata[1]:.2f} %<extra></extra>"),
+            customdata=[[r.keep_ratio_reached, 100 * r.agreement, r.keep_ratio] for r in rows],
+            hovertemplate=hover + "<br>top-1 %{y:.2f} %<br>agreement %{customdata[1]:.2f} %<extra></extra>",
         ))
     fig.add_hline(y=100 * result.baseline_top1, line_dash="dash", line_color="gray",
                   annotation_text=f"unslimmed {100 * result.baseline_top1:.1f} %")
     fig.update_layout(
-        title=f"Top-1 vs keep ratio: {result.model}, {result.data}",
-        xaxis_title="keep ratio rho (requested)", yaxis_title="top-1 accuracy (%)",
+        title=(f"Top-1 at equal cost: {result.model}, {result.data}" if by_budget
+               else f"Top-1 vs keep ratio: {result.model}, {result.data}"),
+        xaxis_title="compute budget (fraction of the unslimmed GMACs)" if by_budget else "keep ratio rho (requested)",
+        yaxis_title="top-1 accuracy (%)",
         xaxis=dict(autorange="reversed"), template="plotly_white", width=900, height=560,
         legend=dict(title="method"),
     )
@@ -486,7 +589,7 @@ def compute_figure(result: EvaluationResult):
     use_gmacs = all(not math.isnan(r.gmacs) for r in result.rows) and result.rows
     fig = go.Figure()
     for method in result.methods:
-        rows = sorted((r for r in result.rows if r.method == method), key=lambda r: r.keep_ratio)
+        rows = sorted((r for r in result.rows if r.method == method), key=lambda r: r.column)
         fig.add_trace(go.Scatter(
             x=[r.gmacs if use_gmacs else r.mean_keep_ratio for r in rows], y=[100 * r.top1 for r in rows],
             mode="lines+markers", name=method, customdata=[[r.keep_ratio] for r in rows],
@@ -518,13 +621,14 @@ def _matplotlib_png(result: EvaluationResult, path: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(9, 5.6), dpi=120)
     for method in result.methods:
-        rows = sorted((r for r in result.rows if r.method == method), key=lambda r: r.keep_ratio)
-        axes.plot([r.keep_ratio for r in rows], [100 * r.top1 for r in rows], marker="o", label=method)
+        rows = sorted((r for r in result.rows if r.method == method), key=lambda r: r.column)
+        axes.plot([r.column for r in rows], [100 * r.top1 for r in rows], marker="o", label=method)
     axes.axhline(100 * result.baseline_top1, color="gray", linestyle="--", label="unslimmed")
     axes.invert_xaxis()
-    axes.set_xlabel("keep ratio rho (requested)")
+    by_budget = result.by_budget
+    axes.set_xlabel("compute budget (fraction of the unslimmed GMACs)" if by_budget else "keep ratio rho (requested)")
     axes.set_ylabel("top-1 accuracy (%)")
-    axes.set_title(f"Top-1 vs keep ratio: {result.model}")
+    axes.set_title(f"Top-1 {'at equal cost' if by_budget else 'vs keep ratio'}: {result.model}")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, ncol=2)
     figure.tight_layout()
@@ -533,9 +637,10 @@ def _matplotlib_png(result: EvaluationResult, path: Path) -> None:
 
 
 def write_outputs(result: EvaluationResult, out_dir: str | Path, stem: str = "accuracy", png: bool = True,
-                  command: str | None = None) -> dict[str, Path]:
-    """Writes ``<stem>.csv``, ``.json``, ``.md``, ``.html`` and ``.png`` (top-1 vs rho) and
-    ``<stem>_vs_compute.html`` / ``.png`` (top-1 vs GMACs) into ``out_dir``.
+                  command: str | None = None, intro: str = "") -> dict[str, Path]:
+    """Writes ``<stem>.csv``, ``.json``, ``.md``, ``.html`` and ``.png`` (top-1 vs rho, or vs the budget) and
+    ``<stem>_vs_compute.html`` / ``.png`` (top-1 vs GMACs) into ``out_dir``; ``intro`` is markdown put before the
+    tables.
 
     Returns:
         kind -> path of what was written.
@@ -549,8 +654,9 @@ def write_outputs(result: EvaluationResult, out_dir: str | Path, stem: str = "ac
         record["command"] = command
     record["written"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     paths["json"].write_text(json.dumps(record, indent=1) + "\n")
-    header = f"# Accuracy vs keep ratio\n\n" + (f"Command: `{command}`\n\n" if command else "")
-    paths["md"].write_text(header + result.markdown())
+    title = "Accuracy at equal cost" if result.by_budget else "Accuracy vs keep ratio"
+    header = f"# {title}\n\n" + (f"Command: `{command}`\n\n" if command else "")
+    paths["md"].write_text(header + (intro + "\n" if intro else "") + result.markdown())
     fig = accuracy_figure(result)
     fig.write_html(str(paths["html"]), include_plotlyjs="cdn")
     compute = compute_figure(result)

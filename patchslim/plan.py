@@ -218,6 +218,23 @@ class SlimPlan:
         return cls.single(method, keep_ratio, where["blocks"], seed=seed, attention_blocks=attention_blocks,
                           stages=where["stages"], **options)
 
+    @classmethod
+    def from_budget(cls, model: Any, method: str, budget: float, blocks: tuple[int, ...] | int | None = None,
+                    *, seed: int = 0, attention_blocks: tuple[int, ...] | str = (), **options: Any) -> "SlimPlan":
+        """A one-stage plan of ``method`` costing ``budget`` (a fraction in (0, 1]) of the unslimmed GMACs of
+        ``model``, within 2 %: ``SlimPlan.from_budget(model, "tome", 0.5)``.
+
+        The plan only; :func:`patchslim.budget.plan_for_budget` also returns the rho it needed and the cost reached.
+
+        Raises:
+            BudgetError: a budget outside (0, 1], one the method cannot reach (with the range it can), or options
+                that make its count depend on the image.
+        """
+        from patchslim.budget import plan_for_budget
+
+        return plan_for_budget(model, method, budget, blocks, options, seed=seed,
+                               attention_blocks=attention_blocks).plan
+
     @property
     def is_empty(self) -> bool:
         return not self.stages

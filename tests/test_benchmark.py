@@ -144,8 +144,9 @@ def test_which_all_is_every_benchmark_and_costs_the_cost_tables():
     def chosen(*argv):
         return list(configs(build_parser().parse_args(["benchmark", *argv])))
 
-    assert chosen("--which", "all") == list(BENCHMARKS) == ["accuracy", "audit_fashion", "faithfulness", "figure1",
-                                                              "table2", "table1", "table3", "target", "ray_scale"]
+    assert chosen("--which", "all") == list(BENCHMARKS) == ["accuracy", "budgets", "budget_target", "audit_fashion",
+                                                              "faithfulness", "figure1", "table2", "table1", "table3",
+                                                              "target", "ray_scale"]
     assert chosen() == list(GROUPS["costs"]) == ["figure1", "table2", "table1", "table3", "target"]
     assert chosen("--which", "target,accuracy") == ["accuracy", "target"]  # the accuracy table first
 

@@ -68,6 +68,7 @@ class GroupRow:
     kept_evidence: float
     gmacs: float
     keep_ratio_reached: float
+    budget: float = float("nan")  # the compute budget the plan was found for (NaN: a plan at a given rho)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class DisparityRow:
     top1_after_difference: float
     top1_after_ratio: float
     message: str
+    budget: float = float("nan")
 
 
 @dataclass
@@ -146,6 +148,11 @@ class AuditReport:
     @property
     def keep_ratios(self) -> list[float]:
         return sorted({r.keep_ratio for r in self.rows}, reverse=True)
+
+    @property
+    def by_budget(self) -> bool:
+        """True when the plans were found for compute budgets."""
+        return any(not math.isnan(r.budget) for r in self.rows)
 
     def flagged(self) -> list[DisparityRow]:
         return [d for d in self.disparities if d.flagged]
@@ -264,6 +271,7 @@ def build_report(job: AuditJob, groupings: Sequence[str] = (), n_boot: int = N_B
     labels = np.asarray(data.labels)
     for plan in job.plans:
         arrays = out.plans[plan.key]
+        budget = float("nan") if plan.budget is None else float(plan.budget)
         drop_per_image = out.correct.astype(np.float64) - arrays["correct"].astype(np.float64)
         for by, groups in group_of.items():
             present = [g for g in dict.fromkeys(groups[ok])]
@@ -292,6 +300,7 @@ def build_report(job: AuditJob, groupings: Sequence[str] = (), n_boot: int = N_B
                     confidence_change=_nanmean(arrays["conf"][mask] - out.conf[mask]),
                     kept_evidence=_nanmean(arrays["evidence"][mask]),
                     gmacs=_nanmean(arrays["gmacs"][mask]), keep_ratio_reached=_nanmean(arrays["reached"][mask]),
+                    budget=budget,
                 ))
             if by == "all" or len(present) < 2:
                 continue
@@ -311,7 +320,7 @@ def build_report(job: AuditJob, groupings: Sequence[str] = (), n_boot: int = N_B
                 overall_drop=float(full.overall["drop"]),
                 top1_after_difference=float(difference["top1_after"]) if two else float("nan"),
                 top1_after_ratio=float(ratio["top1_after"]) if two else float("nan"),
-                message=disparity_sentence(gap, plan.method, plan.keep_ratio, by),
+                message=disparity_sentence(gap, plan.method, plan.keep_ratio, by, plan.budget), budget=budget,
             ))
     audited = int(ok.sum())
     t = out.timing
@@ -385,6 +394,7 @@ def drop_figure(report: AuditReport, by: str):
     fig = make_subplots(rows=nrows, cols=cols, subplot_titles=methods, shared_yaxes=True,
                         horizontal_spacing=0.06, vertical_spacing=0.14)
     rows = [r for r in report.rows if r.by == by]
+    by_budget = report.by_budget
     groups = list(dict.fromkeys(r.group for r in rows))
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                "#bcbd22", "#17becf"]
@@ -392,26 +402,30 @@ def drop_figure(report: AuditReport, by: str):
         r, c = k // cols + 1, k % cols + 1
         for j, group in enumerate(groups):
             points = sorted((x for x in rows if x.method == method and x.group == group),
-                            key=lambda x: x.keep_ratio)
+                            key=lambda x: x.budget if by_budget else x.keep_ratio)
             if not points:
                 continue
             y = [100 * p.drop for p in points]
             fig.add_trace(go.Scatter(
-                x=[p.keep_ratio for p in points], y=y, mode="lines+markers", name=html.escape(str(group)),
+                x=[p.budget if by_budget else p.keep_ratio for p in points], y=y, mode="lines+markers",
+                name=html.escape(str(group)),
                 legendgroup=str(group),
                 showlegend=k == 0, line=dict(color=palette[j % len(palette)]),
                 error_y=dict(type="data", symmetric=False, array=[100 * p.drop_high - v for p, v in zip(points, y)],
                              arrayminus=[v - 100 * p.drop_low for p, v in zip(points, y)], thickness=1),
                 customdata=[[p.images, 100 * p.top1_before, 100 * p.top1_after, 100 * p.flip_rate] for p in points],
-                hovertemplate=(f"{html.escape(str(group))}<br>rho %{{x:g}}: drop %{{y:.1f}} points<br>"
+                hovertemplate=(f"{html.escape(str(group))}<br>{'budget' if by_budget else 'rho'} %{{x:g}}: "
+                               "drop %{y:.1f} points<br>"
                                "top-1 %{customdata[1]:.1f} → %{customdata[2]:.1f} %<br>flips %{customdata[3]:.1f} %"
                                "<br>%{customdata[0]} images<extra></extra>"),
             ), row=r, col=c)
-        fig.update_xaxes(autorange="reversed", title_text="keep ratio rho", row=r, col=c)
+        fig.update_xaxes(autorange="reversed", title_text="compute budget" if by_budget else "keep ratio rho",
+                         row=r, col=c)
     fig.update_yaxes(title_text="accuracy drop (points)", col=1)
     fig.add_hline(y=0, line=dict(color="#999999", dash="dot"))
     fig.update_layout(template="plotly_white", height=360 * nrows + 80,
-                      title=f"Accuracy drop by {by} vs keep ratio (95 % intervals)",
+                      title=f"Accuracy drop by {by} vs {'compute budget' if by_budget else 'keep ratio'} "
+                            "(95 % intervals)",
                       legend=dict(title=by, orientation="v", yanchor="top", y=1, xanchor="left", x=1.02),
                       margin=dict(l=50, r=20, t=80, b=40))
     return fig
@@ -448,7 +462,9 @@ def matrix_figure(report: AuditReport, groupings: Sequence[str], scale: float | 
     from plotly.subplots import make_subplots
 
     keys = list(dict.fromkeys((r.method, r.keep_ratio) for r in report.rows))
-    labels = [f"{m}  ρ {r:g}" for m, r in keys]
+    budgets = {(r.method, r.keep_ratio): r.budget for r in report.rows}
+    labels = [f"{m}  ρ {r:g}" if math.isnan(budgets[m, r]) else f"{m}  budget {budgets[m, r]:g} (ρ {r:.3g})"
+              for m, r in keys]
     panels = ["all", *[g for g in groupings if g != "all"]]
     columns = {by: _group_order(report, by) for by in panels}
     cell = {(r.method, r.keep_ratio, r.by, r.group): r for r in report.rows}
@@ -548,7 +564,8 @@ def method_findings(report: AuditReport) -> list[MethodFindings]:
         flagged = [d for d in rows if d.flagged]
         if flagged:
             top = max(flagged, key=lambda d: d.gap)
-            headline = (f"largest flagged difference: by {top.by} at ρ {top.keep_ratio:g}, '{top.worst_group}' loses "
+            amount = f"ρ {top.keep_ratio:g}" if math.isnan(top.budget) else f"budget {top.budget:g}"
+            headline = (f"largest flagged difference: by {top.by} at {amount}, '{top.worst_group}' loses "
                         f"{100 * top.worst_drop:.1f} points, '{top.best_group}' {100 * top.best_drop:.1f}")
         else:
             headline = "no group is hurt more than the others beyond the noise"
@@ -688,11 +705,14 @@ def html_report(report: AuditReport, plotly: str = "compressed") -> str:
     facts_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
     matrix_divs = "".join(f"<div class='chart' id='{key}'></div>" for key in specs if key.startswith("matrix-"))
     chart_divs = "".join(f"<div class='chart' id='{key}'></div>" for key in specs if key.startswith("chart-"))
+    budget_column = (("budget", "budget", ""),) if report.by_budget else ()
+    group_columns = GROUP_COLUMNS[:1] + budget_column + GROUP_COLUMNS[1:]
+    disparity_columns = DISPARITY_COLUMNS[:1] + budget_column + DISPARITY_COLUMNS[1:]
     group_tables = []
     for by in report.groupings:
         rows = [r for r in report.rows if r.by == by]
         title = {"all": "All images", "class": "Per class"}.get(by, f"Per group: {by}")
-        group_tables.append(f"<h3>{html.escape(title)}</h3>" + _table(rows, GROUP_COLUMNS))
+        group_tables.append(f"<h3>{html.escape(title)}</h3>" + _table(rows, group_columns))
     skipped_rows = "".join(
         f"<tr><td>{html.escape(s.kind)}</td><td>{html.escape(s.item)}</td><td>{s.count}</td>"
         f"<td>{html.escape(s.reason)}</td></tr>" for s in report.skipped
@@ -721,8 +741,8 @@ most hurt group where the gap to the least hurt one is beyond the noise (flagged
 <p class="note">In the words of Fairlearn's <code>MetricFrame</code>: the by-group values of the accuracy drop, its
 overall value, its difference (max − min over the groups tested) with a 95 % interval, and the ratio (min / max) of
 the top-1 after slimming.</p>
-{_table(report.disparities, DISPARITY_COLUMNS)}
-<h2>Accuracy drop by group vs keep ratio</h2>
+{_table(report.disparities, disparity_columns)}
+<h2>Accuracy drop by group vs {'compute budget' if report.by_budget else 'keep ratio'}</h2>
 {chart_divs}
 <h2>Tables</h2>
 <p class="note">Top-1 before and after slimming with their 95 % intervals (low, high), the paired accuracy drop in
@@ -773,10 +793,14 @@ def markdown_summary(report: AuditReport) -> str:
              f"{report.audited} of {report.images} images audited; unslimmed top-1 "
              f"{100 * report.baseline_top1.value:.2f} % [{100 * report.baseline_top1.low:.2f}, "
              f"{100 * report.baseline_top1.high:.2f}]; {len(report.skipped)} skipped entries.", "",
-             "| method | rho | top-1 after % | drop (points) [95 %] | flips % | GMACs |", "|---|---:|---:|---:|---:|---:|"]
+             "| method | " + ("budget | " if report.by_budget else "") + "rho | top-1 after % | drop (points) "
+             "[95 %] | flips % | GMACs |",
+             "|---|" + ("---:|" if report.by_budget else "") + "---:|---:|---:|---:|---:|"]
     for r in report.rows:
         if r.by == "all":
-            lines.append(f"| {r.method} | {r.keep_ratio:g} | {100 * r.top1_after:.2f} | {100 * r.drop:.2f} "
+            budget = f"{r.budget:g} | " if report.by_budget else ""
+            rho = f"{r.keep_ratio:.3g}" if report.by_budget else f"{r.keep_ratio:g}"
+            lines.append(f"| {r.method} | {budget}{rho} | {100 * r.top1_after:.2f} | {100 * r.drop:.2f} "
                          f"[{100 * r.drop_low:.2f}, {100 * r.drop_high:.2f}] | {100 * r.flip_rate:.1f} | "
                          f"{r.gmacs:.4g} |")
     lines.append("")

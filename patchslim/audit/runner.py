@@ -44,27 +44,53 @@ DEFAULT_SHARD_SIZE = 1000
 
 @dataclass(frozen=True)
 class AuditPlan:
-    """One method at one keep ratio.
+    """One method at one keep ratio (or at one compute budget).
 
     Attributes:
         method: the variant's label (``evit``, ``entropy@1``).
-        keep_ratio: rho requested.
+        keep_ratio: rho requested (for a budget: the rho the method needed).
         plan: the slimming plan.
+        budget: the fraction of the unslimmed GMACs the plan was found for (None: a plan at a given rho).
     """
 
     method: str
     keep_ratio: float
     plan: SlimPlan
+    budget: float | None = None
 
     @property
     def key(self) -> str:
-        """A file-name-safe name of the plan (``evit__rho0.5``)."""
-        return f"{re.sub(r'[^0-9A-Za-z_.+-]', '_', self.method)}__rho{self.keep_ratio:g}"
+        """A file-name-safe name of the plan (``evit__rho0.5``, ``evit__budget0.5``)."""
+        amount = f"rho{self.keep_ratio:g}" if self.budget is None else f"budget{self.budget:g}"
+        return f"{re.sub(r'[^0-9A-Za-z_.+-]', '_', self.method)}__{amount}"
+
+    @property
+    def amount(self) -> str:
+        """How much it slims, in words: ``rho 0.5`` or ``budget 0.5 (rho 0.44)``."""
+        if self.budget is None:
+            return f"rho {self.keep_ratio:g}"
+        return f"budget {self.budget:g} (rho {self.keep_ratio:.3g})"
 
 
 def audit_plans(variants: Sequence[Variant], keep_ratios: Sequence[float], seed: int = 0) -> list[AuditPlan]:
     """Every variant at every keep ratio."""
     return [AuditPlan(v.label, float(r), v.plan(float(r), seed)) for v in variants for r in keep_ratios]
+
+
+def budget_audit_plans(model: Any, variants: Sequence[Variant], budgets: Sequence[float], seed: int = 0
+                       ) -> tuple[list[AuditPlan], dict[str, str]]:
+    """Every variant at every compute budget that it can meet, and why the others are left out.
+
+    Raises:
+        BudgetError: no variant meets any budget.
+    """
+    from patchslim.errors import BudgetError
+    from patchslim.evaluate import budget_plans
+
+    solved, refused = budget_plans(model, variants, budgets, seed)
+    if not solved:
+        raise BudgetError("no method meets any of the budgets: " + "; ".join(refused.values()))
+    return [AuditPlan(v.label, s.keep_ratio, s.plan, budget) for v, budget, s in solved], refused
 
 
 @dataclass(frozen=True)
@@ -452,6 +478,7 @@ def read_outcomes(job: AuditJob, missing_ok: bool = False) -> Outcomes:
 def job_settings(job: AuditJob) -> dict:
     """The job's settings for the report."""
     return dict(job.identity, workers=job.workers, plans=[dict(method=p.method, keep_ratio=p.keep_ratio,
+                                                               **({} if p.budget is None else {"budget": p.budget}),
                                                                plan=p.plan.to_dict()) for p in job.plans])
 
 

@@ -148,9 +148,11 @@ def disparity(drops: Mapping[str, np.ndarray], n_boot: int = N_BOOT, seed: int =
                      bool(adjusted_low > 0.0 and gap > 0.0), len(tested), excluded)
 
 
-def disparity_sentence(d: Disparity, method: str, keep_ratio: float, by: str) -> str:
-    """The disparity in one plain sentence (gaps in percentage points)."""
-    where = f"{method} at rho {keep_ratio:g}, by {by}"
+def disparity_sentence(d: Disparity, method: str, keep_ratio: float, by: str, budget: float | None = None) -> str:
+    """The disparity in one plain sentence (gaps in percentage points); ``budget``: the compute budget the plan was
+    found for, if it was."""
+    amount = f"rho {keep_ratio:g}" if budget is None else f"budget {budget:g} (rho {keep_ratio:.3g})"
+    where = f"{method} at {amount}, by {by}"
     if d.groups < 2:
         left = f" ({len(d.excluded)} groups with fewer images left out)" if d.excluded else ""
         return f"{where}: fewer than two groups with enough images to compare{left}."

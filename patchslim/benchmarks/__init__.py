@@ -2,6 +2,9 @@
 benchmark --which NAME``; ``--which all`` writes every one of them).
 
 - ``accuracy``: top-1 vs keep ratio rho for every method on the bundled model (the survey's Table 2, our model);
+- ``budgets``: top-1 of every method at equal cost (budgets of 0.7 / 0.5 / 0.35 of the unslimmed GMACs), ranked;
+- ``budget_target``: the equal-cost target investigated (training-free plan families at 0.5 of the GMACs, chosen on
+  training canvases, the best run on the test set);
 - ``audit_fashion``: the worked audit example (per-group and per-class accuracy drop, disparity flags);
 - ``faithfulness``: deletion and insertion scores of every map kind, before and after slimming;
 - ``figure1``: FLOPs reduction against the keep ratio rho, per method (analytic);
@@ -19,6 +22,8 @@ progress bar); ``result.write(out, command)`` writes its files, each naming the 
 
 from patchslim.benchmarks.accuracy import AccuracyConfig, run_accuracy  # noqa: F401
 from patchslim.benchmarks.audit_fashion import AuditFashionConfig, run_audit_fashion  # noqa: F401
+from patchslim.benchmarks.budget_target import BudgetTargetConfig, run_budget_target  # noqa: F401
+from patchslim.benchmarks.budgets import BudgetsConfig, run_budgets  # noqa: F401
 from patchslim.benchmarks.common import BenchmarkResult, write_result  # noqa: F401
 from patchslim.benchmarks.faithfulness import FaithfulnessConfig, run_faithfulness  # noqa: F401
 from patchslim.benchmarks.figure1 import Figure1Config, run_figure1  # noqa: F401
@@ -32,6 +37,8 @@ from patchslim.benchmarks.target import TargetConfig, run_target  # noqa: F401
 # (Tables 1 and 2 join it), then the cheap, analytic ones, the timed ones last.
 BENCHMARKS = {
     "accuracy": (AccuracyConfig, run_accuracy),
+    "budgets": (BudgetsConfig, run_budgets),
+    "budget_target": (BudgetTargetConfig, run_budget_target),
     "audit_fashion": (AuditFashionConfig, run_audit_fashion),
     "faithfulness": (FaithfulnessConfig, run_faithfulness),
     "figure1": (Figure1Config, run_figure1),

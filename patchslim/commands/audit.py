@@ -11,6 +11,7 @@ from patchslim.commands.faithfulness_options import add_faithfulness_arguments
 from patchslim.data import LAYOUTS, LIMIT_HELP, SOURCES_HELP
 
 NAME = "audit"
+DEFAULT_KEEP = "0.7,0.5"
 HELP = ("Audit methods x keep ratios on labelled, grouped images (ROOT/<group>/<class>/<image>, "
         "ROOT/<class>/<image>, a CSV manifest path,label[,group], or a .zip of either): per-group and per-class "
         "top-1 before/after with bootstrap intervals, flips, confidence, kept evidence, GMACs, and a flag when a "
@@ -24,7 +25,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--layout", default="auto", choices=LAYOUTS,
                         help="folder layout (auto: detected from which folder level matches the classes)")
     parser.add_argument("--methods", required=True, help="comma-separated methods (METHOD@B places one)")
-    parser.add_argument("--keep", default="0.7,0.5", help="comma-separated keep ratios rho")
+    parser.add_argument("--keep", default=None, help="comma-separated keep ratios rho (default 0.7,0.5)")
+    parser.add_argument("--budget", default=None,
+                        help="comma-separated compute budgets instead of --keep: fractions of the unslimmed GMACs in "
+                             "(0, 1]; each method runs the plan that costs that much (within 2 %%)")
     parser.add_argument("--opt", action="append", metavar="KEY=VALUE",
                         help="method option, repeatable (METHOD.KEY=VALUE for one method); stages=2,3 sets the "
                              "stages a Swin slims (every method)")
@@ -89,25 +93,32 @@ def main(args) -> int:
     from tqdm.auto import tqdm
 
     from patchslim.audit.report import build_report, markdown_summary, write_report
-    from patchslim.audit.runner import AuditJob, audit_plans, clear_parts
+    from patchslim.audit.runner import AuditJob, audit_plans, budget_audit_plans, clear_parts
     from patchslim.audit.sources import parse_groupings
     from patchslim.cli import parse_opts
     from patchslim.commands.common import load_model_from_args
     from patchslim.commands.faithfulness_options import check_faithfulness_arguments, faithfulness_over
     from patchslim.data import load_labelled
-    from patchslim.evaluate import parse_keep_ratios, parse_variants
+    from patchslim.commands.evaluate import keep_or_budgets
+    from patchslim.evaluate import parse_variants
     from patchslim.explain.faithfulness_report import write_faithfulness
 
     variants = parse_variants(args.methods, parse_opts(args.opt))
-    ratios = parse_keep_ratios(args.keep)
+    ratios, budgets = keep_or_budgets(args, DEFAULT_KEEP)
     part = _part(args.part)
     model = load_model_from_args(args)
     data = load_labelled(args.data, model, layout=args.layout).subset(args.limit)
     groupings = parse_groupings(args.groups, data)
     check_faithfulness_arguments(args, model)
+    if budgets is not None:
+        plans, refused = budget_audit_plans(model, variants, budgets, args.seed)
+        for what, why in refused.items():
+            print(f"not audited: {what}: {why}", file=sys.stderr)
+    else:
+        plans = audit_plans(variants, ratios, args.seed)
     if args.fresh:
         clear_parts(args.out)
-    job = AuditJob(model, data, audit_plans(variants, ratios, args.seed), args.out, batch_size=args.batch_size,
+    job = AuditJob(model, data, plans, args.out, batch_size=args.batch_size,
                    shard_size=args.shard_size, workers=args.workers, seed=args.seed, evidence=args.evidence)
     bar = None
 
@@ -138,6 +149,8 @@ def main(args) -> int:
     command = "python -m patchslim " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
         if sys.argv and sys.argv[0].endswith("__main__.py") else ""
     report = build_report(job, groupings, n_boot=args.bootstrap, command=command, failed=failed)
+    if budgets is not None:
+        report.notes += [f"Not audited: {what}: {why}" for what, why in refused.items()]
     written = write_report(report, args.out, plotly=args.plotly)
     faithfulness = None
     if args.faithfulness:  # over the same images and plans, written beside the report

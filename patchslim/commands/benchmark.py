@@ -15,8 +15,9 @@ import json
 import shlex
 
 NAME = "benchmark"
-HELP = ("Write the committed tables: accuracy vs rho (accuracy), the worked audit (audit_fashion), faithfulness of "
-        "the maps before and after slimming (faithfulness), latency vs "
+HELP = ("Write the committed tables: accuracy vs rho (accuracy), accuracy at equal cost (budgets) and the target at "
+        "half the GMACs investigated (budget_target), the worked audit (audit_fashion), faithfulness of the maps "
+        "before and after slimming (faithfulness), latency vs "
         "ideal speed-up (table3), FLOPs vs rho (figure1), selection overhead (table1), FLOPs and memory "
         "reduction (table2), the performance target (target), audits on Ray vs the local runner (ray_scale).")
 
@@ -34,20 +35,24 @@ def add_arguments(parser) -> None:
                         help="table3: comma-separated models (default: ViT-B/16, DeiT-S, DeiT-Ti)")
     parser.add_argument("--model", default=None,
                         help="figure1, table1, target: the model (default: deit_small_patch16_224); accuracy, "
-                             "audit_fashion, faithfulness: the model (default: fashion-vit, trained weights)")
+                             "budgets, budget_target, audit_fashion, faithfulness: the model (default: fashion-vit, "
+                             "trained weights)")
     parser.add_argument("--memory-model", default=None,
                         help="table2: the model (default: the accuracy table's, else fashion-vit)")
     parser.add_argument("--methods", default=None,
                         help="comma-separated method labels, METHOD@B to act at block B (default: every method; "
                              "table2: the accuracy table's; accuracy: every method and the placements it "
-                             "compares; audit_fashion: random,uniform,attention,evit,tome; faithfulness: "
-                             "attention,tome)")
+                             "compares; budgets: every method; audit_fashion: random,uniform,attention,evit,tome; "
+                             "faithfulness: attention,tome)")
     parser.add_argument("--target-methods", default=None, help="target: method labels (default: input pruning "
                         "methods at block 0, evit@3+6+9, attention@3+6+9)")
     parser.add_argument("--keep", type=float, default=0.5, help="table3, table1, target: keep ratio rho")
     parser.add_argument("--ratios", default=None,
                         help="figure1, table2, accuracy, audit_fashion, faithfulness: comma-separated keep ratios "
                              "(default: 0.1..1.0 / the accuracy table's / 1.0,0.9,0.7,0.5,0.3 / 0.7,0.5,0.3 / 0.5)")
+    parser.add_argument("--budgets", default=None,
+                        help="budgets: comma-separated compute budgets, fractions of the unslimmed GMACs (default "
+                             "0.7,0.5,0.35; ranked at 0.5 when listed)")
     parser.add_argument("--batch-sizes", default="1,32", help="table3, table1: comma-separated batch sizes")
     parser.add_argument("--batch", type=int, default=32, help="target: batch size; table2: the larger memory batch")
     parser.add_argument("--repeats", type=int, default=None,
@@ -57,19 +62,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--accuracy", default=None,
                         help="the accuracy table to join (default: OUT/accuracy.csv)")
     parser.add_argument("--no-pretrained", action="store_true",
-                        help="table2, accuracy, audit_fashion: random weights even when a checkpoint exists")
+                        help="table2, accuracy, budgets, budget_target, audit_fashion: random weights even when a "
+                             "checkpoint exists")
     parser.add_argument("--data", default="fashion-mnist",
-                        help="accuracy, audit_fashion, faithfulness: labelled images (fashion-mnist: the 10,000 "
-                             "canvas test images; bundled: the 500 shipped; or a folder, CSV manifest or zip)")
+                        help="accuracy, budgets, budget_target, audit_fashion, faithfulness: labelled images "
+                             "(fashion-mnist: the 10,000 canvas test images; bundled: the 500 shipped; or a folder, "
+                             "CSV manifest or zip)")
     parser.add_argument("--limit", type=int, default=None,
-                        help="accuracy, audit_fashion, faithfulness: at most N images (evenly spaced; faithfulness "
-                             "default 500)")
+                        help="accuracy, budgets, budget_target, audit_fashion, faithfulness: at most N images (evenly "
+                             "spaced; faithfulness default 500)")
     parser.add_argument("--steps", type=int, default=20, help="faithfulness: steps of the deletion / insertion curves")
     parser.add_argument("--maps", default=None,
                         help="faithfulness: comma-separated map kinds (default: attention,rollout,grad_rollout,ig,"
                              "occlusion)")
     parser.add_argument("--eval-batch-size", type=int, default=None,
-                        help="accuracy, audit_fashion, faithfulness: images per forward (default 500 / 250 / 50)")
+                        help="accuracy, budgets, budget_target, audit_fashion, faithfulness: images per forward "
+                             "(default 500 / 500 / 500 / 250 / 50)")
     parser.add_argument("--work", default=None,
                         help="audit_fashion: folder for the audit's resumable parts (default: "
                              "runs/benchmark_audit_fashion)")
@@ -105,8 +113,10 @@ def configs(args) -> dict:
     """name -> config of every benchmark ``--which`` selects, filled from the arguments."""
     from pathlib import Path
 
-    from patchslim.benchmarks import (AccuracyConfig, AuditFashionConfig, FaithfulnessConfig, Figure1Config,
-                                      Table1Config, Table2Config, Table3Config, TargetConfig)
+    from patchslim.benchmarks import (AccuracyConfig, AuditFashionConfig, BudgetsConfig, BudgetTargetConfig,
+                                      FaithfulnessConfig, Figure1Config, Table1Config, Table2Config, Table3Config,
+                                      TargetConfig)
+    from patchslim.budget import parse_budgets
     from patchslim.benchmarks.common import parse_list
     from patchslim.errors import PatchslimError
 
@@ -118,6 +128,7 @@ def configs(args) -> dict:
     for ratio in ratios or ():
         if not 0.0 < ratio <= 1.0:
             raise PatchslimError(f"--ratios must lie in (0, 1], got {ratio}")
+    budgets = tuple(parse_budgets(args.budgets, "--budgets")) if args.budgets else None
     batches = tuple(parse_list(args.batch_sizes, int))
     if not batches or min(batches) < 1 or args.batch < 1 or (args.eval_batch_size or 1) < 1:
         raise PatchslimError("batch sizes must be positive integers")
@@ -135,6 +146,10 @@ def configs(args) -> dict:
                     **({"batch_size": args.eval_batch_size} if args.eval_batch_size else {}))
     built = {
         "accuracy": lambda: AccuracyConfig(**labelled),
+        "budgets": lambda: BudgetsConfig(**{k: v for k, v in labelled.items() if k != "keep_ratios"},
+                                         **({"budgets": budgets} if budgets else {})),
+        "budget_target": lambda: BudgetTargetConfig(
+            **{k: v for k, v in labelled.items() if k in ("model", "pretrained", "data", "limit", "batch_size")}),
         "audit_fashion": lambda: AuditFashionConfig(**labelled, resume=args.resume,
                                                     **({"work": args.work} if args.work else {})),
         "faithfulness": lambda: FaithfulnessConfig(**dict(labelled, limit=args.limit or FaithfulnessConfig.limit),

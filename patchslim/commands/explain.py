@@ -31,7 +31,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from patchslim.commands.common import load_model_from_args, plan_from_args
+    from patchslim.commands.common import keep_from_args, load_model_from_args, plan_from_args
     from patchslim.commands.faithfulness_options import check_faithfulness_arguments
     from patchslim.errors import PatchslimError
     from patchslim.explain import explain
@@ -59,7 +59,7 @@ def main(args) -> int:
     if progress is not None:
         progress(None, None)
     out.mkdir(parents=True, exist_ok=True)
-    files = write_pictures(result, image, model, out, args.method, args.keep)
+    files = write_pictures(result, image, model, out, args.method, keep_from_args(args))
     ev = result.evidence
     summary = dict(
         model=model.name,
@@ -90,7 +90,7 @@ def main(args) -> int:
     if args.json:
         print(json.dumps(summary))
         return 0
-    print(f"{model.name} ({model.weights_source}); method {args.method}, rho {args.keep:g} "
+    print(f"{model.name} ({model.weights_source}); method {args.method}, rho {keep_from_args(args):g} "
           f"(reached {result.trace.keep_ratio:.3f}); explaining class {result.target_label!r}")
     basis = summary["evidence_basis"]
     print(f"kept evidence: {ev.top_kept} of the top {ev.top_count} patches by {basis} kept "

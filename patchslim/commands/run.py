@@ -12,7 +12,7 @@ HELP = "Run one image through a model with and without slimming; print top-5 and
 
 def add_arguments(parser) -> None:
     add_model_arguments(parser, "deit_small_patch16_224")
-    add_plan_arguments(parser)
+    add_plan_arguments(parser, budget=True)
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed runs of each forward for the latency (after one warm-up; 0 skips timing)")
@@ -20,7 +20,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from patchslim.commands.common import load_model_from_args, plan_from_args
+    from patchslim.commands.common import budget_from_args, keep_from_args, load_model_from_args, plan_from_args
     from patchslim.engine import run
     from patchslim.images import open_image
     from patchslim.metrics import compare_latency, compare_memory, count_macs, measure_memory, prediction_change
@@ -28,6 +28,10 @@ def main(args) -> int:
     plan = plan_from_args(args)
     image = open_image(args.image)
     model = load_model_from_args(args)
+    solution = budget_from_args(args, model)
+    if solution is not None:
+        plan = solution.plan
+    keep_requested = solution.keep_ratio if solution is not None else keep_from_args(args)
     batch = model.preprocess(image)
     baseline = run(model, batch)
     trace = run(model, batch, plan)
@@ -43,7 +47,9 @@ def main(args) -> int:
         device=str(model.device),
         method=args.method,
         plan=plan.to_dict(),
-        keep_ratio_requested=args.keep,
+        keep_ratio_requested=keep_requested,
+        budget=None if solution is None else solution.budget,
+        budget_reached=None if solution is None else macs.total / baseline_macs.total,
         keep_ratio=trace.keep_ratio,
         tokens_per_block=trace.tokens_per_block,
         baseline_tokens_per_block=baseline.tokens_per_block,
@@ -72,7 +78,10 @@ def main(args) -> int:
         print(json.dumps(result))
         return 0
     print(f"{model.name} ({model.weights_source}) on {model.device}; method {args.method}, "
-          f"rho requested {args.keep:g}, reached {trace.keep_ratio:.3f}")
+          f"rho requested {keep_requested:g}, reached {trace.keep_ratio:.3f}")
+    if solution is not None:
+        print(f"budget {solution.budget:g} of the unslimmed GMACs: {solution.knob} {solution.value:g} needed, "
+              f"{result['budget_reached']:.4f} reached")
     print(f"{'unslimmed':<40} {'slimmed':<40}")
     for (bl, bp), (sl, sp) in zip(baseline.top_k(5), trace.top_k(5)):
         print(f"{bp:6.1%} {bl[:32]:<33} {sp:6.1%} {sl[:32]:<33}")

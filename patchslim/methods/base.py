@@ -197,6 +197,11 @@ class SlimMethod:
     # spread over its blocks (tome's schedule, read through ``StageContext.stage_blocks``).
     spreads_keep_ratio: ClassVar[bool] = False
     options: ClassVar[tuple[OptionSpec, ...]] = ()
+    # What a compute budget (:mod:`patchslim.budget`) turns to meet its GMACs: ``"keep_ratio"`` (the stage's rho,
+    # the default), or the name of one of the method's ``"int"`` / ``"float"`` options (e.g. a number of tokens
+    # merged per block), searched between its OptionSpec bounds. The search reads the cost, so either direction
+    # works.
+    budget_knob: ClassVar[str] = "keep_ratio"
 
     def default_blocks(self, depth: int) -> tuple[int, ...]:
         """Where the method acts when a plan does not say: at the input by default."""
@@ -234,6 +239,14 @@ class SlimMethod:
     def check(self, stage_options: dict, keep_ratio: float, model: Any) -> None:
         """Method-specific validation against a model (e.g. a policy trained for another model)."""
 
+    def adaptive_reason(self, options: dict) -> str | None:
+        """Why the number of tokens this method keeps depends on the image with ``options``; None when the plan
+        fixes it. A compute budget is met through the count, so :mod:`patchslim.budget` refuses a stage that
+        gives a reason. The default follows ``adaptive_count``; a method adaptive in one mode only overrides it."""
+        if self.adaptive_count:
+            return f"method {self.name!r} keeps a number of tokens that depends on the image"
+        return None
+
     def reduce(self, state: TokenState, ctx: StageContext) -> Reduction:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -244,7 +257,7 @@ class SlimMethod:
             needs_attention=self.needs_attention, needs_keys=self.needs_keys, needs_values=self.needs_values,
             learned=self.learned, merges=self.merges, spreads_keep_ratio=self.spreads_keep_ratio,
             adaptive_count=self.adaptive_count, input_dependent=self.input_dependent, exact_count=self.exact_count,
-            windowed=self.windowed, window_reason=self.window_reason,
+            windowed=self.windowed, window_reason=self.window_reason, budget_knob=self.budget_knob,
             options=[dict(name=o.name, kind=o.kind, default=o.default, help=o.help, allowed=o.describe())
                      for o in self.options],
         )

@@ -70,6 +70,12 @@ class EntropySelection(SlimMethod):
         """Before block 1 (after one block of context); the input for a one-block model."""
         return (1,) if depth > 1 else (0,)
 
+    def adaptive_reason(self, options: dict) -> str | None:
+        if options.get("tau") is not None:
+            return ("method 'entropy' with option 'tau' keeps every token whose entropy is above tau (eq. 13), so the "
+                    "number kept (and the cost) differs per image; leave tau unset to keep the top rho")
+        return None
+
     def reduce(self, state: TokenState, ctx: StageContext) -> Reduction:
         scores = feature_entropy(state.patches)
         m, channels = state.count, state.tokens.shape[-1]

@@ -59,6 +59,12 @@ class RLPolicy(SlimMethod):
     def default_blocks(self, depth: int) -> tuple[int, ...]:
         return (min(DEFAULT_BLOCK, depth - 1),)
 
+    def adaptive_reason(self, options: dict) -> str | None:
+        if options.get("mode", "topk") == "bernoulli":
+            return ("method 'rl' with mode=bernoulli keeps every patch whose logit passes a threshold, so the number "
+                    "kept (and the cost) differs per image; use mode=topk, which keeps round(rho N)")
+        return None
+
     def check(self, stage_options: dict, keep_ratio: float, model) -> None:
         from patchslim.policy import resolve_policy
 

@@ -16,6 +16,7 @@ COMMANDS = (
     "patchslim.commands.info",
     "patchslim.commands.run",
     "patchslim.commands.train_policy",
+    "patchslim.commands.finetune",
     "patchslim.commands.evaluate",
     "patchslim.commands.explain",
     "patchslim.commands.audit",

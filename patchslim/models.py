@@ -174,7 +174,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device = "auto", w
         UnknownModelError: not a timm model, the bundled one, a timm folder or a hub name.
         UnsupportedModelError: an architecture the engine cannot walk (the message says why).
         WeightsUnavailableError: no weights could be had; the message says how to provide them.
-        WeightsError: a weights file is unsafe, unreadable or for another model.
+        WeightsError: a weights file is unsafe, unreadable or for another model (a fine-tuned checkpoint whose card,
+            :mod:`patchslim.cards`, names another base model is refused with the model it belongs to).
     """
     dev = resolve_device(device)
     check_precision(precision, dev)
@@ -557,6 +558,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _load_into(model: torch.nn.Module, path: Path, name: str) -> None:
+    from patchslim.cards import check_card
+
+    check_card(path, name)  # a fine-tuned checkpoint is refused for another base model, by its card
     state = read_state_dict(path)
     try:
         model.load_state_dict(state, strict=True)

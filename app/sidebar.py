@@ -69,9 +69,16 @@ def draw() -> Settings:
                 help="A timm model folder inside the models folder the server's operator configured "
                      f"({model_sources.MODELS_DIR_ENV}), or a Hugging Face Hub model if the operator allows "
                      f"downloads ({model_sources.ALLOW_HUB_ENV}=1).")
-        if not bundled.is_bundled(name) and name in state.model_names():  # sources bring their own weights
-            st.radio("Weights", [state.PRETRAINED, state.RANDOM_WEIGHTS], key="weights_mode",
-                     help="Random weights give meaningless predictions but true timings and GMACs.")
+        if name in state.model_names():  # sources bring their own weights
+            weights = state.weights_choices(name)
+            if st.session_state.get("weights_mode") not in weights:
+                st.session_state["weights_mode"] = state.PRETRAINED
+            if len(weights) > 1:
+                st.radio("Weights", weights, key="weights_mode",
+                         format_func=lambda w, n=name: state.weights_label(n, w),
+                         help="Random weights give meaningless predictions but true timings and GMACs. A fine-tuned "
+                              "checkpoint was trained with the slimming its name says (`python -m patchslim "
+                              "finetune`): choose that method and rho to see what fine-tuning won back.")
         devices = ["auto"] + [d for d in available_devices()]
         col_device, col_precision = st.columns(2)
         device = col_device.selectbox("Device", devices, key="device",
@@ -93,7 +100,8 @@ def draw() -> Settings:
         if choice is not None:
             # model.name: a local-dir: model as the person named it, not by its path on the server (state)
             st.caption(f"Running **{choice.model.name}** on {choice.model.device.type.upper()}"
-                       f"{' · random weights' if choice.random_weights else ''}")
+                       f"{' · random weights' if choice.random_weights else ''}"
+                       f"{f' · {choice.weights_label}' if choice.weights_label else ''}")
 
         st.header("Slimming")
         methods, refused = (compute.applicable_methods(choice.model) if choice is not None

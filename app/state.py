@@ -32,6 +32,7 @@ from PIL import Image
 
 import patchslim
 from patchslim import bundled
+from patchslim.cards import ShippedCheckpoint, shipped_cards
 from patchslim.errors import WeightsError
 from patchslim.models import DEFAULT_MODEL, SUPPORTED_MODELS, WEIGHTS_DIR_ENV, weights_status
 
@@ -50,6 +51,7 @@ DEFAULT_METHOD = "random"
 DEFAULT_KEEP_RATIO = 0.5
 PRETRAINED = "pretrained"
 RANDOM_WEIGHTS = "random weights (for timing only)"
+FINETUNED_PREFIX = "fine-tuned:"  # + the checkpoint's file stem in patchslim/assets/finetuned/
 
 SESSION_DEFAULTS = {
     "model_name": DEFAULT_MODEL,
@@ -100,6 +102,7 @@ class ModelChoice:
     requested: str
     notice: str
     random_weights: bool
+    weights_label: str = ""  # a fine-tuned checkpoint's label (patchslim.cards.ShippedCheckpoint.label), else ""
 
 
 @st.cache_data(max_entries=32, ttl=600, show_spinner=False)
@@ -111,10 +114,33 @@ def weights_available(name: str) -> tuple[bool, str]:
 
 @st.cache_resource(max_entries=3, show_spinner="Loading the model (once per server)…")
 def _load(name: str, device: str, precision: str, random_weights: bool,
-          stamp: tuple = ()) -> patchslim.LoadedModel:
-    """``stamp``: a ``local-dir:`` folder's files as ``(file, mtime_ns, size)`` (only a cache key: a folder whose
-    weights were replaced is loaded again, not served from the cache until a restart)."""
-    return patchslim.load_model(name, device=device, precision=precision, pretrained=not random_weights)
+          stamp: tuple = (), weights: str | None = None) -> patchslim.LoadedModel:
+    """``stamp``: a ``local-dir:`` folder's or a weights file's ``(file, mtime_ns, size)`` (only a cache key: files
+    replaced on disk are loaded again, not served from the cache until a restart); ``weights``: a shipped
+    fine-tuned checkpoint."""
+    return patchslim.load_model(name, device=device, precision=precision, pretrained=not random_weights,
+                                weights=weights)
+
+
+def finetuned_checkpoints(name: str) -> dict[str, ShippedCheckpoint]:
+    """The fine-tuned checkpoints shipped for model ``name`` (``patchslim/assets/finetuned/``, read by their cards),
+    keyed by the weights choice that names them (``fine-tuned:STEM``)."""
+    return {f"{FINETUNED_PREFIX}{c.path.stem}": c for c in shipped_cards(name)}
+
+
+def weights_choices(name: str) -> list[str]:
+    """The sidebar's weights choices for a listed model: its own weights (the bundled checkpoint, or pretrained),
+    random weights for a timm model, and every fine-tuned checkpoint shipped for it."""
+    own = [PRETRAINED] if bundled.is_bundled(name) else [PRETRAINED, RANDOM_WEIGHTS]
+    return own + list(finetuned_checkpoints(name))
+
+
+def weights_label(name: str, choice: str) -> str:
+    """How the sidebar shows a weights choice."""
+    if choice == PRETRAINED and bundled.is_bundled(name):
+        return "bundled checkpoint"
+    shipped = finetuned_checkpoints(name).get(choice)
+    return shipped.label if shipped is not None else choice
 
 
 def choose_model(name: str, weights_mode: str, device: str, precision: str) -> ModelChoice:
@@ -134,6 +160,16 @@ def choose_model(name: str, weights_mode: str, device: str, precision: str) -> M
     source = model_sources.check(name, policy, model_names())
     if model_sources.source_of(source) is not None:
         return _source_model(name, source, policy, device, precision)
+    if weights_mode.startswith(FINETUNED_PREFIX):
+        shipped = finetuned_checkpoints(name).get(weights_mode)
+        if shipped is None:
+            raise WeightsError(f"{weights_mode[len(FINETUNED_PREFIX):]} is not a fine-tuned checkpoint shipped for "
+                               f"{name}: choose another in Weights")
+        info = shipped.path.stat()
+        model = _load(name, device, precision, False, (shipped.path.name, info.st_mtime_ns, info.st_size),
+                      str(shipped.path))
+        key = f"{name}|{model.device}|{precision}|{weights_mode}|{info.st_mtime_ns}"
+        return ModelChoice(key, model, name, "", False, shipped.label)
     random_weights = weights_mode == RANDOM_WEIGHTS and not bundled.is_bundled(name)
     notice = ""
     if bundled.is_bundled(name):

@@ -73,6 +73,8 @@ def test_wheel_holds_the_package_its_methods_and_the_bundled_files(wheel):
     assert "patchslim/assets/fashion_vit.safetensors" in names
     assert "patchslim/assets/policies/fashion-vit.safetensors" in names
     assert "patchslim/assets/fashion_canvas_sample.npz" in names
+    finetuned = sorted((PACKAGE / "assets" / "finetuned").glob("*"))  # fine-tuned checkpoints and their cards
+    assert {p.relative_to(REPO).as_posix() for p in finetuned} <= names
     # Only the package: no tests, app, benchmarks or scripts at the wheel's top level.
     assert {name.split("/")[0] for name in names} == {"patchslim", dist_info}
 

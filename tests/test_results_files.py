@@ -89,13 +89,29 @@ def check_command(command: str, record: Path) -> None:
         stems = {config.stem for config in configs(args).values()}
         assert record.stem in stems or record.parent.name in stems, \
             f"{record.name}: {command!r} writes {sorted(stems)}, not this file"
+    elif argv[:2] == ["python", "-m"] and argv[2:4] in (["patchslim", "finetune"], ["patchslim", "evaluate"]):
+        # a fine-tune's training record (STEM.training.json, copied from its --out) or the evaluation of a
+        # fine-tuned checkpoint (evaluate --stem STEM writes STEM.{md,json,csv,html,png})
+        from patchslim.cli import build_parser
+
+        try:
+            args = build_parser().parse_args(argv[3:])
+        except SystemExit:
+            pytest.fail(f"{record.name}: {command!r} is not a valid command today")
+        if argv[3] == "finetune":
+            from patchslim.finetune import default_stem
+
+            stem = args.stem or default_stem(args.model, args.method, args.keep, args.distill)
+            assert record.name == f"{stem}.training.json", f"{record.name}: {command!r} writes {stem}.training.json"
+        else:
+            assert record.stem == args.stem and args.out, f"{record.name}: {command!r} writes {args.stem}.*"
     elif len(argv) >= 2 and argv[0] == "python" and argv[1].startswith("benchmarks/"):
         script = argv[1].removeprefix("benchmarks/")
         assert script in HARNESSES and (ROOT / argv[1]).is_file(), f"{record.name}: no harness {argv[1]}"
         assert record.stem == Path(script).stem, f"{record.name}: {argv[1]} writes another file"
     else:
-        pytest.fail(f"{record.name}: {command!r} is neither `python -m patchslim benchmark` nor a harness in "
-                    f"benchmarks/ ({', '.join(HARNESSES)})")
+        pytest.fail(f"{record.name}: {command!r} is neither `python -m patchslim benchmark` (or finetune / "
+                    f"evaluate of a fine-tuned checkpoint) nor a harness in benchmarks/ ({', '.join(HARNESSES)})")
 
 
 @pytest.mark.parametrize("name", cases(PATHS_AWAITING, text_only=True))

@@ -23,6 +23,7 @@ from patchslim.errors import PlanError
 from patchslim.methods import Reduction, StageContext
 from patchslim.models import LoadedModel
 from patchslim.plan import Action, KeepSet, SlimPlan
+from patchslim.seeding import ImageRandom
 from patchslim.tokens import Provenance, TokenState, target_count
 from patchslim.trace import BlockRecord, StageRecord, Trace
 
@@ -112,7 +113,7 @@ def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: lis
     values_needed = {a.attention_block for a in actions if a.method.needs_values}
     # blocks whose attention an action before the next block reads (else it is dropped after the block's own)
     read_by_next = {a.attention_block for a in actions if a.point == "pre" and a.attention_block is not None}
-    generator = torch.Generator().manual_seed(plan.seed)
+    random = ImageRandom(plan.seed, images)  # per-image streams, keyed when a method first draws
 
     x = adapter.embed(images)
     state = TokenState(x, spec.num_prefix_tokens, Provenance.identity(x.shape[0], spec.num_patches, x.device))
@@ -137,8 +138,8 @@ def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: lis
         for action in by_place.get(place, ()):
             if state.key_mask is not None:
                 raise PlanError(
-                    f"stage {action.stage.method!r} acts after a keep set that kept a different number of tokens "
-                    "per image; such a keep set must be the plan's last stage"
+                    f"stage {action.stage.method!r} acts after a stage that kept a different number of tokens "
+                    "per image (a boolean keep set, or rl with mode=bernoulli); such a stage must be the plan's last"
                 )
             stage_start.setdefault(action.stage_index, state.count)
             ctx = StageContext(
@@ -151,7 +152,7 @@ def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: lis
                            if action.method.needs_attention and last_attention is not None else None),
                 keys=last_keys if action.method.needs_keys else None,
                 values=last_values if action.method.needs_values else None,
-                generator=generator,
+                random=random,
                 model=model,
                 num_patches=spec.num_patches,
                 grid_size=spec.grid_size,

@@ -13,6 +13,8 @@ or the order of a reduction (integer sums are exact). Two identical images get i
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -27,10 +29,16 @@ def image_keys(images: torch.Tensor) -> list[int]:
     """
     flat = images.detach().reshape(images.shape[0], -1).to(torch.float32).contiguous()
     bits = flat.view(torch.int32)
-    weights = (torch.arange(flat.shape[1], device=flat.device, dtype=torch.int32) % 4093) * 2 + 1
+    weights = _position_weights(flat.shape[1], str(flat.device))
     low = ((bits & 0xFFFF).to(torch.int64) * weights).sum(1).tolist()
     high = ((bits >> 16).to(torch.int64) * weights).sum(1).tolist()
     return [mix(h, lo & _MASK64) for lo, h in zip(low, high)]
+
+
+@functools.lru_cache(maxsize=8)
+def _position_weights(length: int, device: str) -> torch.Tensor:
+    """The odd weights ``w_j < 2^13`` of :func:`image_keys` (made once per input size and device)."""
+    return (torch.arange(length, device=device, dtype=torch.int32) % 4093) * 2 + 1
 
 
 def mix(seed: int, key: int) -> int:

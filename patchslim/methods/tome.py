@@ -87,9 +87,8 @@ def bipartite_sets(count: int, num_prefix: int = 0,
     Returns:
         (A positions ``[Ma]``, B positions ``[Mb]``), int64, ascending.
     """
-    positions = torch.arange(count, device=device)
-    in_a = (positions + num_prefix) % 2 == 0
-    return positions[in_a], positions[~in_a]
+    first_a = num_prefix % 2  # the parity of the whole-sequence position; a range, no mask to index with
+    return (torch.arange(first_a, count, 2, device=device), torch.arange(1 - first_a, count, 2, device=device))
 
 
 @dataclass(frozen=True)

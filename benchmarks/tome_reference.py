@@ -15,7 +15,9 @@ of random images:
 
 ``--time`` instead measures both forwards (and timm's unpatched one) at batch 1 and 32 for r = 8 / 13 / 16:
 the three are run in turn (interleaved, so drifting machine load hits them alike) after a warm-up, and the
-medians are reported with the ratio ours / reference. The reference runs as its authors time it (no source
+medians are reported with the ratio ours / reference. The floor (timm's own blocks on the token counts
+each block saw in our run, ``patchslim.metrics.floor_forward``) runs in the same rotation: floor / ours is the
+share of our time that the model's own blocks on those tokens take (1.0: no cost above them). The reference runs as its authors time it (no source
 tracking); ours always tracks provenance and builds a Trace. Run it on an idle machine only.
 
 The reference is a checkout of https://github.com/facebookresearch/ToMe (the folder that holds ``tome/``),
@@ -241,6 +243,7 @@ class Timing:
     timm_ms: float
     reference_ms: float
     ours_ms: float
+    floor_ms: float  # timm's own blocks on the token counts of our run (patchslim.metrics.floor_forward)
 
 
 def time_both(reference_path: str | Path, models=DEFAULT_MODELS[:1], rs=TIME_R, batches=TIME_BATCHES,
@@ -250,6 +253,7 @@ def time_both(reference_path: str | Path, models=DEFAULT_MODELS[:1], rs=TIME_R, 
     Only meaningful on an idle machine; see the module docstring.
     """
     import patchslim
+    from patchslim.metrics import floor_forward
 
     reference = load_reference(reference_path)
     out = []
@@ -265,6 +269,7 @@ def time_both(reference_path: str | Path, models=DEFAULT_MODELS[:1], rs=TIME_R, 
                     "timm": lambda: plain(images),
                     "reference": lambda: theirs(images),
                     "ours": lambda: patchslim.run(ours, images, plan),
+                    "floor": floor_forward(ours, images, patchslim.run(ours, images, plan)),
                 }
                 samples: dict[str, list[float]] = {key: [] for key in runners}
                 with torch.inference_mode():
@@ -275,16 +280,17 @@ def time_both(reference_path: str | Path, models=DEFAULT_MODELS[:1], rs=TIME_R, 
                             if i >= warmup:
                                 samples[key].append(time.perf_counter() - started)
                 out.append(Timing(spec, batch, r, *(1000 * statistics.median(samples[k])
-                                                     for k in ("timm", "reference", "ours"))))
+                                                     for k in ("timm", "reference", "ours", "floor"))))
     return out
 
 
 def timing_table(rows: list[Timing]) -> str:
-    lines = ["| model | batch | r | timm unpatched ms | reference ms | ours ms | ours / reference |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | batch | r | timm unpatched ms | reference ms | ours ms | floor ms | ours / reference | "
+             "floor / ours |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         lines.append(f"| {row.model} | {row.batch} | {row.r} | {row.timm_ms:.1f} | {row.reference_ms:.1f} | "
-                     f"{row.ours_ms:.1f} | {row.ours_ms / row.reference_ms:.3f} |")
+                     f"{row.ours_ms:.1f} | {row.floor_ms:.1f} | {row.ours_ms / row.reference_ms:.3f} | "
+                     f"{row.floor_ms / row.ours_ms:.3f} |")
     return "\n".join(lines)
 
 

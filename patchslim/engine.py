@@ -23,6 +23,7 @@ from patchslim.errors import PlanError
 from patchslim.methods import Reduction, StageContext
 from patchslim.models import LoadedModel
 from patchslim.plan import Action, KeepSet, SlimPlan
+from patchslim.seeding import ImageRandom
 from patchslim.tokens import Provenance, TokenState, target_count
 from patchslim.trace import BlockRecord, StageRecord, Trace
 
@@ -30,7 +31,7 @@ SelectionClock = list  # receives (method, block, seconds) per action
 
 
 def run(model: LoadedModel, images: Any, plan: SlimPlan | None = None, *, grad: bool = False,
-        clock: SelectionClock | None = None) -> Trace:
+        clock: SelectionClock | None = None, draws_for: torch.Tensor | None = None) -> Trace:
     """Runs ``model`` on ``images`` under ``plan``.
 
     Args:
@@ -42,6 +43,9 @@ def run(model: LoadedModel, images: Any, plan: SlimPlan | None = None, *, grad: 
             fine-tuned; put the model in ``train()`` mode yourself for dropout).
         clock: a list that receives ``(method, block, seconds)`` for every action, each timed on its own
             (the overhead tables); None reads no clock.
+        draws_for: ``[B, C, H, W]`` the images whose random streams the methods draw from, row by row, instead
+            of ``images``' own (:mod:`patchslim.seeding`): an attribution perturbs an image and keeps the draws
+            of the image it explains. None: each image its own.
 
     Returns:
         The :class:`~patchslim.trace.Trace` of the forward.
@@ -52,8 +56,10 @@ def run(model: LoadedModel, images: Any, plan: SlimPlan | None = None, *, grad: 
     plan = plan or SlimPlan()
     actions = _checked_actions(model, plan)
     x = model.preprocess(images)
+    if draws_for is not None and draws_for.shape[0] != x.shape[0]:
+        raise ValueError(f"draws_for has {draws_for.shape[0]} images for a batch of {x.shape[0]}")
     with _mode(grad), autocast(model.device, model.precision):
-        return _walk(model, x, plan, actions, clock)
+        return _walk(model, x, plan, actions, clock, draws_for=draws_for)
 
 
 def tokens_before(model: LoadedModel, images: Any, block: int, plan: SlimPlan | None = None, *,
@@ -102,7 +108,7 @@ def _mode(grad: bool):
 
 
 def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: list[Action],
-          clock: SelectionClock | None, stop_before: int | None = None) -> Any:
+          clock: SelectionClock | None, stop_before: int | None = None, draws_for: torch.Tensor | None = None) -> Any:
     adapter = model.adapter
     spec = model.spec
     keep_attention = plan.attention_wanted(spec.depth)
@@ -112,7 +118,7 @@ def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: lis
     values_needed = {a.attention_block for a in actions if a.method.needs_values}
     # blocks whose attention an action before the next block reads (else it is dropped after the block's own)
     read_by_next = {a.attention_block for a in actions if a.point == "pre" and a.attention_block is not None}
-    generator = torch.Generator().manual_seed(plan.seed)
+    random = ImageRandom(plan.seed, images if draws_for is None else draws_for)  # keyed at the first draw
 
     x = adapter.embed(images)
     state = TokenState(x, spec.num_prefix_tokens, Provenance.identity(x.shape[0], spec.num_patches, x.device))
@@ -137,8 +143,8 @@ def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: lis
         for action in by_place.get(place, ()):
             if state.key_mask is not None:
                 raise PlanError(
-                    f"stage {action.stage.method!r} acts after a keep set that kept a different number of tokens "
-                    "per image; such a keep set must be the plan's last stage"
+                    f"stage {action.stage.method!r} acts after a stage that kept a different number of tokens "
+                    "per image (a boolean keep set, or rl with mode=bernoulli); such a stage must be the plan's last"
                 )
             stage_start.setdefault(action.stage_index, state.count)
             ctx = StageContext(
@@ -151,7 +157,7 @@ def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: lis
                            if action.method.needs_attention and last_attention is not None else None),
                 keys=last_keys if action.method.needs_keys else None,
                 values=last_values if action.method.needs_values else None,
-                generator=generator,
+                random=random,
                 model=model,
                 num_patches=spec.num_patches,
                 grid_size=spec.grid_size,

@@ -168,7 +168,8 @@ class SlimPlan:
         attention_blocks: blocks whose attention probabilities the Trace should keep, for maps and
             rollout (``"all"`` for every block). Attention is computed explicitly only there and where
             a method needs it; every other block uses fused attention.
-        seed: seed of the generator handed to methods that draw random numbers.
+        seed: seed of the random numbers methods draw; each image's stream is seeded by it and the image's own
+            input (:mod:`patchslim.seeding`), so an image gets the same draws whatever batch it is in.
     """
 
     stages: tuple[Stage | KeepSet, ...] = ()

@@ -6,10 +6,12 @@ A slimmed forward carries, beside the token tensor, *where every token came from
 - after merging, token ``j`` stands for a set of original patches (a 0/1 row of a source matrix);
 - after a low-rank projection, token ``j`` is a weighted combination of patches (a row of loadings).
 
-:class:`Provenance` keeps the cheap gather index while only pruning happened and switches to a dense
-``[B, M, N]`` matrix at the first merge or projection. Overlays, rollout and audits read it; nothing
-re-derives it. Prefix tokens (CLS, distillation, registers) are never part of the provenance and are
-never dropped: every function here leaves the first ``num_prefix`` tokens alone.
+:class:`Provenance` keeps the cheap gather index while only pruning happened; a merge turns it into an
+assignment (``[B, N]``: the token each original patch went into), which the next merges update by an index, and a
+projection into a dense ``[B, M, N]`` matrix. ``dense()`` gives the matrix in every case, built when it is read.
+Overlays, rollout and audits read it; nothing re-derives it. Prefix tokens (CLS, distillation, registers) are
+never part of the provenance and are never dropped: every function here leaves the first ``num_prefix`` tokens
+alone.
 """
 
 from __future__ import annotations
@@ -27,11 +29,16 @@ class Provenance:
     Attributes:
         num_patches: N, the number of patches of the unslimmed image.
         ids: ``[B, M]`` int64 original patch ids, while tokens are plain (possibly pruned) patches.
-        weights: ``[B, M, N]`` float, once tokens are merges (0/1 rows) or projections (loadings).
+        weights: ``[B, M, N]`` float, once tokens are projections (loadings) or arbitrary combinations; read it
+            through :meth:`dense`, which also serves the other forms.
         cell: 1 while each id is one patch; ``c > 1`` in a hierarchical model after patch merging (Swin), where
             id ``j`` names the ``c x c`` square of patches at cell ``(j // (cols / c), j % (cols / c))`` of the
             coarser grid: a token after patch merging stands for the patches of the four tokens it merged.
         grid: the patch grid (rows, cols), needed to expand cells into patches when ``cell > 1``.
+        assignment: ``[B, N]`` int64, once tokens are merges of patches (each patch in at most one token): the
+            token (0..M-1) each original patch went into, -1 for a patch no token stands for. A merge updates it
+            with one gather (:meth:`merge`); :meth:`dense` turns it into the 0/1 source matrix when read.
+        assigned: M, the number of tokens, with ``assignment``.
     """
 
     num_patches: int
@@ -39,6 +46,8 @@ class Provenance:
     weights: torch.Tensor | None = None
     cell: int = 1
     grid: tuple[int, int] = (0, 0)
+    assignment: torch.Tensor | None = None
+    assigned: int = 0
 
     @staticmethod
     def identity(batch: int, num_patches: int, device: torch.device | None = None) -> "Provenance":
@@ -49,11 +58,21 @@ class Provenance:
     @property
     def count(self) -> int:
         """M, the number of non-prefix tokens."""
-        return int(self.ids.shape[1] if self.ids is not None else self.weights.shape[1])
+        if self.ids is not None:
+            return int(self.ids.shape[1])
+        return int(self.weights.shape[1]) if self.weights is not None else self.assigned
 
     @property
     def batch(self) -> int:
-        return int(self.ids.shape[0] if self.ids is not None else self.weights.shape[0])
+        return int(self._tensor.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self._tensor.device
+
+    @property
+    def _tensor(self) -> torch.Tensor:
+        return self.ids if self.ids is not None else self.weights if self.weights is not None else self.assignment
 
     @property
     def is_plain(self) -> bool:
@@ -72,6 +91,11 @@ class Provenance:
         """``[B, M, N]`` float: row j says how much of each original patch token j stands for."""
         if self.weights is not None:
             return self.weights
+        if self.assignment is not None:
+            # one spare row collects the patches no token stands for, then is cut off
+            out = torch.zeros(self.batch, self.assigned + 1, self.num_patches, device=self.device)
+            slot = self.assignment.masked_fill(self.assignment < 0, self.assigned)
+            return out.scatter_(1, slot.unsqueeze(1), 1.0)[:, : self.assigned]
         out = torch.zeros(self.batch, self.count, self.num_patches, device=self.ids.device)
         return out.scatter_(2, self.patch_ids(), 1.0)
 
@@ -79,6 +103,10 @@ class Provenance:
         """Keeps the tokens at ``index`` (``[B, K]`` positions among the M tokens)."""
         if self.ids is not None:
             return Provenance(self.num_patches, ids=self.ids.gather(1, index), cell=self.cell, grid=self.grid)
+        if self.assignment is not None:
+            slot = torch.full((self.batch, self.assigned), -1, dtype=torch.int64, device=index.device)
+            slot.scatter_(1, index, torch.arange(index.shape[1], device=index.device).expand_as(index))
+            return self.merge(slot, index.shape[1])
         w = self.weights.gather(1, index.unsqueeze(-1).expand(-1, -1, self.num_patches))
         return Provenance(self.num_patches, weights=w)
 
@@ -86,27 +114,65 @@ class Provenance:
         """New tokens as combinations of the current ones: ``matrix`` is ``[B, K, M]``."""
         return Provenance(self.num_patches, weights=matrix.to(torch.float32) @ self.dense().to(matrix.device))
 
+    def merge(self, slot: torch.Tensor, count: int) -> "Provenance":
+        """New tokens as unions of the current ones: current token j goes into new token ``slot[b, j]``
+        (``[B, M]`` in 0..count-1, or -1 for a token dropped), ``count`` new tokens. The same as
+        :meth:`combine` with the 0/1 matrix of ``slot``, by an index instead of a product."""
+        if self.weights is not None or (self.ids is not None and self.cell != 1):
+            combination = torch.zeros(self.batch, count + 1, slot.shape[1], device=slot.device)
+            combination.scatter_(1, slot.masked_fill(slot < 0, count).unsqueeze(1), 1.0)
+            return self.combine(combination[:, :count])
+        slot = slot.to(self.device)
+        if self.ids is not None:
+            assignment = torch.full((self.batch, self.num_patches), -1, dtype=torch.int64, device=self.device)
+            assignment.scatter_(1, self.ids, slot)
+        else:
+            assignment = slot.gather(1, self.assignment.clamp_min(0)).masked_fill(self.assignment < 0, -1)
+        return Provenance(self.num_patches, assignment=assignment, assigned=count, grid=self.grid)
+
     def patch_mask(self) -> torch.Tensor:
         """``[B, N]`` bool: which original patches some token still stands for."""
         if self.ids is not None:
             mask = torch.zeros(self.batch, self.num_patches, dtype=torch.bool, device=self.ids.device)
             return mask.scatter_(1, self.patch_ids().flatten(1), True)
+        if self.assignment is not None:
+            return self.assignment >= 0
         return self.weights.abs().sum(1) > 0
 
     def regroup(self, batch: int) -> "Provenance":
         """The same tokens with ``batch`` rows (window groups ``[B * W, n]`` <-> images ``[B, W * n]``)."""
         if self.ids is not None:
             return Provenance(self.num_patches, ids=self.ids.reshape(batch, -1), cell=self.cell, grid=self.grid)
+        if self.assignment is not None:
+            rows, m = self.batch, self.assigned
+            if batch <= rows:  # g rows of m tokens -> one row of g * m: the w-th row's tokens come w * m later
+                g = rows // batch
+                a = self.assignment.reshape(batch, g, -1)
+                shifted = a + (torch.arange(g, device=a.device) * m).view(1, g, 1)
+                joined = torch.where(a >= 0, shifted, torch.full_like(a, -1)).amax(1)
+                return Provenance(self.num_patches, assignment=joined, assigned=g * m, grid=self.grid)
+            g = batch // rows  # one row of m tokens -> g rows of m / g
+            k = m // g
+            local = self.assignment.unsqueeze(1) - (torch.arange(g, device=self.device) * k).view(1, g, 1)
+            split = torch.where((local >= 0) & (local < k), local, torch.full_like(local, -1))
+            return Provenance(self.num_patches, assignment=split.reshape(batch, -1), assigned=k, grid=self.grid)
         return Provenance(self.num_patches, weights=self.weights.reshape(batch, -1, self.num_patches))
 
+    def repeat(self, times: int) -> "Provenance":
+        """The same provenance ``times`` over along the batch (row ``s * B + b`` is row ``b``)."""
+
+        def rep(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.repeat(times, *([1] * (t.dim() - 1)))
+
+        return Provenance(self.num_patches, rep(self.ids), rep(self.weights), self.cell, self.grid,
+                          rep(self.assignment), self.assigned)
+
     def to(self, device: torch.device | str) -> "Provenance":
-        return Provenance(
-            self.num_patches,
-            ids=None if self.ids is None else self.ids.to(device),
-            weights=None if self.weights is None else self.weights.to(device),
-            cell=self.cell,
-            grid=self.grid,
-        )
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Provenance(self.num_patches, move(self.ids), move(self.weights), self.cell, self.grid,
+                          move(self.assignment), self.assigned)
 
 
 def _cell_patches(ids: torch.Tensor, cell: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -203,9 +269,8 @@ def repeat_batch(state: TokenState, times: int) -> TokenState:
     def rep(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.repeat(times, *([1] * (t.dim() - 1)))
 
-    prov = state.provenance
-    provenance = Provenance(prov.num_patches, ids=rep(prov.ids), weights=rep(prov.weights), cell=prov.cell, grid=prov.grid)
-    return TokenState(rep(state.tokens), state.num_prefix, provenance, rep(state.sizes), rep(state.key_mask))
+    return TokenState(rep(state.tokens), state.num_prefix, state.provenance.repeat(times), rep(state.sizes),
+                      rep(state.key_mask))
 
 
 def top_k_index(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -233,6 +298,18 @@ def replace_patches(state: TokenState, patches: torch.Tensor, combination: torch
             loadings for projections); used for the provenance.
         sizes: ``[B, K]`` the new tokens' sizes, or None to keep sizes unset.
     """
+    return _replaced(state, patches, sizes, lambda provenance: provenance.combine(combination))
+
+
+def merge_patches(state: TokenState, patches: torch.Tensor, slot: torch.Tensor,
+                  sizes: torch.Tensor | None) -> TokenState:
+    """Replaces the non-prefix tokens by merges of them: :func:`replace_patches` for a 0/1 combination given as
+    an index (current token j went into new token ``slot[b, j]``, -1: dropped), so the provenance follows by
+    :meth:`Provenance.merge` instead of a ``[B, K, M] x [B, M, N]`` product."""
+    return _replaced(state, patches, sizes, lambda provenance: provenance.merge(slot, patches.shape[1]))
+
+
+def _replaced(state: TokenState, patches: torch.Tensor, sizes: torch.Tensor | None, provenance) -> TokenState:
     p = state.num_prefix
     tokens = torch.cat([state.prefix, patches.to(state.tokens.dtype)], dim=1)
     new_sizes = None
@@ -242,8 +319,8 @@ def replace_patches(state: TokenState, patches: torch.Tensor, combination: torch
         new_sizes = torch.cat([prefix_sizes, sizes], dim=1)
     if state.key_mask is not None:
         raise ValueError("tokens masked by a per-image keep set cannot be merged or projected")
-    return TokenState(tokens, p, state.provenance.combine(combination), new_sizes, None, state.groups, state.layout)
+    return TokenState(tokens, p, provenance(state.provenance), new_sizes, None, state.groups, state.layout)
 
 
 def _prov_device(provenance: Provenance) -> torch.device:
-    return (provenance.ids if provenance.ids is not None else provenance.weights).device
+    return provenance.device

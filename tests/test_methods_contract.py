@@ -66,7 +66,7 @@ def _check_provenance(before, after, num_patches: int) -> None:
         for row in ids:
             assert row.unique().numel() == row.numel(), "a patch id appears twice"
         return
-    weights = prov.weights
+    weights = prov.dense()
     assert weights.shape == (after.tokens.shape[0], after.count, num_patches)
     assert torch.isfinite(weights).all()
     assert (weights.abs().sum(-1) > 0).all(), "a token stands for no patch"

@@ -473,3 +473,34 @@ def test_uniform_stride_longer_than_the_tokens_keeps_one():
 
     assert uniform_positions(16, 0.01, 1).tolist() == [15]
     assert uniform_positions(16, 0.01, 1, indexing="zero").tolist() == [0]
+
+
+def test_tome_provenance_by_assignment_equals_the_dense_products_it_replaces():
+    """Merges tracked as an assignment (one gather per block) give, when read, the source matrix that the product
+    of the blocks' 0/1 combinations gives; pruning and window regrouping after a merge as well."""
+    from patchslim.methods.tome import merge_into_slots
+    from patchslim.tokens import Provenance, merge_patches, replace_patches
+
+    g = torch.Generator().manual_seed(5)
+    n, prefix, channels = 24, 1, 4
+    perm = torch.stack([torch.randperm(n, generator=g)[:20] for _ in range(2)])  # pruned first: 20 of 24 patches
+    lazy = TokenState(torch.randn(2, prefix + 20, channels, generator=g), prefix, Provenance(n, ids=perm))
+    dense = lazy
+    for r in (4, 3, 5):  # three blocks of merges
+        match = soft_matching(torch.randn(2, lazy.count, 3, generator=g), r, prefix)
+        sizes = torch.ones(2, lazy.count)
+        merged, new_sizes, slot = merge_into_slots(lazy.patches, sizes, match)
+        _, _, combination = merge_weighted(dense.patches, sizes, match)
+        lazy = merge_patches(lazy, merged, slot, new_sizes)
+        dense = replace_patches(dense, merged, combination, new_sizes)
+        assert lazy.provenance.assignment is not None and lazy.provenance.weights is None  # no product
+        assert torch.equal(lazy.provenance.dense(), dense.provenance.dense())
+        assert torch.equal(lazy.provenance.patch_mask(), dense.provenance.patch_mask())
+        assert lazy.provenance.count == dense.provenance.count == lazy.count
+    kept = torch.tensor([[0, 2, 3], [1, 4, 5]])
+    assert torch.equal(lazy.provenance.select(kept).dense(), dense.provenance.select(kept).dense())
+    windows = lazy.provenance.regroup(4)  # 2 images of 8 tokens <-> 4 groups of 4
+    assert windows.batch == 4 and windows.count == 4
+    assert torch.equal(windows.dense(), dense.provenance.dense().reshape(4, 4, n))
+    assert torch.equal(windows.regroup(2).dense(), dense.provenance.dense())
+    assert torch.equal(lazy.provenance.repeat(2).dense(), dense.provenance.dense().repeat(2, 1, 1))

@@ -100,3 +100,20 @@ class Adapter:
 
     def head(self, state: TokenState) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    # Why :meth:`floor` is not offered for this architecture ("" when it is).
+    floor_reason: ClassVar[str] = "this architecture has no floor forward"
+
+    def floor(self, images: torch.Tensor, counts: list[tuple[int, int]]) -> torch.Tensor:
+        """The model's own modules on the token counts a slimmed forward had, without any slimming work: the
+        speed floor of a slimming engine (:func:`patchslim.metrics.compare_latency` with ``floor=True``).
+
+        Args:
+            images: ``[B, C, H, W]`` input.
+            counts: per block, (tokens its attention ran on, tokens its MLP ran on), prefix included, per image
+                (``Trace.blocks``).
+
+        Raises:
+            NotImplementedError: with :attr:`floor_reason`.
+        """
+        raise NotImplementedError(self.floor_reason)

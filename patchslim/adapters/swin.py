@@ -64,6 +64,9 @@ class _Partition:
 class SwinAdapter(Adapter):
     kind = "swin"
     token_removal: ClassVar[bool] = False
+    floor_reason = ("timm's window attention runs full windows only (its relative-position bias is n x n), so the "
+                    "model's own blocks cannot run on k tokens per window; a floor would be this adapter's own "
+                    "walk")
 
     def __init__(self, name: str, module: torch.nn.Module, default_stages: tuple[int, ...] | None = None) -> None:
         super().__init__(name, module)

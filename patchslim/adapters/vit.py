@@ -152,6 +152,35 @@ class ViTAdapter(Adapter):
         return vit.head(vit.head_drop(vit.fc_norm(pooled)))
 
 
+    floor_reason = ""
+
+    def floor(self, images: torch.Tensor, counts: list[tuple[int, int]]) -> torch.Tensor:
+        """timm's own pipeline (``patch_embed`` ... ``blocks`` ... ``forward_head``) with the tokens cut to the
+        given counts: a block whose attention and MLP see the same count is timm's ``Block`` itself; one whose
+        MLP sees fewer (a method acting inside it) runs its two residual branches with the cut between them.
+        The first tokens are kept (which ones does not change the time); a cut copies the kept tokens together,
+        the least data movement any pruning needs."""
+        vit = self.module
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        for block, (attention, mlp) in zip(vit.blocks, counts):
+            x = _cut(x, attention)
+            if attention == mlp:
+                x = block(x)
+                continue
+            x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+            x = _cut(x, mlp)
+            x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        return vit.forward_head(vit.norm(x))
+
+
+def _cut(x: torch.Tensor, count: int) -> torch.Tensor:
+    if count == x.shape[1]:
+        return x
+    if count > x.shape[1]:
+        raise ValueError(f"a floor forward cannot grow the tokens from {x.shape[1]} to {count}")
+    return x[:, :count].contiguous()
+
+
 def key_bias(state: TokenState, dtype: torch.dtype) -> torch.Tensor | None:
     """``[B, 1, 1, T]`` additive attention bias: ``log(size)`` of merged tokens, ``-inf`` at masked keys."""
     bias = None

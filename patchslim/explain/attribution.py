@@ -63,11 +63,13 @@ class Attribution:
 
 # --------------------------------------------------------------------------- the differentiable forward
 
-def differentiable_logits(model: LoadedModel, images: torch.Tensor, plan: SlimPlan | None = None) -> torch.Tensor:
-    """``[B, classes]`` logits of the plan-driven forward with autograd on: ``run(..., grad=True)``."""
+def differentiable_logits(model: LoadedModel, images: torch.Tensor, plan: SlimPlan | None = None,
+                          draws_for: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, classes]`` logits of the plan-driven forward with autograd on: ``run(..., grad=True)``; ``draws_for``
+    as in :func:`patchslim.run` (the images whose random draws a seeded method uses)."""
     from patchslim.engine import run
 
-    return run(model, images, plan, grad=True).logits
+    return run(model, images, plan, grad=True, draws_for=draws_for).logits
 
 
 def batch_independent(model: LoadedModel, x: torch.Tensor, plan: SlimPlan) -> bool:
@@ -89,17 +91,32 @@ def batch_independent(model: LoadedModel, x: torch.Tensor, plan: SlimPlan) -> bo
 
 
 class _Forward:
-    """The function captum calls: logits of the (slimmed) model, counting evaluations for progress."""
+    """The function captum calls: logits of the (slimmed) model, counting evaluations for progress.
 
-    def __init__(self, model: LoadedModel, plan: SlimPlan, per_image: bool, total: int, progress: Progress | None):
+    ``explained``: the ``[B, C, H, W]`` images being explained. captum lays its perturbed inputs out as copies of
+    the batch (row ``i`` perturbs image ``i % B``), and every row draws the random numbers of the image it
+    perturbs, so a seeded method (``random``) keeps that image's choice along the whole path or ablation.
+    """
+
+    def __init__(self, model: LoadedModel, plan: SlimPlan, per_image: bool, total: int, progress: Progress | None,
+                 explained: torch.Tensor | None = None):
         self.model, self.plan, self.per_image = model, plan.with_attention(()), per_image
         self.total, self.done, self.progress = total, 0, progress
+        self.explained = None if explained is None else explained.detach()
+
+    def _draws_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.explained is None or x.shape[0] % self.explained.shape[0]:
+            return None
+        return self.explained.repeat(x.shape[0] // self.explained.shape[0], 1, 1, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        draws = self._draws_for(x)
         if self.per_image and x.shape[0] > 1:
-            out = torch.cat([differentiable_logits(self.model, x[i:i + 1], self.plan) for i in range(x.shape[0])])
+            out = torch.cat([differentiable_logits(self.model, x[i:i + 1], self.plan,
+                                                   None if draws is None else draws[i:i + 1])
+                             for i in range(x.shape[0])])
         else:
-            out = differentiable_logits(self.model, x, self.plan)
+            out = differentiable_logits(self.model, x, self.plan, draws)
         self.done += int(x.shape[0])
         if self.progress is not None:
             self.progress(min(self.done, self.total), max(self.total, self.done))
@@ -199,7 +216,7 @@ def integrated_gradients(model: LoadedModel, image: Any, plan: SlimPlan | None =
     target = default_target(model, x) if target is None else int(target)
     started = time.perf_counter()
     # captum evaluates the n_steps path points, then the input and the baseline for the completeness check
-    forward = _Forward(model, plan, not batch_independent(model, x, plan), n_steps + 2, progress)
+    forward = _Forward(model, plan, not batch_independent(model, x, plan), n_steps + 2, progress, x)
     ig = IntegratedGradients(forward)
     with torch.enable_grad():
         pixels, delta = ig.attribute(x, baselines=baseline_tensor(model, x, baseline), target=target,
@@ -229,7 +246,7 @@ def occlusion(model: LoadedModel, image: Any, plan: SlimPlan | None = None, targ
     started = time.perf_counter()
     mask = patch_feature_mask(model)
     total = 1 + int(mask.max()) + 1
-    forward = _Forward(model, plan, not batch_independent(model, x, plan), total, progress)
+    forward = _Forward(model, plan, not batch_independent(model, x, plan), total, progress, x)
     ablation = FeatureAblation(forward)
     with torch.no_grad():
         pixels = ablation.attribute(x, baselines=baseline_tensor(model, x, baseline), target=target,

@@ -183,14 +183,14 @@ def attribution_maps(model, x: torch.Tensor, plan, kind: str, targets: Sequence[
     target = torch.tensor(list(targets), dtype=torch.long, device=x.device)
     baseline = baseline_tensor(model, x, "black")
     if kind == "ig":
-        forward = _Forward(model, plan, per_image, batch * (ig_steps + 2), None)
+        forward = _Forward(model, plan, per_image, batch * (ig_steps + 2), None, x)
         with torch.enable_grad():
             pixels = IntegratedGradients(forward).attribute(x, baselines=baseline, target=target, n_steps=ig_steps,
                                                             internal_batch_size=max(1, rows_per_forward))
         grids = np.stack([per_patch(pixels[i], model) for i in range(batch)])
     else:
         mask = patch_feature_mask(model)
-        forward = _Forward(model, plan, per_image, batch * (int(mask.max()) + 2), None)
+        forward = _Forward(model, plan, per_image, batch * (int(mask.max()) + 2), None, x)
         with torch.no_grad():
             pixels = FeatureAblation(forward).attribute(x, baselines=baseline, target=target, feature_mask=mask,
                                                         perturbations_per_eval=max(1, rows_per_forward // batch))

@@ -121,7 +121,9 @@ class StageContext:
         keys: ``[B, H, T, d]`` the relevant block's keys, when the method ``needs_keys``.
         values: ``[B, H, T, d]`` the relevant block's values, when the method ``needs_values`` (PPT weighs CLS
             attention by each token's value norm).
-        generator: a seeded CPU ``torch.Generator`` for methods that draw random numbers.
+        random: the forward's per-image random streams (:class:`patchslim.seeding.ImageRandom`, seeded by the
+            plan's seed and each image's input), for methods that draw random numbers: an image gets the same
+            draws whatever batch it is in.
         model: the :class:`~patchslim.models.LoadedModel` (read only), for learned methods.
         num_patches: N of the unslimmed image.
         grid_size: (rows, cols) of the patch grid.
@@ -141,7 +143,7 @@ class StageContext:
     attention: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
-    generator: torch.Generator | None = None
+    random: Any = None
     model: Any = None
     num_patches: int = 0
     grid_size: tuple[int, int] = (0, 0)

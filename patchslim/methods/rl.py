@@ -9,10 +9,13 @@ At inference:
 
 - ``mode=topk`` (default): keep the round(rho * N) patches with the highest logits (a fixed rho);
 - ``mode=bernoulli``: keep each patch whose logit passes the policy's calibrated threshold for rho (or, with
-  ``sample=true``, draw the decision with probability sigmoid(logit - threshold) from the plan's seeded
-  generator). The count then differs per image, averaging about rho. Tensors stay rectangular: in a batch
-  every image keeps the batch's largest count, the extra places filled by that image's next-highest
-  logits. Run one image at a time to see each image's own count.
+  ``sample=true``, draw the decision with probability sigmoid(logit - threshold) from the image's own random
+  stream, seeded by the plan's seed and the image's input, :mod:`patchslim.seeding`). The count then differs
+  per image, averaging about rho. An image keeps its own decisions whatever batch it is in: the tensor stays
+  rectangular at the batch's largest count, and an image's places beyond its own count are masked out as keys
+  (no token attends to them, pooling skips them), which gives the logits of dropping them. Such a masked stage
+  must be the plan's last (a later stage is refused); a batch whose images all keep the same count is
+  gathered, unmasked.
 
 Where it acts: before block ``b`` (default 1, i.e. reading the features after block 0: on the bundled model
 pruning at the input by content loses the context the first block needs). A policy file records the block it
@@ -89,13 +92,32 @@ class RLPolicy(SlimMethod):
         else:
             threshold = meta.offset(ctx.keep_ratio)
             if ctx.options.get("sample"):
-                u = torch.rand(logits.shape, generator=ctx.generator).to(logits.device)
+                u = ctx.random.rand(logits.shape[0], logits.shape[1], state.groups, logits.device)
                 decisions = u < torch.sigmoid(logits - threshold)
             else:
                 decisions = logits > threshold
-            count = int(decisions.sum(1).clamp_min(1).max())
-            # Decided patches first (by logit), then the image's next-highest logits fill up to the batch max.
-            scores = logits + decisions.float() * (logits.abs().max() * 2 + 1)
+            counts = decisions.sum(1).clamp_min(1)  # an image with no decision keeps its highest logit
+            count = int(counts.max())
+            # Decided patches first (by logit, each image's own scale), then the next-highest logits up to the
+            # batch's largest count; the places beyond an image's own count are masked below.
+            lift = logits.abs().amax(1, keepdim=True) * 2 + 1
+            scores = logits + decisions.float() * lift
             index = top_k_index(scores, count)
         macs = float(state.count * net.macs_per_token())
-        return Reduction(keep_tokens(state, index), scores=scores, selection_macs=macs)
+        kept = keep_tokens(state, index)
+        if ctx.options.get("mode", "topk") != "topk" and bool((counts != count).any()):
+            kept = _mask_beyond(kept, index, scores, counts)
+        return Reduction(kept, scores=scores, selection_macs=macs)
+
+
+def _mask_beyond(state: TokenState, index: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor) -> TokenState:
+    """``state`` (the batch's largest count of tokens, kept at ``index``) with each image's tokens past its own
+    ``counts`` (the lowest ``scores`` among those kept) masked out as keys."""
+    kept_scores = scores.gather(1, index)
+    rank = kept_scores.argsort(dim=1, descending=True, stable=True).argsort(dim=1)  # 0 = highest
+    mask = rank < counts.unsqueeze(1)
+    prefix = torch.ones(mask.shape[0], state.num_prefix, dtype=torch.bool, device=mask.device)
+    if state.key_mask is not None:
+        raise PlanError("method 'rl' with mode=bernoulli cannot act after a stage that masked tokens")
+    return TokenState(state.tokens, state.num_prefix, state.provenance, state.sizes,
+                      torch.cat([prefix, mask.to(state.tokens.device)], dim=1), state.groups, state.layout)

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from patchslim.errors import PlanError
 from patchslim.methods.base import OptionSpec, Reduction, SlimMethod, StageContext, register
-from patchslim.tokens import TokenState, replace_patches, target_count
+from patchslim.tokens import TokenState, merge_patches, target_count
 
 
 def merges_this_block(ctx: StageContext, current: int) -> int:
@@ -87,9 +87,8 @@ def bipartite_sets(count: int, num_prefix: int = 0,
     Returns:
         (A positions ``[Ma]``, B positions ``[Mb]``), int64, ascending.
     """
-    positions = torch.arange(count, device=device)
-    in_a = (positions + num_prefix) % 2 == 0
-    return positions[in_a], positions[~in_a]
+    first_a = num_prefix % 2  # the parity of the whole-sequence position; a range, no mask to index with
+    return (torch.arange(first_a, count, 2, device=device), torch.arange(1 - first_a, count, 2, device=device))
 
 
 @dataclass(frozen=True)
@@ -163,6 +162,16 @@ def merge_weighted(tokens: torch.Tensor, sizes: torch.Tensor,
         (merged ``[B, K, C]`` with ``x = sum(s_i x_i) / sum(s_i)`` over the tokens that went into each,
         sizes ``[B, K]`` (their sums), combination ``[B, K, M]`` 0/1: token i went into output k).
     """
+    merged, new_sizes, slot = merge_into_slots(tokens, sizes, match)
+    outputs = torch.arange(merged.shape[1], device=slot.device)
+    combination = (outputs.view(1, -1, 1) == slot.unsqueeze(1)).to(tokens.dtype)
+    return merged, new_sizes, combination
+
+
+def merge_into_slots(tokens: torch.Tensor, sizes: torch.Tensor,
+                     match: BipartiteMatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`merge_weighted` with the combination as an index: (merged ``[B, K, C]``, sizes ``[B, K]``, slot
+    ``[B, M]``: the output position each token went into), for :func:`patchslim.tokens.merge_patches`."""
     channels = tokens.shape[-1]
     destination, order = match.destination, match.order
     summed = torch.zeros_like(tokens).scatter_add_(
@@ -170,8 +179,9 @@ def merge_weighted(tokens: torch.Tensor, sizes: torch.Tensor,
     size_sum = torch.zeros_like(sizes).scatter_add_(1, destination, sizes)
     new_sizes = size_sum.gather(1, order)
     merged = summed.gather(1, order.unsqueeze(-1).expand(-1, -1, channels)) / new_sizes.unsqueeze(-1)
-    combination = (order.unsqueeze(-1) == destination.unsqueeze(1)).to(tokens.dtype)
-    return merged, new_sizes, combination
+    position = torch.empty_like(destination).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))  # output slot of a survivor
+    return merged, new_sizes, position.gather(1, destination)
 
 
 @register
@@ -234,8 +244,8 @@ class TokenMerging(SlimMethod):
         patches = state.patches.float()
         sizes = (state.sizes[:, p:].float() if state.sizes is not None
                  else torch.ones(patches.shape[:2], device=patches.device))
-        merged_patches, new_sizes, combination = merge_weighted(patches, sizes, match)
-        merged = replace_patches(state, merged_patches, combination, new_sizes)
+        merged_patches, new_sizes, slot = merge_into_slots(patches, sizes, match)
+        merged = merge_patches(state, merged_patches, slot, new_sizes)
         d_head, channels = metric.shape[-1], patches.shape[-1]
         half_a, half_b = (m + 1) // 2, m // 2
         macs = half_a * half_b * d_head + m * d_head + m * channels

@@ -8,6 +8,7 @@ Used alike by the CLI, the benchmarks and the app::
     metrics.compare_macs(slim).reduction           # vs the unslimmed model
     metrics.prediction_change(base, slim).summary()
     metrics.compare_latency(model, x, plan).speedup   # timed, interleaved with the unslimmed forward
+    metrics.compare_latency(model, x, plan, floor=True).vs_floor   # against the model's own blocks on its counts
     report, _ = metrics.measure_memory(model, x, plan) # activation peak: estimate + measured where possible
 """
 
@@ -28,6 +29,8 @@ from patchslim.metrics.latency import (  # noqa: F401
     LatencyComparison,
     SelectionOverhead,
     compare_latency,
+    floor_counts,
+    floor_forward,
     measure_latency,
     measure_selection_overhead,
     time_function,

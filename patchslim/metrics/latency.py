@@ -6,7 +6,12 @@ These machines are noisy (other jobs, frequency scaling), so:
 - the clock is read only after :func:`patchslim.device.synchronize`, so GPU kernels are finished;
 - the summary is the median with the quartiles and min/max, never a mean;
 - a speed-up is taken within one measurement, the baseline and the slimmed forward alternating run by
-  run (ABAB...), and is the median of the per-pair ratios, so slow drift of the machine cancels.
+  run (ABAB...), and is the median of the per-pair ratios, so slow drift of the machine cancels;
+- the *floor* (``compare_latency(..., floor=True)``) is the model's own modules run on the token counts each
+  block saw in the slimmed run, with no slimming work (:meth:`patchslim.adapters.base.Adapter.floor`), timed in
+  the same rotation. On a CPU at batch 1 small matrix products cannot reach the GMAC ratio, so the floor, not the
+  ideal, is what a slimming engine can reach; ``vs_floor`` = floor time / slimmed time (median of the per-run
+  ratios; 1.0: the engine adds nothing to the model's own blocks on those tokens).
 
 Tests should assert the shape of these results, never wall-clock thresholds.
 """
@@ -20,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 
+from patchslim.adapters.base import Adapter
 from patchslim.device import synchronize
 from patchslim.engine import run
 from patchslim.plan import SlimPlan
@@ -100,6 +106,8 @@ class LatencyComparison:
     baseline: Latency
     slimmed: Latency
     pair_ratios: tuple[float, ...]
+    floor: Latency | None = None
+    floor_reason: str = ""
 
     @property
     def speedup(self) -> float:
@@ -110,8 +118,29 @@ class LatencyComparison:
         """Measured speed-up / ideal speed-up (e.g. the GMAC ratio): 1.0 turns every saved MAC into time."""
         return self.speedup / ideal_speedup
 
+    @property
+    def floor_speedup(self) -> float | None:
+        """Median over the runs of baseline time / floor time: the speed-up of the model's own blocks on the
+        slimmed token counts (None without a floor)."""
+        if self.floor is None:
+            return None
+        return float(statistics.median(b / f for b, f in zip(self.baseline.samples_ms, self.floor.samples_ms)))
+
+    @property
+    def vs_floor(self) -> float | None:
+        """Median over the runs of floor time / slimmed time: 1.0 means the slimmed forward is as fast as the
+        model's own blocks on its token counts (None without a floor)."""
+        if self.floor is None:
+            return None
+        return float(statistics.median(f / s for f, s in zip(self.floor.samples_ms, self.slimmed.samples_ms)))
+
     def to_dict(self) -> dict:
-        return dict(baseline=self.baseline.to_dict(), slimmed=self.slimmed.to_dict(), speedup=self.speedup)
+        out = dict(baseline=self.baseline.to_dict(), slimmed=self.slimmed.to_dict(), speedup=self.speedup)
+        if self.floor is not None:
+            out.update(floor=self.floor.to_dict(), floor_speedup=self.floor_speedup, vs_floor=self.vs_floor)
+        elif self.floor_reason:
+            out.update(floor_reason=self.floor_reason)
+        return out
 
 
 def time_function(fn: Callable[[], Any], device: torch.device | str = "cpu", warmup: int = 2,
@@ -148,10 +177,12 @@ def measure_latency(model, images: Any, plan: SlimPlan | None = None, *, warmup:
 
 
 def compare_latency(model, images: Any, plan: SlimPlan, baseline_plan: SlimPlan | None = None, *,
-                    warmup: int = 2, repeats: int = 10) -> LatencyComparison:
+                    warmup: int = 2, repeats: int = 10, floor: bool = False) -> LatencyComparison:
     """Times the unslimmed (``baseline_plan``) and the slimmed forward alternately, in one measurement.
 
-    The order within a pair alternates (AB, BA, AB...) so neither side always runs on a warmer cache.
+    The order within a pair alternates (AB, BA, AB...) so neither side always runs on a warmer cache. With
+    ``floor``, the floor forward (:func:`floor_forward`) joins the rotation (A B F, F B A, ...); where the model's
+    adapter offers none, ``floor_reason`` says why and the rest is measured as without it.
     """
     _check_counts(warmup, repeats)
     batch = model.preprocess(images)
@@ -163,24 +194,58 @@ def compare_latency(model, images: Any, plan: SlimPlan, baseline_plan: SlimPlan 
     def slim() -> Any:
         return run(model, batch, plan)
 
+    runs = [base, slim]
+    reason = ""
+    if floor:
+        try:
+            runs.append(floor_forward(model, batch, run(model, batch, plan)))
+        except NotImplementedError as exc:
+            reason = str(exc)
     for _ in range(warmup):
-        base()
-        slim()
+        for fn in runs:
+            fn()
     synchronize(device)
-    base_ms, slim_ms = [], []
+    samples: list[list[float]] = [[] for _ in runs]
     for i in range(repeats):
-        if i % 2 == 0:
-            base_ms.append(_timed(base, device))
-            slim_ms.append(_timed(slim, device))
-        else:
-            slim_ms.append(_timed(slim, device))
-            base_ms.append(_timed(base, device))
+        order = range(len(runs)) if i % 2 == 0 else reversed(range(len(runs)))
+        for k in order:
+            samples[k].append(_timed(runs[k], device))
     n = batch.shape[0]
+    base_ms, slim_ms = samples[0], samples[1]
     return LatencyComparison(
         baseline=Latency(str(device), n, warmup, tuple(base_ms)),
         slimmed=Latency(str(device), n, warmup, tuple(slim_ms)),
         pair_ratios=tuple(b / s for b, s in zip(base_ms, slim_ms)),
+        floor=Latency(str(device), n, warmup, tuple(samples[2])) if len(runs) > 2 else None,
+        floor_reason=reason,
     )
+
+
+def floor_counts(trace) -> list[tuple[int, int]]:
+    """Per block, (tokens its attention ran on, tokens its MLP ran on), prefix included, per image: what the
+    floor forward runs on, read from a slimmed run's Trace."""
+    return [(b.tokens_attention, b.tokens_mlp) for b in trace.blocks]
+
+
+def floor_forward(model, images: torch.Tensor, trace) -> Callable[[], torch.Tensor]:
+    """A function running the model's own modules on ``trace``'s token counts (``model.adapter.floor``), in
+    inference mode and the model's precision, as :func:`patchslim.run` runs.
+
+    Raises:
+        NotImplementedError: the model's adapter has no floor forward (the reason in the message).
+    """
+    from patchslim.device import autocast
+
+    adapter = model.adapter
+    if type(adapter).floor is Adapter.floor:
+        raise NotImplementedError(adapter.floor_reason)
+    counts = floor_counts(trace)
+
+    def forward() -> torch.Tensor:
+        with torch.inference_mode(), autocast(model.device, model.precision):
+            return adapter.floor(images, counts)
+
+    return forward
 
 
 @dataclass(frozen=True)

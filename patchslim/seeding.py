@@ -1,0 +1,100 @@
+"""Random numbers that belong to an image: the same draws for an image whatever batch it is in.
+
+A method that draws random numbers (``random``, ``rl`` with ``sample=true``) must give an image the same tokens
+alone, in a batch of 8 or of 500, at any position: otherwise a seeded table moves when the evaluation's batch size
+changes. One generator shared by the batch cannot do that (image 3 would get the numbers after images 0-2's). So
+every image gets its own generator, seeded by the plan's seed and a key computed from the image's own input tensor
+(:func:`image_keys`), and the draws of a forward advance each image's generator by what that image used.
+
+The key is an exact integer function of the float32 input's bits, so it does not depend on the batch, the device
+or the order of a reduction (integer sums are exact). Two identical images get identical draws, which is what
+"the same result whatever batch" asks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def image_keys(images: torch.Tensor) -> list[int]:
+    """One 64-bit key per image of ``images`` (``[B, ...]`` float32), from its bits alone.
+
+    The low and the high 16 bits of every value, each summed with odd position weights ``w_j < 2^13``: every term
+    is below 2^29, so both int64 sums are exact for any input size that fits in memory, in any summation order,
+    and a change of any one bit changes a sum.
+    """
+    flat = images.detach().reshape(images.shape[0], -1).to(torch.float32).contiguous()
+    bits = flat.view(torch.int32)
+    weights = _position_weights(flat.shape[1], str(flat.device))
+    low = ((bits & 0xFFFF).to(torch.int64) * weights).sum(1).tolist()
+    high = ((bits >> 16).to(torch.int64) * weights).sum(1).tolist()
+    return [mix(h, lo & _MASK64) for lo, h in zip(low, high)]
+
+
+@functools.lru_cache(maxsize=8)
+def _position_weights(length: int, device: str) -> torch.Tensor:
+    """The odd weights ``w_j < 2^13`` of :func:`image_keys` (made once per input size and device)."""
+    return (torch.arange(length, device=device, dtype=torch.int32) % 4093) * 2 + 1
+
+
+def mix(seed: int, key: int) -> int:
+    """A 64-bit generator seed from a plan seed and an image key (splitmix64's finalizer over both)."""
+    z = (key ^ ((seed & _MASK64) * 0x9E3779B97F4A7C15)) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+class ImageRandom:
+    """Per-image random streams for one forward, created when first drawn from.
+
+    Args:
+        seed: the plan's seed.
+        images: ``[B, C, H, W]`` the forward's input (read once, at the first draw).
+    """
+
+    def __init__(self, seed: int, images: torch.Tensor) -> None:
+        self.seed = seed
+        self._images: torch.Tensor | None = images
+        self._generators: list[torch.Generator] | None = None
+
+    @property
+    def batch(self) -> int:
+        return len(self.generators)
+
+    @property
+    def generators(self) -> list[torch.Generator]:
+        """One CPU generator per image, seeded by :func:`mix` of the seed and :func:`image_keys`."""
+        if self._generators is None:
+            keys = image_keys(self._images)
+            self._generators = [torch.Generator().manual_seed(mix(self.seed, k)) for k in keys]
+            self._images = None  # the keys are all that is needed from the input
+        return self._generators
+
+    def rand(self, rows: int, count: int, groups: int = 1, device: torch.device | str | None = None) -> torch.Tensor:
+        """``[rows, count]`` uniform numbers in [0, 1), each row from the stream of the image it belongs to.
+
+        Rows follow the engine's layouts: ``groups`` rows per image, image-major (``[B * W, n]``, a windowed model's
+        tokens), or, with ``groups = 1``, ``rows = S * B`` copies of the batch (row ``s * B + b`` is image ``b``, as
+        :func:`patchslim.tokens.repeat_batch` lays them out). An image draws its rows in order, one after the other.
+
+        Raises:
+            ValueError: ``rows`` fits neither layout for this batch.
+        """
+        batch = self.batch
+        if groups > 1:
+            if rows != batch * groups:
+                raise ValueError(f"{rows} rows are not {groups} window groups for each of {batch} images")
+            draws = [torch.rand(groups, count, generator=g) for g in self.generators]
+            out = torch.stack(draws).reshape(rows, count)
+        else:
+            if rows % batch:
+                raise ValueError(f"{rows} rows are not copies of a batch of {batch} images")
+            copies = rows // batch
+            draws = [torch.rand(copies, count, generator=g) for g in self.generators]
+            out = torch.stack(draws, dim=1).reshape(rows, count)
+        return out if device is None else out.to(device)

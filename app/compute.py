@@ -510,9 +510,9 @@ def method_cards(results: list[MethodResult], base: Timed, pixels: torch.Tensor,
         label, probability = trace.top_k(1)[0]
         comparison = flops.compare_macs(trace, base.trace)
         block = (slimmed_blocks(trace) or [None])[-1] if model.spec.hierarchical else None  # Swin: its last slimmed block
-        cards.append(MethodCard(result.method, overlay=vis.patch_overlay(pixels, model, trace, block, legend=True, view=view),
-                                label=label, probability=probability, flipped=label != base_label,
-                                keep_ratio=trace.plan.stages[0].keep_ratio, keep_ratio_reached=trace.keep_ratio,
+        picture = vis.patch_overlay(pixels, model, trace, block, legend=True, view=view)
+        cards.append(MethodCard(result.method, overlay=picture, label=label, probability=probability,
+                                flipped=label != base_label, keep_ratio=trace.plan.stages[0].keep_ratio, keep_ratio_reached=trace.keep_ratio,
                                 gmacs=comparison.gmacs, gmacs_reduction=comparison.reduction, budget=budget))
     return cards
 

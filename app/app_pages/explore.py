@@ -94,7 +94,6 @@ with panel("Tokens per block"):
                        "Tokens per block (each on its own grid)" if windowed else "Tokens per block (CLS included)")
 
 
-
 @st.fragment
 def attention_maps(before: patchslim.Trace, after: patchslim.Trace) -> None:
     """The unslimmed and the slimmed attention pictures and their controls: a control redraws this part only."""

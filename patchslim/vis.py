@@ -88,7 +88,10 @@ def _anchors(cmap: str) -> np.ndarray:
 
 def _cells_to_pixels(grid: np.ndarray, cell: int) -> np.ndarray:
     """Repeats each entry of a ``[rows, cols, ...]`` grid over a ``cell x cell`` block of pixels."""
-    return np.repeat(np.repeat(grid, cell, axis=0), cell, axis=1)
+    grid = np.asarray(grid)
+    rows, cols, rest = grid.shape[0], grid.shape[1], grid.shape[2:]
+    spread = np.broadcast_to(grid[:, None, :, None], (rows, cell, cols, cell, *rest))  # one copy, in the reshape
+    return spread.reshape(rows * cell, cols * cell, *rest)
 
 
 # --------------------------------------------------------------------------- the model's view
@@ -200,15 +203,25 @@ def _cell_mask(cells: np.ndarray, cell: int) -> np.ndarray:
     return _cells_to_pixels(np.asarray(cells, dtype=bool), cell)
 
 
+@functools.lru_cache(maxsize=8)
+def _over(colour: tuple[int, int, int], opacity: int) -> np.ndarray:
+    """``[256, 3]`` uint8: each channel value under ``colour`` laid over it at ``opacity`` / 255 (read-only)."""
+    under = np.arange(256, dtype=np.uint32)[:, None]
+    table = ((under * (255 - opacity) + np.asarray(colour, dtype=np.uint32) * opacity + 127) // 255).astype(np.uint8)
+    table.flags.writeable = False
+    return table
+
+
 def _grid_lines(array: np.ndarray, rows: int, cols: int, cell: int, colour=(255, 255, 255), opacity: int = 40) -> None:
     """Thin lines between the cells of an ``[H, W, 3]`` uint8 picture, in place: ``colour`` laid over the pixel
-    rows and columns where cells meet at ``opacity`` / 255 (as an RGBA line composited over the picture)."""
-    lines = np.zeros(array.shape[:2], dtype=bool)
-    lines[cell: rows * cell: cell, :] = True
-    lines[:, cell: cols * cell: cell] = True
-    under = array[lines].astype(np.uint16)
-    over = np.asarray(colour, dtype=np.uint16)
-    array[lines] = ((under * (255 - opacity) + over * opacity + 127) // 255).astype(np.uint8)
+    rows and columns where cells meet at ``opacity`` / 255 (as an RGBA line composited over the picture), each
+    pixel once where lines cross."""
+    table, channel = _over(tuple(colour), opacity), np.arange(3)
+    across, down = slice(cell, rows * cell, cell), slice(cell, cols * cell, cell)  # views: no copy of the picture
+    crossings = table[array[across, down], channel]
+    array[across, :] = table[array[across, :], channel]
+    array[:, down] = table[array[:, down], channel]
+    array[across, down] = crossings
 
 
 def _stack(parts: list[Image.Image], background=(255, 255, 255)) -> Image.Image:
@@ -402,21 +415,21 @@ def patch_overlay(image: Any, model: Any, trace: Any, block: int | None = None, 
                                title=heading if legend else None, label="loading (|U_r| summed over tokens)",
                                min_side=min_side)
     base, cell = _display(view, rows, cols, min_side)
-    array = np.asarray(base).copy()
     dropped = status.status == DROPPED
     merged = status.status == MERGED
-    _dim_and_hatch(array, _cell_mask(dropped, cell), cell)
-    if merged.any():
+    if merged.any():  # each merged cell half its group's colour (one colour per cell, spread and blended by Pillow)
         colours = _group_colours(status.group, merged)
-        table = np.zeros((int(status.group.max()) + 1, 3), dtype=np.uint16)
+        table = np.zeros((int(status.group.max()) + 1, 3), dtype=np.uint8)
         for group, colour in colours.items():
             table[group] = colour
-        tint = _cells_to_pixels(table[status.group.clip(0)], cell)  # [H, W, 3], each cell its group's colour
-        m = _cell_mask(merged, cell)
-        array[m] = ((array[m].astype(np.uint16) + tint[m]) // 2).astype(np.uint8)
+        tint = Image.fromarray(table[status.group.clip(0)], "RGB").resize(base.size, Image.NEAREST)
+        where = Image.fromarray(merged.astype(np.uint8) * 255, "L").resize(base.size, Image.NEAREST)
+        base = Image.composite(Image.blend(base, tint, 0.5), base, where)
+    array = np.array(base)
+    _dim_and_hatch(array, _cell_mask(dropped, cell), cell)
     _grid_lines(array, rows, cols, cell)
     if merged.any():  # group outlines: the cell edges that border a different group or status, drawn inside
-        array[_group_edges(status.group, merged, cell, max(2, cell // 8))] = 255
+        np.copyto(array, np.uint8(255), where=_group_edges(status.group, merged, cell, max(2, cell // 8))[..., None])
     out = Image.fromarray(array, "RGB")
     if not legend:
         return out
@@ -429,23 +442,19 @@ def _group_edges(group: np.ndarray, merged: np.ndarray, cell: int, line: int) ->
     border, ``line`` pixels thick inside the cell."""
     padded = np.pad(np.where(merged, group, -1), 1, constant_values=-1)
     inner = padded[1:-1, 1:-1]
-    sides = {"top": padded[:-2, 1:-1], "bottom": padded[2:, 1:-1], "left": padded[1:-1, :-2], "right": padded[1:-1, 2:]}
     within = np.arange(cell)
-    band = {"top": within < line, "bottom": within >= cell - line}  # pixel rows (or columns) of a cell's edge band
-    band |= {"left": band["top"], "right": band["bottom"]}
+    first, last = within < line, within >= cell - line  # the pixel rows (or columns) of a cell's edge bands
+    full = np.ones(cell, dtype=bool)
+    # per side: the neighbouring cell, and the band as [rows in the cell, columns in the cell]
+    sides = ((padded[:-2, 1:-1], first[:, None] & full), (padded[2:, 1:-1], last[:, None] & full),
+             (padded[1:-1, :-2], full[:, None] & first), (padded[1:-1, 2:], full[:, None] & last))
     rows, cols = group.shape
-    edges = np.zeros((rows * cell, cols * cell), dtype=bool)
-    for side, neighbour in sides.items():
+    edges = np.zeros((rows, cell, cols, cell), dtype=bool)  # [cell row, pixel row, cell column, pixel column]
+    for neighbour, band in sides:
         cells = merged & (neighbour != inner)
-        if not cells.any():
-            continue
-        pixels = _cells_to_pixels(cells, cell)
-        if side in ("top", "bottom"):
-            pixels &= np.tile(band[side], rows)[:, None]
-        else:
-            pixels &= np.tile(band[side], cols)[None, :]
-        edges |= pixels
-    return edges
+        if cells.any():
+            edges |= cells[:, None, :, None] & band[None, :, None, :]
+    return edges.reshape(rows * cell, cols * cell)
 
 
 def overlay_legend(kinds: tuple[str, ...] = ("kept", "dropped", "merged"), width: int = DISPLAY_SIDE,

@@ -51,16 +51,17 @@ RATIOS = [0.45, 0.4, 0.35, 0.3, 0.25, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.2, 0.15
 
 
 def photos(count: int) -> list[tuple[str, bytes]]:
-    """``count`` distinct PNG uploads made from scikit-image's sample photos (flipped / rotated copies)."""
+    """``count`` distinct PNG uploads made from scikit-image's sample photos (rotated copies, and cropped by one
+    more pixel for every round of rotations, so that no upload repeats another and hits a cache)."""
     from skimage import data
 
     base = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in
             ("chelsea", "coffee", "rocket", "astronaut", "camera")]
     out = []
     for i in range(count):
-        image = base[i % len(base)].rotate(90 * (i // len(base)), expand=True)
-        if i >= 4 * len(base):  # more distinct images than rotations: mirror too
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        image = base[i % len(base)].rotate(90 * (i // len(base) % 4), expand=True)
+        cut = i // (4 * len(base))
+        image = image.crop((cut, cut, image.width, image.height))
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         out.append((f"photo_{i}.png", buffer.getvalue()))
@@ -196,13 +197,17 @@ def input_pruning(method: str, depth: int) -> bool:
 
 
 def profile_rho_changes(script: ScriptThread, at, method: str, changes: int, top: int = 45) -> str:
-    """cProfile of the script thread over ``changes`` rho changes (after one unprofiled change)."""
+    """cProfile of the script thread over ``changes`` rho changes (after one unprofiled change), each to a rho whose
+    slimmed forward is not cached (the cache of slimmed forwards is emptied before each)."""
+    from app import state
+
     at.slider(key="keep_ratio").set_value(0.5)
     at.selectbox(key="method").set_value(method).run()
     at.slider(key="keep_ratio").set_value(RATIOS[0])
     script.run(at)
     script.profile = cProfile.Profile()
     for keep_ratio in (RATIOS * 2)[1: changes + 1]:
+        state.slimmed.clear()
         at.slider(key="keep_ratio").set_value(keep_ratio)
         script.run(at)
     profile, script.profile = script.profile, None

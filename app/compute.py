@@ -370,13 +370,20 @@ def readouts(base: Timed, slim: Timed) -> Readouts:
     return Readouts(costs(base, slim), prediction(base, slim))
 
 
+def display_view(model: patchslim.LoadedModel, pixels: torch.Tensor) -> Image.Image:
+    """The image as the model sees it, enlarged for display (:func:`patchslim.vis.display_view`): what the overlay
+    and the heatmaps are drawn on (``pixels``: the model's input tensor of the image)."""
+    return vis.display_view(pixels, model)
+
+
 def overlay(model: patchslim.LoadedModel, pixels: torch.Tensor, trace: patchslim.Trace,
-            block: int | None) -> Image.Image:
+            block: int | None, view: Image.Image | None = None) -> Image.Image:
     """The kept / dropped / merged overlay (patchslim.vis) of the image, after ``block`` (None: the last).
 
-    ``pixels``: the model's input tensor of the image (no resize on every redraw).
+    ``pixels``: the model's input tensor of the image (no resize on every redraw); ``view``: its
+    :func:`display_view` when the caller keeps it (no transform either).
     """
-    return vis.patch_overlay(pixels, model, trace, block=block, index=0)
+    return vis.patch_overlay(pixels, model, trace, block=block, index=0, view=view)
 
 
 @dataclass(frozen=True)
@@ -435,16 +442,17 @@ class AttentionPair:
 
 
 def attention_pair(model: patchslim.LoadedModel, pixels: torch.Tensor, before: patchslim.Trace,
-                   after: patchslim.Trace, kind: str, block: int) -> AttentionPair:
-    """Attention map (or rollout) of the unslimmed and the slimmed forward, drawn on one colour scale."""
-    view = {**ATTENTION_VIEWS, **WINDOW_ATTENTION_VIEWS}[kind]
-    grids = [view.grid(trace, block) for trace in (before, after)]
+                   after: patchslim.Trace, kind: str, block: int, view: Image.Image | None = None) -> AttentionPair:
+    """Attention map (or rollout) of the unslimmed and the slimmed forward, drawn on one colour scale (``view``: the
+    image's :func:`display_view` when the caller keeps it)."""
+    attention_view = {**ATTENTION_VIEWS, **WINDOW_ATTENTION_VIEWS}[kind]
+    grids = [attention_view.grid(trace, block) for trace in (before, after)]
     lo = min(float(np.nanmin(g)) for g in grids)
     hi = max(float(np.nanmax(g)) for g in grids)
-    pictures = [vis.heatmap_overlay(pixels, grid, vmin=lo, vmax=hi, legend=True, title=f"{kind}, {title}",
-                                    model=model)
+    picture = display_view(model, pixels) if view is None else view
+    pictures = [vis.heatmap_overlay(picture, grid, vmin=lo, vmax=hi, legend=True, title=f"{kind}, {title}")
                 for grid, title in zip(grids, ("unslimmed", "slimmed"))]
-    return AttentionPair(pictures[0], pictures[1], view.caption + " Both maps share one colour scale.")
+    return AttentionPair(pictures[0], pictures[1], attention_view.caption + " Both maps share one colour scale.")
 
 
 # --------------------------------------------------------------------------- compare
@@ -487,7 +495,8 @@ class MethodCard:
 
 
 def method_cards(results: list[MethodResult], base: Timed, pixels: torch.Tensor,
-                 model: patchslim.LoadedModel, budget: float | None = None) -> list[MethodCard]:
+                 model: patchslim.LoadedModel, budget: float | None = None,
+                 view: Image.Image | None = None) -> list[MethodCard]:
     """One card per method (overlay drawn from ``pixels``, the model's input tensor of the image: after the last
     block for a ViT, the last block slimming acted in for a windowed model); ``budget``: the compute budget the
     plans were found for (None: they share one rho)."""
@@ -501,9 +510,9 @@ def method_cards(results: list[MethodResult], base: Timed, pixels: torch.Tensor,
         label, probability = trace.top_k(1)[0]
         comparison = flops.compare_macs(trace, base.trace)
         block = (slimmed_blocks(trace) or [None])[-1] if model.spec.hierarchical else None  # Swin: its last slimmed block
-        cards.append(MethodCard(result.method, overlay=vis.patch_overlay(pixels, model, trace, block, legend=True),
-                                label=label, probability=probability, flipped=label != base_label,
-                                keep_ratio=trace.plan.stages[0].keep_ratio, keep_ratio_reached=trace.keep_ratio,
+        picture = vis.patch_overlay(pixels, model, trace, block, legend=True, view=view)
+        cards.append(MethodCard(result.method, overlay=picture, label=label, probability=probability,
+                                flipped=label != base_label, keep_ratio=trace.plan.stages[0].keep_ratio, keep_ratio_reached=trace.keep_ratio,
                                 gmacs=comparison.gmacs, gmacs_reduction=comparison.reduction, budget=budget))
     return cards
 
@@ -538,6 +547,48 @@ def flops_curve(model: patchslim.LoadedModel, image: Image.Image, method: str,
 # --------------------------------------------------------------------------- explain
 
 ATTRIBUTIONS = {"ig": "Integrated Gradients", "occlusion": "Occlusion (one patch at a time)"}
+
+
+# The Explain page computes its attributions without a button press when they will be quick, and waits for the
+# button otherwise. "Quick" is an estimate from the model's unslimmed forward time measured at warm-up (the same
+# measurement that decides how many runs the live latency takes, :func:`typical_seconds`): that time, times the
+# forward passes the attribution makes for the unslimmed and for the slimmed model (:func:`attribution_passes`),
+# must stay within AUTO_EXPLAIN_BUDGET_S, about what a person waits for a page to open without wondering whether
+# to press something. Batched rows cost less than forwards of one image, so the estimate errs on the long side.
+# On this 2-core CPU the bundled model (about 4 ms a forward) estimates 0.5 s for Integrated Gradients and 1.2 s for
+# occlusion, so both start at once; DeiT-S (about 60 ms) 7 s and 24 s, so they wait for the button.
+AUTO_EXPLAIN_BUDGET_S = 2.0
+BACKWARD_COST = 2  # a backward pass counted as two forwards (the usual rule of thumb for its extra products)
+
+
+def typical_seconds(model: patchslim.LoadedModel, image: Image.Image | torch.Tensor) -> float:
+    """The model's unslimmed forward time of one image, measured once at warm-up (then only lowered by faster
+    unslimmed runs, see :func:`_seen_unslimmed`)."""
+    return _warm_up(model, model.preprocess(image))
+
+
+def attribution_passes(model: patchslim.LoadedModel, attribution: str) -> int:
+    """Forward passes (a backward counted as :data:`BACKWARD_COST` forwards) of one explanation: the attribution
+    of the unslimmed and of the slimmed model (each as many rows as captum evaluates with the engine's defaults),
+    and the gradient-weighted rollout of both (one forward and one backward each)."""
+    import inspect
+
+    from patchslim.explain import attribution as attributions
+
+    if attribution == "ig":
+        steps = inspect.signature(attributions.integrated_gradients).parameters["n_steps"].default
+        per_model = (steps + 2) * (1 + BACKWARD_COST)  # the path points, the input and the baseline
+    elif attribution == "occlusion":
+        per_model = model.spec.num_patches + 1  # one row per ablated patch, and the input
+    else:
+        raise ValueError(f"attribution must be one of {sorted(ATTRIBUTIONS)}, got {attribution!r}")
+    return 2 * per_model + 2 * (1 + BACKWARD_COST)
+
+
+def explains_at_once(model: patchslim.LoadedModel, image: Image.Image | torch.Tensor, attribution: str) -> bool:
+    """Whether the Explain page computes the attributions without waiting for its button (see
+    :data:`AUTO_EXPLAIN_BUDGET_S`)."""
+    return typical_seconds(model, image) * attribution_passes(model, attribution) <= AUTO_EXPLAIN_BUDGET_S
 
 
 def explanation(model: patchslim.LoadedModel, image: Image.Image, method: str, keep_ratio: float,

@@ -16,11 +16,12 @@ if str(REPO_ROOT) not in sys.path:  # `streamlit run app/main.py` puts only app/
 
 import streamlit as st  # noqa: E402
 
-from app import sidebar, state  # noqa: E402
+from app import sidebar, state, views  # noqa: E402
 
 st.set_page_config(page_title="patchslim: patch slimming, live", page_icon=":material/content_cut:", layout="wide",
                    initial_sidebar_state="expanded")
 state.init_session()
+views.page_style()
 
 PAGES = Path(__file__).resolve().parent / "app_pages"
 page = st.navigation([

@@ -16,6 +16,7 @@ from patchslim import bundled
 from patchslim.device import available_devices
 from patchslim.errors import PatchslimError
 from patchslim.methods import OptionSpec
+from patchslim.models import DEFAULT_MODEL, WEIGHTS_DIR_ENV
 
 from app import compute, model_sources, state
 from app.panels import panel
@@ -79,6 +80,8 @@ def draw() -> Settings:
                          help="Random weights give meaningless predictions but true timings and GMACs. A fine-tuned "
                               "checkpoint was trained with the slimming its name says (`python -m patchslim "
                               "finetune`): choose that method and rho to see what fine-tuning won back.")
+        if state.default_weights_missing():
+            default_weights_note()
         devices = ["auto"] + [d for d in available_devices()]
         col_device, col_precision = st.columns(2)
         device = col_device.selectbox("Device", devices, key="device",
@@ -128,6 +131,14 @@ def draw() -> Settings:
     settings = Settings(choice, method, float(keep_ratio), options, error)
     st.session_state["settings"] = settings
     return settings
+
+
+def default_weights_note() -> None:
+    """One line under the model picker while the default model's pretrained weights are not on this machine (the
+    session then opens on the bundled model): where to put them; the tooltip has every way."""
+    name = FRIENDLY.get(DEFAULT_MODEL, DEFAULT_MODEL)
+    st.caption(f":material/info: {name.split(' (')[0]} needs weights in `${WEIGHTS_DIR_ENV}`",
+               help=state.weights_help(DEFAULT_MODEL))
 
 
 def _option_widgets(slim: patchslim.methods.SlimMethod, model_spec) -> dict:

@@ -6,8 +6,8 @@ classroom demo with many uploads cannot grow the server's memory without limit:
 
 - models: one per (name, device, precision, weights) and process, shared by every session (at most 3);
 - decoded uploads: at most 4, each at most ``MAX_UPLOAD_PIXELS`` (25 MP, 75 MB as RGB);
-- the model's input tensor of an image (16) and its unslimmed forward (with attention in every block): computed
-  once per model and image;
+- the model's input tensor of an image (16), its picture as the model sees it enlarged for display (16), and its
+  unslimmed forward (with attention in every block): computed once per model and image;
 - slimmed forwards: one per (model, image, plan), so moving rho back and forth is instant;
 - per session, long results (attributions, benchmarks, audits) in a :class:`BoundedLRU` of 8.
 
@@ -54,7 +54,6 @@ RANDOM_WEIGHTS = "random weights (for timing only)"
 FINETUNED_PREFIX = "fine-tuned:"  # + the checkpoint's file stem in patchslim/assets/finetuned/
 
 SESSION_DEFAULTS = {
-    "model_name": DEFAULT_MODEL,
     "weights_mode": PRETRAINED,
     "device": "auto",
     "precision": "fp32",
@@ -72,7 +71,13 @@ KEPT_WIDGET_PREFIXES = ("gallery_pick::", "explore_block::", "explore_attention_
 
 def init_session() -> None:
     """Fills in session defaults once per session (widgets keyed by these names pick them up), and keeps the
-    image choice and the Explore page's view choices across page switches."""
+    image choice and the Explore page's view choices across page switches.
+
+    A session opens on :func:`first_model`: the default model, or the bundled one when the default's weights are
+    not on this machine (the sidebar says how to get them, :func:`default_weights_missing`).
+    """
+    if "model_name" not in st.session_state:
+        st.session_state["model_name"] = first_model()
     for key, value in SESSION_DEFAULTS.items():
         st.session_state.setdefault(key, value)
     for key in list(st.session_state.keys()):
@@ -191,6 +196,17 @@ def choose_model(name: str, weights_mode: str, device: str, precision: str) -> M
     return ModelChoice(key, model, name, notice, random_weights)
 
 
+def default_weights_missing() -> bool:
+    """Whether the default model's pretrained weights cannot be had now (not cached, hub unreachable)."""
+    return not weights_available(DEFAULT_MODEL)[0]
+
+
+def first_model() -> str:
+    """The model a new session opens on: the default model when its pretrained weights can be had, else the
+    bundled model, which ships with its checkpoint (a first screen of real predictions, not a fallback notice)."""
+    return bundled.BUNDLED_NAME if default_weights_missing() else DEFAULT_MODEL
+
+
 def _source_model(requested: str, source: str, policy: model_sources.SourcePolicy, device: str,
                   precision: str) -> ModelChoice:
     """A ``local-dir:`` or ``hf-hub:`` model the policy allowed (``source``: what :func:`model_sources.check`
@@ -306,6 +322,13 @@ def model_input(model_key: str, image_key: str, _model: patchslim.LoadedModel, _
     the upload again (a bicubic resize of a photo costs a few ms each time). Never mutated.
     """
     return _model.preprocess(_image)
+
+
+@st.cache_resource(max_entries=16, ttl=FORWARD_TTL, show_spinner=False)
+def display_view(model_key: str, image_key: str, _model: patchslim.LoadedModel, _image: Image.Image) -> Image.Image:
+    """The image as the model sees it, enlarged for display: what the overlay and the heatmaps of every rerun are
+    drawn on (drawings copy it, never draw on it)."""
+    return compute.display_view(_model, model_input(model_key, image_key, _model, _image))
 
 
 @st.cache_resource(max_entries=16, ttl=FORWARD_TTL, show_spinner=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from typing import Callable
 
 import numpy as np
 import streamlit as st
@@ -20,6 +21,25 @@ from app import compute, widgets
 FONT = dict(size=16)  # readable on a projector
 
 
+# The readout cards (st.metric) cut their label, value and delta with an ellipsis when a card is narrow: five cards
+# on a 1280 px screen with the sidebar open showed "0.187 ...", "Latency per im...". These rules let the text wrap
+# and size the value by the window's width (the full 2.25 rem from about 1700 px), so every card reads in full from
+# 1280 to 1920 px and on a projector. Streamlit's own test ids name the parts; nothing else is restyled.
+READABLE_CARDS = """<style>
+[data-testid="stMetricLabel"] *, [data-testid="stMetricValue"] *, [data-testid="stMetricDelta"] * {
+  white-space: normal !important; overflow: visible !important; text-overflow: clip !important;
+  overflow-wrap: anywhere;
+}
+[data-testid="stMetricValue"] { font-size: clamp(1.3rem, 2.05vw, 2.25rem) !important; line-height: 1.2; }
+[data-testid="stMetricDelta"] { height: auto !important; }
+</style>"""
+
+
+def page_style() -> None:
+    """The app's few style rules (:data:`READABLE_CARDS`), once per page run."""
+    st.html(READABLE_CARDS)
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms"
 
@@ -28,29 +48,30 @@ def readout_row(r: compute.Costs, device: str, windowed: bool = False) -> None:
     """GMACs, latency, memory, rho reached and tokens, each before -> after (``device``: where it ran;
     ``windowed``: a Swin, whose tokens all come back after the blocks they sat out)."""
     cols = st.columns(5)
+    card = dict(border=True, height="stretch")  # one height for the row, whichever card wraps most
     cols[0].metric("GMACs per image", f"{r.gmacs_after:.3g}",
                    delta=f"{-r.gmacs_reduction:+.0%} (from {r.gmacs_before:.3g})", delta_color="inverse",
                    help="Analytic multiply-adds of the slimmed forward (patchslim.metrics.flops), "
-                        "selection cost included; the delta compares with the unslimmed model.", border=True)
+                        "selection cost included; the delta compares with the unslimmed model.", **card)
     cols[1].metric("Latency per image", _ms(r.latency_after),
                    delta=f"{r.latency_after / r.latency_before - 1:+.0%} (from {_ms(r.latency_before)})",
-                   delta_color="inverse", border=True,
+                   delta_color="inverse", **card,
                    help=f"Measured wall time of this image's forward on {device.upper()}, attention "
                         "maps kept: the fastest of up to 3 runs for a small model, one run for a large one "
                         "(noisy). 'Measure the speed-up properly' below and the Benchmark page take medians "
                         "over many interleaved runs.")
     cols[2].metric("Activation memory", f"{r.memory_after:.3g} MB",
                    delta=f"{r.memory_after / r.memory_before - 1:+.0%} (from {r.memory_before:.3g})",
-                   delta_color="inverse", border=True,
+                   delta_color="inverse", **card,
                    help="Analytic peak of activation memory per image for this plan (patchslim.metrics.memory), "
                         "without the attention maps kept for display; bytes per element from the model's "
                         "precision (fp32: 4, bf16 / fp16: 2).")
-    cols[3].metric("ρ reached", f"{r.keep_ratio_reached:.2f}", border=True,
+    cols[3].metric("ρ reached", f"{r.keep_ratio_reached:.2f}", **card,
                    help="The smallest share of its tokens a block ran on: the share kept in the slimmed blocks "
                         "(a Swin's other tokens sit the block out and come back for the next)." if windowed else
                         "Patch tokens left after the last block / patches of the image (N′/N).")
     cols[4].metric("Tokens in last block", f"{r.tokens_after[-1]}", delta=f"of {r.tokens_before[-1]}",
-                   delta_color="off", delta_arrow="off", border=True,
+                   delta_color="off", delta_arrow="off", **card,
                    help=("Tokens" if windowed else "Tokens (CLS included)") + " the last block ran on; the chart "
                         "below shows every block.")
 
@@ -157,15 +178,19 @@ def metrics_record(readouts: compute.Readouts, settings, picked) -> dict:
     )
 
 
-def downloads(overlay_image: Image.Image | None, r: compute.Readouts, settings, picked) -> None:
-    """Overlay PNG, metrics JSON and CSV; the files are made only when a button is clicked."""
+def downloads(overlay_image: Callable[[], Image.Image | None], r: compute.Readouts, settings, picked) -> None:
+    """Overlay PNG, metrics JSON and CSV; the files are made only when a button is clicked.
+
+    ``overlay_image``: gives the overlay on screen when the button is clicked (its panel may have redrawn it since
+    this row was drawn), or None when it could not be drawn.
+    """
     record = metrics_record(r, settings, picked)
     stem = f"patchslim_{settings.method}_rho{settings.keep_ratio:.2f}"
     cols = st.columns(3)
 
     def png() -> bytes:
         buffer = io.BytesIO()
-        overlay_image.save(buffer, format="PNG")
+        overlay_image().save(buffer, format="PNG")
         return buffer.getvalue()
 
     def csv_text() -> str:
@@ -175,7 +200,7 @@ def downloads(overlay_image: Image.Image | None, r: compute.Readouts, settings, 
         writer.writerow(record)
         return text.getvalue()
 
-    if overlay_image is not None:
+    if overlay_image() is not None:
         cols[0].download_button("Overlay (PNG)", png, f"{stem}_overlay.png", "image/png", width="stretch",
                                 on_click="ignore")
     else:

@@ -88,7 +88,10 @@ def _anchors(cmap: str) -> np.ndarray:
 
 def _cells_to_pixels(grid: np.ndarray, cell: int) -> np.ndarray:
     """Repeats each entry of a ``[rows, cols, ...]`` grid over a ``cell x cell`` block of pixels."""
-    return np.repeat(np.repeat(grid, cell, axis=0), cell, axis=1)
+    grid = np.asarray(grid)
+    rows, cols, rest = grid.shape[0], grid.shape[1], grid.shape[2:]
+    spread = np.broadcast_to(grid[:, None, :, None], (rows, cell, cols, cell, *rest))  # one copy, in the reshape
+    return spread.reshape(rows * cell, cols * cell, *rest)
 
 
 # --------------------------------------------------------------------------- the model's view
@@ -139,7 +142,22 @@ def _display(image: Image.Image, rows: int, cols: int, min_side: int = DISPLAY_S
     return image.resize(size, resample), cell
 
 
+def display_view(image: Any, model: Any, min_side: int = DISPLAY_SIDE) -> Image.Image:
+    """The image as the model sees it (:func:`model_view`), enlarged for display over the model's patch grid: what
+    every picture of this image starts from. A caller drawing many pictures of one image (the app, on every slider
+    change) makes it once and passes it as ``view`` to :func:`patch_overlay` or as the ``image`` of
+    :func:`heatmap_overlay`, which then skip the transform and the enlargement.
+
+    Returns:
+        An RGB image ``cols * cell`` by ``rows * cell`` pixels (``cell`` a whole number of pixels per patch).
+    """
+    rows, cols = model.spec.grid_size
+    return _display(model_view(image, model), rows, cols, min_side)[0]
+
+
+@functools.lru_cache(maxsize=16)
 def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont:
+    """Pillow's default font at ``size`` (loaded once per size: reading the font file took ~1 ms a picture)."""
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: fixed bitmap font
@@ -168,25 +186,42 @@ def _hatch(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], step: int,
         draw.point((x0 + int(x), y0 + int(y)), fill=colour)
 
 
+_DIMMED = (np.arange(256, dtype=np.float32) * np.float32(DROPPED_DIM)).astype(np.uint8)  # value -> dimmed value
+_DIMMED.flags.writeable = False
+
+
 def _dim_and_hatch(array: np.ndarray, mask_px: np.ndarray, cell: int) -> None:
     """Darkens the pixels under ``mask_px`` in place and stripes them (dropped patches)."""
     if not mask_px.any():
         return
-    dimmed = (array * np.float32(DROPPED_DIM)).astype(np.uint8)
+    array[mask_px] = _DIMMED[array[mask_px]]  # a table lookup of the masked pixels only
     stripes = mask_px & _hatch_pixels(tuple(mask_px.shape), step=max(6, cell // 3), width=max(1, cell // 14))
-    np.copyto(array, dimmed, where=mask_px[..., None])
-    np.copyto(array, np.asarray(HATCH_COLOUR, dtype=np.uint8), where=stripes[..., None])
+    array[stripes] = HATCH_COLOUR
 
 
 def _cell_mask(cells: np.ndarray, cell: int) -> np.ndarray:
     return _cells_to_pixels(np.asarray(cells, dtype=bool), cell)
 
 
-def _grid_lines(draw: ImageDraw.ImageDraw, rows: int, cols: int, cell: int, colour=(255, 255, 255, 40)) -> None:
-    for r in range(1, rows):
-        draw.line([(0, r * cell), (cols * cell, r * cell)], fill=colour, width=1)
-    for c in range(1, cols):
-        draw.line([(c * cell, 0), (c * cell, rows * cell)], fill=colour, width=1)
+@functools.lru_cache(maxsize=8)
+def _over(colour: tuple[int, int, int], opacity: int) -> np.ndarray:
+    """``[256, 3]`` uint8: each channel value under ``colour`` laid over it at ``opacity`` / 255 (read-only)."""
+    under = np.arange(256, dtype=np.uint32)[:, None]
+    table = ((under * (255 - opacity) + np.asarray(colour, dtype=np.uint32) * opacity + 127) // 255).astype(np.uint8)
+    table.flags.writeable = False
+    return table
+
+
+def _grid_lines(array: np.ndarray, rows: int, cols: int, cell: int, colour=(255, 255, 255), opacity: int = 40) -> None:
+    """Thin lines between the cells of an ``[H, W, 3]`` uint8 picture, in place: ``colour`` laid over the pixel
+    rows and columns where cells meet at ``opacity`` / 255 (as an RGBA line composited over the picture), each
+    pixel once where lines cross."""
+    table, channel = _over(tuple(colour), opacity), np.arange(3)
+    across, down = slice(cell, rows * cell, cell), slice(cell, cols * cell, cell)  # views: no copy of the picture
+    crossings = table[array[across, down], channel]
+    array[across, :] = table[array[across, :], channel]
+    array[:, down] = table[array[:, down], channel]
+    array[across, down] = crossings
 
 
 def _stack(parts: list[Image.Image], background=(255, 255, 255)) -> Image.Image:
@@ -199,7 +234,9 @@ def _stack(parts: list[Image.Image], background=(255, 255, 255)) -> Image.Image:
     return out
 
 
+@functools.lru_cache(maxsize=64)
 def _title_bar(text: str, width: int, font_size: int = FONT_SIZE + 2) -> Image.Image:
+    """A title line (wrapped to ``width``); cached: read it, never draw on it."""
     font = _font(font_size)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     lines = _wrap(probe, text, font, width - 16)
@@ -335,7 +372,8 @@ def _group_colours(group: np.ndarray, merged: np.ndarray) -> dict[int, tuple[int
 # --------------------------------------------------------------------------- the patch overlay
 
 def patch_overlay(image: Any, model: Any, trace: Any, block: int | None = None, index: int = 0, *,
-                  legend: bool = True, title: str | None = None, min_side: int = DISPLAY_SIDE) -> Image.Image:
+                  legend: bool = True, title: str | None = None, min_side: int = DISPLAY_SIDE,
+                  view: Image.Image | None = None) -> Image.Image:
     """The image with kept patches clear, dropped ones darkened and hatched, merged groups tinted.
 
     Merged groups (a token standing for several patches: ToMe, EViT's fused token) get distinct colours
@@ -353,64 +391,81 @@ def patch_overlay(image: Any, model: Any, trace: Any, block: int | None = None, 
         legend: add a title line with counts and a legend strip below the image.
         title: replaces the default title line.
         min_side: the image area's shorter side is enlarged to at least this many pixels.
+        view: :func:`display_view` of ``image`` (same ``min_side``), when the caller has it: ``image`` is then
+            not transformed again.
 
     Returns:
         An RGB image. Without ``legend`` it is exactly the enlarged image area
         (``grid_cols * cell`` by ``grid_rows * cell`` pixels, ``cell`` a whole number of pixels per patch).
     """
     if getattr(model.spec, "hierarchical", False):  # Swin: tokens are cells of the block's own grid, in windows
-        return window_overlay(image, model, trace, block, index, legend=legend, title=title, min_side=min_side)
+        return window_overlay(image, model, trace, block, index, legend=legend, title=title, min_side=min_side,
+                              view=view)
     rows, cols = model.spec.grid_size
     if isinstance(image, torch.Tensor) and image.dim() == 4:
         image = image[index]
     status = patch_status(trace.provenance_at(block), (rows, cols), index)
     where = "after the last block" if block is None else f"entering block {block}"
     heading = title if title is not None else f"{where}: {status.summary()}"
+    if view is None:
+        view = display_view(image, model, min_side)
     if status.is_lowrank:
-        return heatmap_overlay(model_view(image, model), np.where(status.status == DROPPED, np.nan, status.loading),
+        return heatmap_overlay(view, np.where(status.status == DROPPED, np.nan, status.loading),
                                vmin=0.0, vmax=1.0, cmap="viridis", alpha=0.65, legend=legend,
                                title=heading if legend else None, label="loading (|U_r| summed over tokens)",
                                min_side=min_side)
-    base, cell = _display(model_view(image, model), rows, cols, min_side)
-    array = np.asarray(base).copy()
+    base, cell = _display(view, rows, cols, min_side)
     dropped = status.status == DROPPED
     merged = status.status == MERGED
+    if merged.any():  # each merged cell half its group's colour (one colour per cell, spread and blended by Pillow)
+        colours = _group_colours(status.group, merged)
+        table = np.zeros((int(status.group.max()) + 1, 3), dtype=np.uint8)
+        for group, colour in colours.items():
+            table[group] = colour
+        tint = Image.fromarray(table[status.group.clip(0)], "RGB").resize(base.size, Image.NEAREST)
+        where = Image.fromarray(merged.astype(np.uint8) * 255, "L").resize(base.size, Image.NEAREST)
+        base = Image.composite(Image.blend(base, tint, 0.5), base, where)
+    array = np.array(base)
     _dim_and_hatch(array, _cell_mask(dropped, cell), cell)
-    colours = _group_colours(status.group, merged)
-    if merged.any():
-        tint = np.zeros_like(array, dtype=np.float32)
-        for (r, c) in zip(*np.nonzero(merged)):
-            tint[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = colours[int(status.group[r, c])]
-        m = _cell_mask(merged, cell)
-        array[m] = (array[m].astype(np.float32) * 0.5 + tint[m] * 0.5).astype(np.uint8)
-    out = Image.fromarray(array, "RGB").convert("RGBA")
-    layer = Image.new("RGBA", out.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(layer)
-    _grid_lines(draw, rows, cols, cell)
-    out = Image.alpha_composite(out, layer)
-    draw = ImageDraw.Draw(out)
-    line = max(2, cell // 8)
-    for (r, c) in zip(*np.nonzero(merged)):  # group outlines: edges to a different group or status
-        g = status.group[r, c]
-        x0, y0, x1, y1 = c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1
-        if r == 0 or not merged[r - 1, c] or status.group[r - 1, c] != g:
-            draw.line([(x0, y0), (x1, y0)], fill=(255, 255, 255), width=line)
-        if r == rows - 1 or not merged[r + 1, c] or status.group[r + 1, c] != g:
-            draw.line([(x0, y1 - line + 1), (x1, y1 - line + 1)], fill=(255, 255, 255), width=line)
-        if c == 0 or not merged[r, c - 1] or status.group[r, c - 1] != g:
-            draw.line([(x0, y0), (x0, y1)], fill=(255, 255, 255), width=line)
-        if c == cols - 1 or not merged[r, c + 1] or status.group[r, c + 1] != g:
-            draw.line([(x1 - line + 1, y0), (x1 - line + 1, y1)], fill=(255, 255, 255), width=line)
-    out = out.convert("RGB")
+    _grid_lines(array, rows, cols, cell)
+    if merged.any():  # group outlines: the cell edges that border a different group or status, drawn inside
+        np.copyto(array, np.uint8(255), where=_group_edges(status.group, merged, cell, max(2, cell // 8))[..., None])
+    out = Image.fromarray(array, "RGB")
     if not legend:
         return out
     kinds = ("kept", "dropped") + (("merged",) if merged.any() else ())
-    return _stack([_title_bar(heading, out.width), out, overlay_legend(kinds, width=out.width)])
+    return _stack([_title_bar(heading, out.width), out, _overlay_legend(kinds, out.width, FONT_SIZE)])
+
+
+def _group_edges(group: np.ndarray, merged: np.ndarray, cell: int, line: int) -> np.ndarray:
+    """``[H, W]`` bool: the pixels of a merged cell's edges that border another group, another status or the image
+    border, ``line`` pixels thick inside the cell."""
+    padded = np.pad(np.where(merged, group, -1), 1, constant_values=-1)
+    inner = padded[1:-1, 1:-1]
+    within = np.arange(cell)
+    first, last = within < line, within >= cell - line  # the pixel rows (or columns) of a cell's edge bands
+    full = np.ones(cell, dtype=bool)
+    # per side: the neighbouring cell, and the band as [rows in the cell, columns in the cell]
+    sides = ((padded[:-2, 1:-1], first[:, None] & full), (padded[2:, 1:-1], last[:, None] & full),
+             (padded[1:-1, :-2], full[:, None] & first), (padded[1:-1, 2:], full[:, None] & last))
+    rows, cols = group.shape
+    edges = np.zeros((rows, cell, cols, cell), dtype=bool)  # [cell row, pixel row, cell column, pixel column]
+    for neighbour, band in sides:
+        cells = merged & (neighbour != inner)
+        if cells.any():
+            edges |= cells[:, None, :, None] & band[None, :, None, :]
+    return edges.reshape(rows * cell, cols * cell)
 
 
 def overlay_legend(kinds: tuple[str, ...] = ("kept", "dropped", "merged"), width: int = DISPLAY_SIDE,
                    font_size: int = FONT_SIZE) -> Image.Image:
     """A legend strip for :func:`patch_overlay`: a swatch and a word per kind of patch."""
+    return _overlay_legend(tuple(kinds), width, font_size).copy()
+
+
+@functools.lru_cache(maxsize=32)
+def _overlay_legend(kinds: tuple[str, ...], width: int, font_size: int) -> Image.Image:
+    """:func:`overlay_legend`, drawn once per arguments (read it, never draw on it)."""
     font = _font(font_size)
     sw = font_size + 10
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -577,7 +632,8 @@ def window_status(trace: Any, block: int | None = None, index: int = 0) -> Windo
 
 
 def window_overlay(image: Any, model: Any, trace: Any, block: int | None = None, index: int = 0, *,
-                   legend: bool = True, title: str | None = None, min_side: int = DISPLAY_SIDE) -> Image.Image:
+                   legend: bool = True, title: str | None = None, min_side: int = DISPLAY_SIDE,
+                   view: Image.Image | None = None) -> Image.Image:
     """A windowed model's block (Swin): its own token grid over the image, window borders, and which tokens ran it.
 
     Each token of the block's grid is one cell (``cell x cell`` patches: the grid shrinks at every patch merging);
@@ -586,7 +642,7 @@ def window_overlay(image: Any, model: Any, trace: Any, block: int | None = None,
     window's number when there is room).
 
     Args:
-        image, model, trace, index, legend, title, min_side: as in :func:`patch_overlay`.
+        image, model, trace, index, legend, title, min_side, view: as in :func:`patch_overlay`.
         block: the block to draw (None: the tokens after the last block, on its grid).
 
     Returns:
@@ -597,7 +653,7 @@ def window_overlay(image: Any, model: Any, trace: Any, block: int | None = None,
         image = image[index]
     status = window_status(trace, block, index)
     rows, cols = status.grid
-    base, px = _display(model_view(image, model), rows, cols, min_side)
+    base, px = _display(display_view(image, model, min_side) if view is None else view, rows, cols, min_side)
     array = np.asarray(base).copy()
     sat_out = status.status == DROPPED
     merged = status.status == MERGED
@@ -605,17 +661,15 @@ def window_overlay(image: Any, model: Any, trace: Any, block: int | None = None,
     if merged.any():
         m = _cell_mask(merged, px)
         array[m] = (array[m].astype(np.float32) * 0.5 + np.float32(GROUP_COLOURS[0]) * 0.5).astype(np.uint8)
-    out = Image.fromarray(array, "RGB").convert("RGBA")
-    layer = Image.new("RGBA", out.size, (0, 0, 0, 0))
-    _grid_lines(ImageDraw.Draw(layer), rows, cols, px, colour=(255, 255, 255, 70))
-    out = Image.alpha_composite(out, layer).convert("RGB")
+    _grid_lines(array, rows, cols, px, opacity=70)
+    out = Image.fromarray(array, "RGB")
     _draw_window_borders(out, status.windows, px)
     _label_windows(out, status.windows, px)
     if not legend:
         return out
     kinds = ("ran", "sat out", "window") + (("merged",) if merged.any() else ())
     return _stack([_title_bar(title if title is not None else status.heading(), out.width), out,
-                   overlay_legend(kinds, width=out.width)])
+                   _overlay_legend(kinds, out.width, FONT_SIZE)])
 
 
 def _draw_window_borders(picture: Image.Image, ids: np.ndarray, px: int) -> None:
@@ -686,17 +740,19 @@ def heatmap_overlay(image: Any, values_grid: np.ndarray, vmin: float | None = No
     rows, cols = values.shape
     lo, hi = _limits(values, vmin, vmax)
     base, cell = _display(image, rows, cols, min_side)
-    array = np.asarray(base).astype(np.float32)
     missing = ~np.isfinite(values)
     scaled = (values - lo) / (hi - lo)
-    colours = _cells_to_pixels(apply_colormap(np.nan_to_num(scaled), cmap), cell).astype(np.float32)
-    present = ~_cell_mask(missing, cell)
-    blended = array * (1 - alpha) + colours * alpha  # every pixel at once, then keep the present cells'
-    array = np.where(present[..., None], blended, array).clip(0, 255).astype(np.uint8)
-    _dim_and_hatch(array, ~present, cell)
-    out = Image.fromarray(array, "RGB")
+    # one colour per patch, spread over its pixels and blended with the picture in Pillow (uint8, in C)
+    colours = Image.fromarray(apply_colormap(np.nan_to_num(scaled), cmap), "RGB").resize(base.size, Image.NEAREST)
+    out = Image.blend(base, colours, alpha)
+    if missing.any():  # dropped patches: the picture itself, dimmed and hatched
+        array = np.asarray(out).copy()
+        absent = _cell_mask(missing, cell)
+        np.copyto(array, np.asarray(base), where=absent[..., None])
+        _dim_and_hatch(array, absent, cell)
+        out = Image.fromarray(array, "RGB")
     if legend:
-        out = _beside(out, colorbar(lo, hi, cmap, height=out.height, label=label, dropped=bool(missing.any())))
+        out = _beside(out, _colorbar(lo, hi, cmap, out.height, label, bool(missing.any()), FONT_SIZE))
     if title:
         out = _stack([_title_bar(title, out.width), out])
     return out
@@ -732,6 +788,13 @@ def _format(value: float) -> str:
 def colorbar(vmin: float, vmax: float, cmap: str = "inferno", height: int = DISPLAY_SIDE, label: str | None = None,
              dropped: bool = False, font_size: int = FONT_SIZE) -> Image.Image:
     """A vertical colour bar with its ends and middle labelled (and a "dropped" swatch if asked)."""
+    return _colorbar(float(vmin), float(vmax), cmap, height, label, dropped, font_size).copy()
+
+
+@functools.lru_cache(maxsize=32)
+def _colorbar(vmin: float, vmax: float, cmap: str, height: int, label: str | None, dropped: bool,
+              font_size: int) -> Image.Image:
+    """:func:`colorbar`, drawn once per arguments (read it, never draw on it)."""
     font = _font(font_size)
     small = _font(font_size - 2)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))

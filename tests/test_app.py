@@ -55,17 +55,43 @@ def first_gallery_image():
     return compute.bundled_gallery()[0].image
 
 
-def test_first_screen_falls_back_to_the_bundled_model_without_weights():
-    from patchslim.models import DEFAULT_MODEL, weights_status
+@pytest.fixture()
+def default_weights_missing(monkeypatch):
+    """As on a machine where DeiT-S's pretrained weights are neither cached nor downloadable."""
+    from app import state
+
+    if not bundled.CHECKPOINT_PATH.exists():
+        pytest.skip("the bundled checkpoint is missing (the first screen then says so)")
+    monkeypatch.setattr(state, "weights_status", lambda name: "not cached, and the model hub cannot be reached")
+    state.weights_available.clear()
+    yield
+    state.weights_available.clear()
+
+
+def test_first_screen_opens_on_the_bundled_model_with_a_note_on_the_default_weights(default_weights_missing):
+    """Without DeiT-S's weights the app opens on the bundled model: results at once, one line in the sidebar on
+    how to get the weights, and no warning banner on any page. Asking for DeiT-S then says what runs instead."""
+    from patchslim.models import DEFAULT_MODEL, WEIGHTS_DIR_ENV
 
     at = AppTest.from_file(str(MAIN), default_timeout=TIMEOUT).run()
     assert not _exceptions(at)
     assert at.title[0].value == "Explore one image"
-    if weights_status(DEFAULT_MODEL).startswith("ready"):
-        pytest.skip("pretrained DeiT-S weights are available on this machine")
+    assert at.session_state["model_name"] == bundled.BUNDLED_NAME
+    assert at.session_state["settings"].choice.model.name == bundled.BUNDLED_NAME
+    assert _metric(at, "Tokens in last block").value  # results shown with the bundled model
+    notes = [c.value for c in at.sidebar.caption if WEIGHTS_DIR_ENV in c.value]
+    assert len(notes) == 1 and "DeiT-S" in notes[0] and "\n" not in notes[0]  # one line
+    help_text = at.sidebar.caption[[c.value for c in at.sidebar.caption].index(notes[0])].proto.help
+    assert f"{DEFAULT_MODEL}.safetensors" in help_text  # the ways to get them, in its tooltip
+    for page in (None, "app_pages/benchmark.py", "app_pages/audit.py"):  # pages that compute nothing at once
+        if page:
+            at.switch_page(page).run()
+            assert not _exceptions(at)
+        assert not at.warning, (page, [w.value for w in at.warning])
+
+    at.selectbox(key="model_name").set_value(DEFAULT_MODEL).run()  # asked for by name: say what runs instead
     notices = " ".join(w.value for w in at.warning)
     assert "not available" in notices and bundled.BUNDLED_NAME in notices
-    assert _metric(at, "Tokens in last block").value  # results shown with the bundled model
 
 
 @pytest.mark.parametrize("method,keep_ratio", [("uniform", 0.3), ("tome", 0.5), ("attention", 0.7), ("tofu", 0.5),
@@ -345,3 +371,71 @@ def test_readouts_compare_with_the_unslimmed_time_taken_in_the_same_moment(monke
     assert compute.readouts(base, slim).costs.latency_before == slim.baseline_seconds
     alone = replace(slim, baseline_seconds=None)  # a large model: the image's unslimmed forward, timed once
     assert compute.readouts(base, alone).costs.latency_before == base.seconds
+
+
+def _pictures(at: AppTest) -> list[str]:
+    """The URLs of the page's pictures (a picture's URL names its content), in page order."""
+    return [url for image in at.main.image for url in image.value]
+
+
+def test_a_rho_change_redraws_everything_it_changes(app, engine_model, first_gallery_image):
+    """The overlay and the attention maps are drawn in fragments (their own controls redraw them alone); a rho
+    change still redraws them, and the numbers, the top-5 and the tokens chart, with the slimmed forward of the
+    new rho. Moving the overlay's block slider redraws the overlay only."""
+    from patchslim.metrics.flops import compare_macs
+
+    app.selectbox(key="method").set_value("attention").run()
+    app.slider(key="keep_ratio").set_value(0.9).run()
+    overlay, attention_before, attention_after = _pictures(app)
+    chart = app.main.get("plotly_chart")[0].proto.spec
+    app.slider(key="keep_ratio").set_value(0.3).run()
+    assert not _exceptions(app)
+    pictures = _pictures(app)
+    assert len(pictures) == 3
+    assert pictures[0] != overlay and pictures[2] != attention_after
+    assert app.main.get("plotly_chart")[0].proto.spec != chart
+    trace = patchslim.run(engine_model, first_gallery_image, patchslim.SlimPlan.from_options("attention", 0.3))
+    base = patchslim.run(engine_model, first_gallery_image)
+    assert _metric(app, "Tokens in last block").value == str(trace.tokens_per_block[-1])
+    assert _metric(app, "GMACs per image").value == f"{compare_macs(trace, base).gmacs:.3g}"
+    assert trace.top_k(1)[0][0] in " ".join(s.value for s in app.success) + " ".join(e.value for e in app.error)
+
+    numbers = [m.value for m in app.metric]
+    depth = engine_model.spec.depth
+    app.select_slider(key=f"explore_block::{engine_model.spec.kind}::{depth}").set_value(0).run()
+    assert not _exceptions(app)
+    after_block = _pictures(app)
+    assert after_block[0] != pictures[0] and after_block[1:] == pictures[1:]
+    assert [m.value for m in app.metric][:2] == numbers[:2]  # GMACs and latency: not recomputed
+
+
+@pytest.mark.parametrize("share_of_budget", [0.9, 1.1])
+def test_explain_computes_at_once_only_when_the_model_is_quick(app, engine_model, monkeypatch, share_of_budget):
+    """The Explain page starts the attributions without a button press when the model's forward, timed at
+    warm-up, makes them fit AUTO_EXPLAIN_BUDGET_S, and waits for the button otherwise. The clock is a stand-in:
+    every timed forward takes exactly the time that puts the estimate at 90 % or 110 % of the budget."""
+    import types
+    import weakref
+
+    from app import compute
+
+    forward = share_of_budget * compute.AUTO_EXPLAIN_BUDGET_S / compute.attribution_passes(engine_model, "ig")
+    now = [0.0]
+
+    def perf_counter() -> float:  # a forward is clocked by two readings in a row: each reading adds its time
+        now[0] += forward
+        return now[0]
+
+    monkeypatch.setattr(compute, "_TYPICAL_SECONDS", weakref.WeakKeyDictionary())  # warm up again, on this clock
+    monkeypatch.setattr(compute, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    app.switch_page("app_pages/explain.py").run()
+    assert not _exceptions(app)
+    assert app.radio(key="explain_attribution").value == "ig"
+    computed = [m for m in app.metric if m.label == "Kept evidence"]
+    waiting = [i.value for i in app.info if "press **Explain**" in i.value]
+    if share_of_budget < 1:
+        assert computed and not waiting
+    else:
+        assert waiting and not computed
+        app.button[0].click().run()  # the button still computes them
+        assert _metric(app, "Kept evidence").value.endswith("%")

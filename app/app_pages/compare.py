@@ -66,7 +66,8 @@ with panel(f"Every method at {amount}") as methods_panel:
     if progress is not None:
         progress.empty()
     pixels = state.model_input(settings.choice.key, picked.key, model, picked.image)
-    cards = compute.method_cards(results, base, pixels, model, budget)
+    cards = compute.method_cards(results, base, pixels, model, budget,
+                                 state.display_view(settings.choice.key, picked.key, model, picked.image))
     views.method_grid(cards, columns=3)
 
 st.subheader("Cost and accuracy across ρ")

@@ -33,7 +33,9 @@ share = share_col.slider("Evidence = the top share of patches", 0.05, 0.5, 0.1, 
                          format="%.2f")
 key = (settings.choice.key, picked.key, settings.method, settings.keep_ratio, settings.options_key, how, share)
 result = state.remembered(key)
-if run_col.button("Explain", type="primary", width="stretch") or result is not None:
+pixels = state.model_input(settings.choice.key, picked.key, model, picked.image)
+at_once = compute.explains_at_once(model, pixels, how)  # a small model: no button to press (compute.py says when)
+if run_col.button("Explain", type="primary", width="stretch") or result is not None or at_once:
     with panel("Attributions"):
         if result is None:
             bar = st.progress(0.0, text="Attributing the unslimmed model…")
@@ -59,7 +61,6 @@ if run_col.button("Explain", type="primary", width="stretch") or result is not N
         st.stop()
     if model.spec.hierarchical:
         with panel("Attention received in the window"):
-            pixels = state.model_input(settings.choice.key, picked.key, model, picked.image)
             kinds = {name: view.per_block for name, view in compute.WINDOW_ATTENTION_VIEWS.items()}
             kind, block = views.attention_controls(kinds, model.spec.depth, key="explain",
                                                    default_block=min(compute.default_overlay_block(model.spec), model.spec.depth - 1),
@@ -91,4 +92,5 @@ if run_col.button("Explain", type="primary", width="stretch") or result is not N
         st.caption("Deletion and insertion scores: a few dozen batched forwards per map and model. "
                    + " ".join(f"{m.capitalize()} mode is not offered: {r}." for m, r in refused.items()))
 else:
-    st.info("Attributions take a few seconds to a minute (each is dozens of forwards): press **Explain**.")
+    st.info(f"Attributions of {model.name} take a few seconds to a minute (each is dozens of forwards and backwards "
+            f"of the model): press **Explain**.")

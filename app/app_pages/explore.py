@@ -1,4 +1,9 @@
-"""Explore one image: pick an image, slim it, and see what was kept, what it cost and what changed."""
+"""Explore one image: pick an image, slim it, and see what was kept, what it cost and what changed.
+
+A rho change reruns the page; what it does not change comes from the caches (the model's input, its picture, the
+unslimmed forward with its attention). The overlay's block slider and the attention map's controls each redraw
+their own part only (Streamlit fragments).
+"""
 
 from __future__ import annotations
 
@@ -27,11 +32,12 @@ with panel("The forwards") as forwards:
         st.error(f"This plan cannot run: {exc}")
         st.stop()
     pixels = state.model_input(settings.choice.key, picked.key, model, picked.image)  # what the model saw
+    view = state.display_view(settings.choice.key, picked.key, model, picked.image)  # what the pictures start from
 if forwards.failed:  # the panel says why; nothing below can be drawn without the forwards
     st.stop()
 
 # --- the numbers, in one row a projector can show
-costs = prediction = overlay = None  # each set by its panel, unless that panel fails
+costs = prediction = None  # each set by its panel, unless that panel fails
 with panel("Numbers"):
     costs = compute.costs(base, slim)
     views.readout_row(costs, model.device.type, windowed=model.spec.hierarchical)
@@ -50,10 +56,13 @@ with st.expander("Measure the speed-up properly (interleaved runs, median)"), pa
                    "and compares the measured speed-up with the ideal one (the GMAC ratio).")
 
 # --- what was kept, and what the model now says
-left, right = st.columns([1, 1], gap="large")
-with left:
-    windowed = model.spec.hierarchical
-    st.subheader("Tokens that ran each block, window by window" if windowed else "Patches kept, dropped, merged")
+windowed = model.spec.hierarchical
+drawn = {}  # the overlay on screen, for the download (its fragment may redraw it without a full rerun)
+
+
+@st.fragment
+def kept_patches(trace: patchslim.Trace) -> None:
+    """The overlay and its block slider: moving the slider redraws this part only."""
     depth = model.spec.depth
     block_key = f"explore_block::{model.spec.kind}::{depth}"
     st.session_state.setdefault(block_key, compute.default_overlay_block(model.spec))  # kept across pages (state.py)
@@ -65,9 +74,15 @@ with left:
               "and came back for the next." if windowed else
               "Block 0 is the input: what the model sees after input pruning."))
     with panel("Kept / dropped / merged overlay"):
-        overlay = compute.overlay(model, pixels, slim.trace, None if block == depth else block)
+        drawn["overlay"] = compute.overlay(model, pixels, trace, None if block == depth else block, view)
         caption = f"{picked.name}" + (f" · true label: **{picked.label}**" if picked.label else "")
-        views.picture(overlay, caption + f" · {picked.credit}")
+        views.picture(drawn["overlay"], caption + f" · {picked.credit}")
+
+
+left, right = st.columns([1, 1], gap="large")
+with left:
+    st.subheader("Tokens that ran each block, window by window" if windowed else "Patches kept, dropped, merged")
+    kept_patches(slim.trace)
 with right:
     st.subheader("Top-5 before and after")
     with panel("Top-5 before and after"):
@@ -78,16 +93,23 @@ with panel("Tokens per block"):
     views.tokens_chart(base.trace.tokens_per_block, slim.trace.tokens_per_block,
                        "Tokens per block (each on its own grid)" if windowed else "Tokens per block (CLS included)")
 
+
+@st.fragment
+def attention_maps(before: patchslim.Trace, after: patchslim.Trace) -> None:
+    """The unslimmed and the slimmed attention pictures and their controls: a control redraws this part only."""
+    with panel("Attention maps"):
+        attention_views, not_offered = compute.attention_views(model)
+        if not_offered:
+            st.caption(f"CLS attention and rollout are not offered: {not_offered}.")
+        kind, attention_block = views.attention_controls(
+            {name: v.per_block for name, v in attention_views.items()}, model.spec.depth, key="explore",
+            default_block=min(compute.default_overlay_block(model.spec), model.spec.depth - 1) if windowed else None,
+            scope=f"{model.spec.kind}::" if windowed else "")
+        views.attention_pair(compute.attention_pair(model, pixels, before, after, kind, attention_block, view))
+
+
 st.subheader("Attention: unslimmed vs slimmed")
-with panel("Attention maps"):
-    attention_views, not_offered = compute.attention_views(model)
-    if not_offered:
-        st.caption(f"CLS attention and rollout are not offered: {not_offered}.")
-    kind, attention_block = views.attention_controls(
-        {name: view.per_block for name, view in attention_views.items()}, model.spec.depth, key="explore",
-        default_block=min(compute.default_overlay_block(model.spec), model.spec.depth - 1) if windowed else None,
-        scope=f"{model.spec.kind}::" if windowed else "")
-    views.attention_pair(compute.attention_pair(model, pixels, base.trace, slim.trace, kind, attention_block))
+attention_maps(base.trace, slim.trace)
 
 with panel(f"How {settings.method} works"):
     widgets.method_card(patchslim.get_method(settings.method))
@@ -95,4 +117,4 @@ with panel(f"How {settings.method} works"):
 st.subheader("Downloads")
 with panel("Downloads"):
     readouts = compute.Readouts(costs, prediction) if costs and prediction else compute.readouts(base, slim)
-    views.downloads(overlay, readouts, settings, picked)
+    views.downloads(lambda: drawn.get("overlay"), readouts, settings, picked)

@@ -3,7 +3,9 @@
 A slimmed forward carries, beside the token tensor, *where every token came from*:
 
 - after pruning, token ``j`` is original patch ``ids[b, j]`` (a gather index);
-- after merging, token ``j`` stands for a set of original patches (a 0/1 row of a source matrix);
+- after merging, token ``j`` stands for a set of original patches (a 0/1 row of a source matrix; while each
+  token that merged was a plain patch or cell and joined exactly one new token, as in a Swin window, the cheap
+  ``members`` / ``assign`` pair says the same without the ``[B, M, N]`` matrix);
 - after a low-rank projection, token ``j`` is a weighted combination of patches (a row of loadings).
 
 :class:`Provenance` keeps the cheap gather index while only pruning happened and switches to a dense
@@ -32,6 +34,10 @@ class Provenance:
             id ``j`` names the ``c x c`` square of patches at cell ``(j // (cols / c), j % (cols / c))`` of the
             coarser grid: a token after patch merging stands for the patches of the four tokens it merged.
         grid: the patch grid (rows, cols), needed to expand cells into patches when ``cell > 1``.
+        members: ``[B, S]`` int64 ids (at ``cell``) of the S plain tokens a merge joined, when each joined exactly
+            one of the M new tokens (:meth:`merged`); ``ids`` and ``weights`` are then None.
+        assign: ``[B, S]`` int64, which of the M tokens each of ``members`` joined.
+        merged_count: M, with ``members``.
     """
 
     num_patches: int
@@ -39,6 +45,9 @@ class Provenance:
     weights: torch.Tensor | None = None
     cell: int = 1
     grid: tuple[int, int] = (0, 0)
+    members: torch.Tensor | None = None
+    assign: torch.Tensor | None = None
+    merged_count: int = 0
 
     @staticmethod
     def identity(batch: int, num_patches: int, device: torch.device | None = None) -> "Provenance":
@@ -49,11 +58,29 @@ class Provenance:
     @property
     def count(self) -> int:
         """M, the number of non-prefix tokens."""
+        if self.members is not None:
+            return self.merged_count
         return int(self.ids.shape[1] if self.ids is not None else self.weights.shape[1])
 
     @property
     def batch(self) -> int:
+        if self.members is not None:
+            return int(self.members.shape[0])
         return int(self.ids.shape[0] if self.ids is not None else self.weights.shape[0])
+
+    def merged(self, assign: torch.Tensor, count: int) -> "Provenance":
+        """The provenance after a merge in which token i of the current (plain) ones joined new token
+        ``assign[b, i]`` of ``count``: each new token stands for the patches of the tokens that joined it.
+
+        Kept as the ``[B, M]`` pair (``members``, ``assign``) while the current tokens are plain patches or cells,
+        else as dense weights.
+        """
+        if self.ids is None:
+            combination = torch.zeros(self.batch, count, self.count, device=assign.device)
+            combination.scatter_(1, assign.unsqueeze(1), 1.0)
+            return self.combine(combination)
+        return Provenance(self.num_patches, cell=self.cell, grid=self.grid, members=self.ids,
+                          assign=assign.to(self.ids.device), merged_count=int(count))
 
     @property
     def is_plain(self) -> bool:
@@ -64,14 +91,20 @@ class Provenance:
         """``[B, M, c * c]`` the original patch ids each token stands for, while tokens are plain or cells."""
         if self.ids is None:
             raise ValueError("tokens are merges or projections; use dense()")
-        if self.cell == 1:
-            return self.ids.unsqueeze(-1)
-        return _cell_patches(self.ids, self.cell, self.grid)
+        return self._patches_of(self.ids)
+
+    def _patches_of(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids.unsqueeze(-1) if self.cell == 1 else _cell_patches(ids, self.cell, self.grid)
 
     def dense(self) -> torch.Tensor:
         """``[B, M, N]`` float: row j says how much of each original patch token j stands for."""
         if self.weights is not None:
             return self.weights
+        if self.members is not None:
+            patches = self._patches_of(self.members)  # [B, S, c * c]
+            out = torch.zeros(self.batch, self.merged_count * self.num_patches, device=self.members.device)
+            flat = self.assign.unsqueeze(-1) * self.num_patches + patches
+            return out.scatter_(1, flat.flatten(1), 1.0).reshape(self.batch, self.merged_count, self.num_patches)
         out = torch.zeros(self.batch, self.count, self.num_patches, device=self.ids.device)
         return out.scatter_(2, self.patch_ids(), 1.0)
 
@@ -79,7 +112,7 @@ class Provenance:
         """Keeps the tokens at ``index`` (``[B, K]`` positions among the M tokens)."""
         if self.ids is not None:
             return Provenance(self.num_patches, ids=self.ids.gather(1, index), cell=self.cell, grid=self.grid)
-        w = self.weights.gather(1, index.unsqueeze(-1).expand(-1, -1, self.num_patches))
+        w = self.dense().gather(1, index.unsqueeze(-1).expand(-1, -1, self.num_patches))
         return Provenance(self.num_patches, weights=w)
 
     def combine(self, matrix: torch.Tensor) -> "Provenance":
@@ -91,13 +124,23 @@ class Provenance:
         if self.ids is not None:
             mask = torch.zeros(self.batch, self.num_patches, dtype=torch.bool, device=self.ids.device)
             return mask.scatter_(1, self.patch_ids().flatten(1), True)
+        if self.members is not None:
+            mask = torch.zeros(self.batch, self.num_patches, dtype=torch.bool, device=self.members.device)
+            return mask.scatter_(1, self._patches_of(self.members).flatten(1), True)
         return self.weights.abs().sum(1) > 0
 
     def regroup(self, batch: int) -> "Provenance":
         """The same tokens with ``batch`` rows (window groups ``[B * W, n]`` <-> images ``[B, W * n]``)."""
         if self.ids is not None:
             return Provenance(self.num_patches, ids=self.ids.reshape(batch, -1), cell=self.cell, grid=self.grid)
-        return Provenance(self.num_patches, weights=self.weights.reshape(batch, -1, self.num_patches))
+        if self.members is not None and batch < self.batch:  # windows -> images: number each window's tokens on
+            per = self.batch // batch
+            offset = (torch.arange(self.batch, device=self.assign.device) % per) * self.merged_count
+            return Provenance(self.num_patches, cell=self.cell, grid=self.grid,
+                              members=self.members.reshape(batch, -1),
+                              assign=(self.assign + offset.unsqueeze(1)).reshape(batch, -1),
+                              merged_count=self.merged_count * per)
+        return Provenance(self.num_patches, weights=self.dense().reshape(batch, -1, self.num_patches))
 
     def to(self, device: torch.device | str) -> "Provenance":
         return Provenance(
@@ -106,6 +149,9 @@ class Provenance:
             weights=None if self.weights is None else self.weights.to(device),
             cell=self.cell,
             grid=self.grid,
+            members=None if self.members is None else self.members.to(device),
+            assign=None if self.assign is None else self.assign.to(device),
+            merged_count=self.merged_count,
         )
 
 
@@ -245,5 +291,34 @@ def replace_patches(state: TokenState, patches: torch.Tensor, combination: torch
     return TokenState(tokens, p, state.provenance.combine(combination), new_sizes, None, state.groups, state.layout)
 
 
+def merge_tokens(state: TokenState, patches: torch.Tensor, assign: torch.Tensor,
+                 sizes: torch.Tensor | None) -> TokenState:
+    """Replaces the non-prefix tokens by merges in which every current token joined exactly one new token.
+
+    :func:`replace_patches` for a partition, without a ``[B, K, M]`` combination: the provenance stays the cheap
+    (``members``, ``assign``) pair while the tokens were plain (:meth:`Provenance.merged`).
+
+    Args:
+        state: tokens before.
+        patches: ``[B, K, C]`` the new non-prefix tokens.
+        assign: ``[B, M]`` int64, which new token each current non-prefix token joined.
+        sizes: ``[B, K]`` the new tokens' sizes, or None to keep sizes unset.
+    """
+    if state.key_mask is not None:
+        raise ValueError("tokens masked by a per-image keep set cannot be merged or projected")
+    p = state.num_prefix
+    tokens = torch.cat([state.prefix, patches.to(state.tokens.dtype)], dim=1)
+    new_sizes = None
+    if sizes is not None:
+        prefix_sizes = (state.sizes[:, :p] if state.sizes is not None
+                        else torch.ones(tokens.shape[0], p, device=tokens.device, dtype=sizes.dtype))
+        new_sizes = torch.cat([prefix_sizes, sizes], dim=1)
+    return TokenState(tokens, p, state.provenance.merged(assign, patches.shape[1]), new_sizes, None, state.groups,
+                      state.layout)
+
+
 def _prov_device(provenance: Provenance) -> torch.device:
-    return (provenance.ids if provenance.ids is not None else provenance.weights).device
+    for tensor in (provenance.ids, provenance.weights, provenance.members):
+        if tensor is not None:
+            return tensor.device
+    raise ValueError("empty provenance")

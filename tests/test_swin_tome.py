@@ -198,3 +198,25 @@ def test_fashion_swin_tome_on_the_canvas_test_images(fashion_batch):
     full = patchslim.run(model, x)
     agree = (trace.logits.argmax(-1) == full.logits.argmax(-1)).float().mean()
     assert agree >= 0.75  # merging keeps most predictions (pruning at rho 0.5 keeps 80 % on the full test set)
+
+
+def test_compact_merge_provenance_says_what_the_dense_one_says():
+    """``Provenance.merged`` keeps (members, assign) instead of a [B, M, N] matrix: dense(), patch_mask(),
+    regroup() from windows to images and select() agree with the combination the dense path builds."""
+    from patchslim.tokens import Provenance
+
+    ids = torch.tensor([[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]])  # 2 images x 2 windows
+    plain = Provenance(64, ids=ids, cell=2, grid=(8, 8))  # cells of 2 x 2 patches on the 4 x 4 coarse grid
+    assign = torch.tensor([[0, 0, 1, 2], [0, 1, 1, 2], [0, 1, 2, 2], [0, 1, 2, 0]])
+    compact = plain.merged(assign, 3)
+    combination = torch.zeros(4, 3, 4).scatter_(1, assign.unsqueeze(1), 1.0)
+    dense = plain.combine(combination)
+    assert compact.weights is None and compact.count == 3 and compact.batch == 4
+    assert torch.equal(compact.dense(), dense.dense())
+    assert torch.equal(compact.patch_mask(), dense.patch_mask())
+    assert torch.equal(compact.regroup(2).dense(), dense.regroup(2).dense())
+    assert compact.regroup(2).count == 6
+    index = torch.tensor([[0, 2]] * 4)
+    assert torch.equal(compact.select(index).dense(), dense.select(index).dense())
+    again = compact.merged(torch.tensor([[0, 0, 1]] * 4), 2)  # a merge of merges: dense weights
+    assert torch.equal(again.dense(), dense.combine(torch.tensor([[[1.0, 1, 0], [0, 0, 1]]] * 4)).dense())

@@ -100,6 +100,12 @@ def _checked_actions(model: LoadedModel, plan: SlimPlan) -> list[Action]:
             raise PlanError(f"method {action.stage.method!r} does not apply to {model.name} ({spec.kind}, windowed "
                             f"attention): {method.window_reason or 'it does not act window by window'}")
         method.check(dict(action.stage.options), action.stage.keep_ratio, model)
+    if spec.hierarchical:  # the adapter unmerges a window merge by its provenance: nothing may act on it first
+        for first, later in zip(actions, actions[1:]):
+            if first.method.merges and later.block == first.block:
+                raise PlanError(f"stage {later.stage.method!r} acts in block {first.block} after "
+                                f"{first.stage.method!r} merged its windows' tokens; on {model.name} a merging "
+                                "stage must be the last to act in its blocks")
     return actions
 
 
@@ -114,8 +120,8 @@ def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: lis
     keep_attention = plan.attention_wanted(spec.depth)
     needed = {a.attention_block for a in actions if a.attention_block is not None}
     explicit, prefix_rows = attention_blocks(plan, spec.depth, actions, has_prefix=spec.num_prefix_tokens > 0)
-    keys_needed = {a.attention_block for a in actions if a.method.needs_keys}
-    values_needed = {a.attention_block for a in actions if a.method.needs_values}
+    keys_needed = {a.attention_block for a in actions if a.method.needs_keys and a.reads}
+    values_needed = {a.attention_block for a in actions if a.method.needs_values and a.reads}
     # blocks whose attention an action before the next block reads (else it is dropped after the block's own)
     read_by_next = {a.attention_block for a in actions if a.point == "pre" and a.attention_block is not None}
     random = ImageRandom(plan.seed, images if draws_for is None else draws_for)  # keyed at the first draw
@@ -155,8 +161,8 @@ def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: lis
                 options=dict(action.stage.options),
                 attention=(adapter.seen_attention(last_attention, state)
                            if action.method.needs_attention and last_attention is not None else None),
-                keys=last_keys if action.method.needs_keys else None,
-                values=last_values if action.method.needs_values else None,
+                keys=last_keys if action.method.needs_keys and action.reads else None,
+                values=last_values if action.method.needs_values and action.reads else None,
                 random=random,
                 model=model,
                 num_patches=spec.num_patches,
@@ -165,6 +171,8 @@ def _walk(model: LoadedModel, images: torch.Tensor, plan: SlimPlan, actions: lis
                 stage_blocks=stage_blocks[action.stage_index],
                 stage_start_count=stage_start[action.stage_index],
                 given=action.stage.keep if isinstance(action.stage, KeepSet) else None,
+                windowed=action.windowed,
+                regions=adapter.merge_regions(action.block, state) if action.method.merges else None,
             )
             before = state
             if clock is not None:

@@ -141,16 +141,24 @@ class Action:
     point: str
     stage_index: int
     stage: Stage
+    windowed: bool = False  # on a windowed model (Swin): at the method's window point when it has one
 
     @property
     def method(self) -> SlimMethod:
         return self.stage.slim_method
 
     @property
+    def reads(self) -> bool:
+        """Whether the action reads a block's attention, keys or values (a method at its window point does not)."""
+        method = self.method
+        if self.windowed and method.window_point:
+            return False
+        return method.needs_attention or method.needs_keys or method.needs_values
+
+    @property
     def attention_block(self) -> int | None:
         """The block whose attention (or keys) the action reads, if it needs any."""
-        method = self.method
-        if not (method.needs_attention or method.needs_keys or method.needs_values):
+        if not self.reads:
             return None
         return self.block - 1 if self.point == "pre" else self.block
 
@@ -260,6 +268,8 @@ class SlimPlan:
         hierarchical = spec is not None and spec.hierarchical
         for index, stage in enumerate(self.stages):
             method = stage.slim_method
+            point = (method.window_point or method.point) if hierarchical else method.point
+            reads_block = Action(0, point, index, stage, hierarchical).reads
             if stage.stages is not None and not hierarchical:
                 raise PlanError(f"stage {stage.method!r}: stages apply to hierarchical models (Swin); "
                                 "this model has blocks only, name blocks instead")
@@ -268,7 +278,7 @@ class SlimPlan:
             elif hierarchical:
                 stages = stage.stages if stage.stages is not None else spec.default_stages
                 blocks = tuple(b for s in stages for b in spec.stage_blocks(s))
-                if method.point == "pre" and (method.needs_attention or method.needs_keys):
+                if point == "pre" and reads_block:
                     blocks = tuple(b for b in blocks if b > 0)  # block 0 has no attention before it to read
             else:
                 blocks = method.default_blocks(depth)
@@ -277,13 +287,12 @@ class SlimPlan:
                     raise PlanError(
                         f"stage {stage.method!r}: block {block} is outside the model (blocks 0..{depth - 1})"
                     )
-                reads_block = method.needs_attention or method.needs_keys or method.needs_values
-                if method.point == "pre" and reads_block and block == 0:
+                if point == "pre" and reads_block and block == 0:
                     raise PlanError(
                         f"stage {stage.method!r} reads the attention of the block before it, so it cannot act "
                         f"at block 0 (the input); use a block in 1..{depth - 1}"
                     )
-                actions.append(Action(block, method.point, index, stage))
+                actions.append(Action(block, point, index, stage, hierarchical))
         actions.sort(key=lambda a: (a.block, _POINT_ORDER[a.point], a.stage_index))
         if self.attention_blocks != "all":
             for block in self.attention_blocks:

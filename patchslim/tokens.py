@@ -3,7 +3,9 @@
 A slimmed forward carries, beside the token tensor, *where every token came from*:
 
 - after pruning, token ``j`` is original patch ``ids[b, j]`` (a gather index);
-- after merging, token ``j`` stands for a set of original patches (a 0/1 row of a source matrix);
+- after merging, token ``j`` stands for a set of original patches (a 0/1 row of a source matrix; while each
+  token that merged was a plain patch or cell and joined exactly one new token, as in a Swin window, the cheap
+  ``members`` / ``assign`` pair says the same without the ``[B, M, N]`` matrix);
 - after a low-rank projection, token ``j`` is a weighted combination of patches (a row of loadings).
 
 :class:`Provenance` keeps the cheap gather index while only pruning happened; a merge turns it into an
@@ -39,6 +41,10 @@ class Provenance:
             token (0..M-1) each original patch went into, -1 for a patch no token stands for. A merge updates it
             with one gather (:meth:`merge`); :meth:`dense` turns it into the 0/1 source matrix when read.
         assigned: M, the number of tokens, with ``assignment``.
+        members: ``[B, S]`` int64 ids (at ``cell``) of the S plain tokens a merge joined, when each joined exactly
+            one of the M new tokens (:meth:`merged`); ``ids`` and ``weights`` are then None.
+        assign: ``[B, S]`` int64, which of the M tokens each of ``members`` joined.
+        merged_count: M, with ``members``.
     """
 
     num_patches: int
@@ -48,6 +54,9 @@ class Provenance:
     grid: tuple[int, int] = (0, 0)
     assignment: torch.Tensor | None = None
     assigned: int = 0
+    members: torch.Tensor | None = None
+    assign: torch.Tensor | None = None
+    merged_count: int = 0
 
     @staticmethod
     def identity(batch: int, num_patches: int, device: torch.device | None = None) -> "Provenance":
@@ -60,7 +69,9 @@ class Provenance:
         """M, the number of non-prefix tokens."""
         if self.ids is not None:
             return int(self.ids.shape[1])
-        return int(self.weights.shape[1]) if self.weights is not None else self.assigned
+        if self.weights is not None:
+            return int(self.weights.shape[1])
+        return self.merged_count if self.members is not None else self.assigned
 
     @property
     def batch(self) -> int:
@@ -72,7 +83,24 @@ class Provenance:
 
     @property
     def _tensor(self) -> torch.Tensor:
-        return self.ids if self.ids is not None else self.weights if self.weights is not None else self.assignment
+        for tensor in (self.ids, self.weights, self.assignment, self.members):
+            if tensor is not None:
+                return tensor
+        raise ValueError("empty provenance")
+
+    def merged(self, assign: torch.Tensor, count: int) -> "Provenance":
+        """The provenance after a merge in which token i of the current (plain) ones joined new token
+        ``assign[b, i]`` of ``count``: each new token stands for the patches of the tokens that joined it.
+
+        Kept as the ``[B, M]`` pair (``members``, ``assign``) while the current tokens are plain patches or cells,
+        else as dense weights.
+        """
+        if self.ids is None:
+            combination = torch.zeros(self.batch, count, self.count, device=assign.device)
+            combination.scatter_(1, assign.unsqueeze(1), 1.0)
+            return self.combine(combination)
+        return Provenance(self.num_patches, cell=self.cell, grid=self.grid, members=self.ids,
+                          assign=assign.to(self.ids.device), merged_count=int(count))
 
     @property
     def is_plain(self) -> bool:
@@ -83,9 +111,10 @@ class Provenance:
         """``[B, M, c * c]`` the original patch ids each token stands for, while tokens are plain or cells."""
         if self.ids is None:
             raise ValueError("tokens are merges or projections; use dense()")
-        if self.cell == 1:
-            return self.ids.unsqueeze(-1)
-        return _cell_patches(self.ids, self.cell, self.grid)
+        return self._patches_of(self.ids)
+
+    def _patches_of(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids.unsqueeze(-1) if self.cell == 1 else _cell_patches(ids, self.cell, self.grid)
 
     def dense(self) -> torch.Tensor:
         """``[B, M, N]`` float: row j says how much of each original patch token j stands for."""
@@ -96,6 +125,11 @@ class Provenance:
             out = torch.zeros(self.batch, self.assigned + 1, self.num_patches, device=self.device)
             slot = self.assignment.masked_fill(self.assignment < 0, self.assigned)
             return out.scatter_(1, slot.unsqueeze(1), 1.0)[:, : self.assigned]
+        if self.members is not None:
+            patches = self._patches_of(self.members)  # [B, S, c * c]
+            out = torch.zeros(self.batch, self.merged_count * self.num_patches, device=self.members.device)
+            flat = self.assign.unsqueeze(-1) * self.num_patches + patches
+            return out.scatter_(1, flat.flatten(1), 1.0).reshape(self.batch, self.merged_count, self.num_patches)
         out = torch.zeros(self.batch, self.count, self.num_patches, device=self.ids.device)
         return out.scatter_(2, self.patch_ids(), 1.0)
 
@@ -107,7 +141,7 @@ class Provenance:
             slot = torch.full((self.batch, self.assigned), -1, dtype=torch.int64, device=index.device)
             slot.scatter_(1, index, torch.arange(index.shape[1], device=index.device).expand_as(index))
             return self.merge(slot, index.shape[1])
-        w = self.weights.gather(1, index.unsqueeze(-1).expand(-1, -1, self.num_patches))
+        w = self.dense().gather(1, index.unsqueeze(-1).expand(-1, -1, self.num_patches))
         return Provenance(self.num_patches, weights=w)
 
     def combine(self, matrix: torch.Tensor) -> "Provenance":
@@ -118,7 +152,7 @@ class Provenance:
         """New tokens as unions of the current ones: current token j goes into new token ``slot[b, j]``
         (``[B, M]`` in 0..count-1, or -1 for a token dropped), ``count`` new tokens. The same as
         :meth:`combine` with the 0/1 matrix of ``slot``, by an index instead of a product."""
-        if self.weights is not None or (self.ids is not None and self.cell != 1):
+        if self.weights is not None or self.members is not None or (self.ids is not None and self.cell != 1):
             combination = torch.zeros(self.batch, count + 1, slot.shape[1], device=slot.device)
             combination.scatter_(1, slot.masked_fill(slot < 0, count).unsqueeze(1), 1.0)
             return self.combine(combination[:, :count])
@@ -137,6 +171,9 @@ class Provenance:
             return mask.scatter_(1, self.patch_ids().flatten(1), True)
         if self.assignment is not None:
             return self.assignment >= 0
+        if self.members is not None:
+            mask = torch.zeros(self.batch, self.num_patches, dtype=torch.bool, device=self.members.device)
+            return mask.scatter_(1, self._patches_of(self.members).flatten(1), True)
         return self.weights.abs().sum(1) > 0
 
     def regroup(self, batch: int) -> "Provenance":
@@ -156,7 +193,14 @@ class Provenance:
             local = self.assignment.unsqueeze(1) - (torch.arange(g, device=self.device) * k).view(1, g, 1)
             split = torch.where((local >= 0) & (local < k), local, torch.full_like(local, -1))
             return Provenance(self.num_patches, assignment=split.reshape(batch, -1), assigned=k, grid=self.grid)
-        return Provenance(self.num_patches, weights=self.weights.reshape(batch, -1, self.num_patches))
+        if self.members is not None and batch < self.batch:  # windows -> images: number each window's tokens on
+            per = self.batch // batch
+            offset = (torch.arange(self.batch, device=self.assign.device) % per) * self.merged_count
+            return Provenance(self.num_patches, cell=self.cell, grid=self.grid,
+                              members=self.members.reshape(batch, -1),
+                              assign=(self.assign + offset.unsqueeze(1)).reshape(batch, -1),
+                              merged_count=self.merged_count * per)
+        return Provenance(self.num_patches, weights=self.dense().reshape(batch, -1, self.num_patches))
 
     def repeat(self, times: int) -> "Provenance":
         """The same provenance ``times`` over along the batch (row ``s * B + b`` is row ``b``)."""
@@ -165,14 +209,16 @@ class Provenance:
             return None if t is None else t.repeat(times, *([1] * (t.dim() - 1)))
 
         return Provenance(self.num_patches, rep(self.ids), rep(self.weights), self.cell, self.grid,
-                          rep(self.assignment), self.assigned)
+                          rep(self.assignment), self.assigned, rep(self.members), rep(self.assign),
+                          self.merged_count)
 
     def to(self, device: torch.device | str) -> "Provenance":
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
         return Provenance(self.num_patches, move(self.ids), move(self.weights), self.cell, self.grid,
-                          move(self.assignment), self.assigned)
+                          move(self.assignment), self.assigned, move(self.members), move(self.assign),
+                          self.merged_count)
 
 
 def _cell_patches(ids: torch.Tensor, cell: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -320,6 +366,32 @@ def _replaced(state: TokenState, patches: torch.Tensor, sizes: torch.Tensor | No
     if state.key_mask is not None:
         raise ValueError("tokens masked by a per-image keep set cannot be merged or projected")
     return TokenState(tokens, p, provenance(state.provenance), new_sizes, None, state.groups, state.layout)
+
+
+def merge_tokens(state: TokenState, patches: torch.Tensor, assign: torch.Tensor,
+                 sizes: torch.Tensor | None) -> TokenState:
+    """Replaces the non-prefix tokens by merges in which every current token joined exactly one new token.
+
+    :func:`replace_patches` for a partition, without a ``[B, K, M]`` combination: the provenance stays the cheap
+    (``members``, ``assign``) pair while the tokens were plain (:meth:`Provenance.merged`).
+
+    Args:
+        state: tokens before.
+        patches: ``[B, K, C]`` the new non-prefix tokens.
+        assign: ``[B, M]`` int64, which new token each current non-prefix token joined.
+        sizes: ``[B, K]`` the new tokens' sizes, or None to keep sizes unset.
+    """
+    if state.key_mask is not None:
+        raise ValueError("tokens masked by a per-image keep set cannot be merged or projected")
+    p = state.num_prefix
+    tokens = torch.cat([state.prefix, patches.to(state.tokens.dtype)], dim=1)
+    new_sizes = None
+    if sizes is not None:
+        prefix_sizes = (state.sizes[:, :p] if state.sizes is not None
+                        else torch.ones(tokens.shape[0], p, device=tokens.device, dtype=sizes.dtype))
+        new_sizes = torch.cat([prefix_sizes, sizes], dim=1)
+    return TokenState(tokens, p, state.provenance.merged(assign, patches.shape[1]), new_sizes, None, state.groups,
+                      state.layout)
 
 
 def _prov_device(provenance: Provenance) -> torch.device:

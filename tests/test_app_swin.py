@@ -85,7 +85,7 @@ def test_a_method_chosen_for_a_vit_that_does_not_apply_is_replaced_with_the_reas
 
 
 @pytest.mark.parametrize("method,keep_ratio,stages", [("random", 0.5, None), ("uniform", 0.3, [0, 1]),
-                                                      ("attention", 0.7, [1])])
+                                                      ("attention", 0.7, [1]), ("tome", 0.5, None)])
 def test_explore_readouts_follow_the_engine_with_the_stages_picked(app, engine_model, first_gallery_image, method,
                                                                    keep_ratio, stages):
     from patchslim.metrics.flops import compare_macs
@@ -124,6 +124,28 @@ def test_explore_overlay_block_picker_names_stages_and_windows(app):
     texts = _texts(app)
     assert "CLS attention and rollout are not offered" in texts and "no class token" in texts
     assert app.radio(key="explore_attention_kind").options == ["Attention received in the window"]
+
+
+def test_explore_with_tome_per_window_draws_merged_tokens_and_window_attention(app, engine_model,
+                                                                               first_gallery_image):
+    from app import compute
+    from patchslim.vis import MERGED, window_status
+
+    app.selectbox(key="method").set_value("tome")
+    app.slider(key="keep_ratio").set_value(0.5)
+    app.run()
+    assert not _exceptions(app) and not app.error
+    for block in (0, 1, 4, 6):  # merged blocks of stage 0 (one shifted), then stage 1 and the end, unslimmed
+        app.select_slider(key="explore_block::swin::6").set_value(block).run()
+        assert not _exceptions(app)
+        assert not [e for e in app.error if "overlay" in e.value]
+    trace = patchslim.run(engine_model, first_gallery_image, patchslim.SlimPlan.single("tome", 0.5))
+    status = window_status(trace, 1)
+    assert (status.status == MERGED).any() and status.ran_per_window.tolist() == [36] * 4
+    overlay = compute.overlay(engine_model, first_gallery_image, trace, 1)
+    assert overlay.size[0] > 0
+    app.slider(key="explore_attention_block::swin::6").set_value(1).run()  # received attention, merged block
+    assert not _exceptions(app) and not app.error
 
 
 def test_compare_page_shows_the_window_methods_and_why_not_the_others(app):

@@ -98,6 +98,11 @@ class Adapter:
         returned for the block it reads (the same tensor for a ViT)."""
         return attention
 
+    def merge_regions(self, index: int, state: TokenState) -> torch.Tensor | None:
+        """``[rows, M]`` labels of the tokens a merge acting on ``state`` in block ``index`` may join (only tokens
+        of one label), when the block's attention keeps some apart (a shifted Swin window's pieces); None: any."""
+        return None
+
     def head(self, state: TokenState) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 

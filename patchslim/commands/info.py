@@ -44,5 +44,11 @@ def main(args) -> int:
 
 
 def support_table(methods: list[dict]) -> list[tuple[str, str, str]]:
-    """(method, vit, swin) rows: "yes", or "no (reason)" where a method does not apply."""
-    return [(m["name"], "yes", "yes" if m["windowed"] else f"no ({m['window_reason']})") for m in methods]
+    """(method, vit, swin) rows: "yes" (saying how for a merging method), or "no (reason)" where a method does
+    not apply."""
+    def swin(m: dict) -> str:
+        if not m["windowed"]:
+            return f"no ({m['window_reason']})"
+        return "yes (merges in every window, unmerged after each block)" if m["merges"] else "yes"
+
+    return [(m["name"], "yes", swin(m)) for m in methods]

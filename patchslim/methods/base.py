@@ -133,6 +133,11 @@ class StageContext:
         stage_start_count: non-prefix tokens when this action's stage first acted (the M its keep ratio
             refers to for such methods).
         given: a :class:`~patchslim.plan.KeepSet`'s keep set (tensor or callable), for that stage alone.
+        windowed: the tokens are one block's windows (``[B * W, n, C]``, W = ``state.groups``) of a windowed model
+            (Swin), which its adapter puts back in place after the block.
+        regions: ``[B * W, n]`` labels of the tokens of each window, when the window's attention keeps some of
+            them apart (a shifted window's pieces, wrapped around from opposite edges of the image): a merge joins
+            tokens of one label only. None: any tokens may join.
     """
 
     block: int
@@ -151,6 +156,8 @@ class StageContext:
     stage_blocks: tuple[int, ...] = ()
     stage_start_count: int = 0
     given: Any = None
+    windowed: bool = False
+    regions: torch.Tensor | None = None
 
 
 @dataclass
@@ -194,6 +201,9 @@ class SlimMethod:
     # tokens as ``[B * W, n, C]`` and puts them back in place after the block), and if not, why.
     windowed: ClassVar[bool] = False
     window_reason: ClassVar[str] = ""
+    # Where a windowed method acts on a windowed model when not at ``point`` ("pre": tome merges each window's
+    # tokens before the block's attention); acting there it reads its tokens alone (no attention, keys, values).
+    window_point: ClassVar[str] = ""
     # How a stage acting at several blocks reads its keep ratio: False, each action keeps rho of the tokens it
     # receives (attention@3+6+9, evit); True, rho is the share left after the stage's last action, the removals
     # spread over its blocks (tome's schedule, read through ``StageContext.stage_blocks``).
@@ -259,7 +269,8 @@ class SlimMethod:
             needs_attention=self.needs_attention, needs_keys=self.needs_keys, needs_values=self.needs_values,
             learned=self.learned, merges=self.merges, spreads_keep_ratio=self.spreads_keep_ratio,
             adaptive_count=self.adaptive_count, input_dependent=self.input_dependent, exact_count=self.exact_count,
-            windowed=self.windowed, window_reason=self.window_reason, budget_knob=self.budget_knob,
+            windowed=self.windowed, window_reason=self.window_reason, window_point=self.window_point or self.point,
+            budget_knob=self.budget_knob,
             options=[dict(name=o.name, kind=o.kind, default=o.default, help=o.help, allowed=o.describe())
                      for o in self.options],
         )

@@ -45,6 +45,16 @@ protected the same way by their position. With ``r`` set, the logits agree with 
 DeiT-S, distilled DeiT-S and an average-pooling ViT-S (``benchmarks/tome_reference.py``).
 r = 0 (or rho = 1) leaves the tokens untouched: the logits are exactly the unslimmed model's.
 
+**Per window on a windowed model (Swin).** There the method acts before each block of its stages
+(``window_point = "pre"``), in every window of the block's partition: the window's n tokens are matched by the
+cosine similarity of the tokens themselves (the block's input: its keys do not exist yet, as in ToMe for Stable
+Diffusion, Bolya and Hoffman, CVPR workshops 2023, which also merges before a block and unmerges after it), and r
+of them merged, the same r in every window: ``n - round(rho n)`` (at most ``n // 2``, so rho below about 0.5 keeps
+half of every window), or the ``r`` option shared among the block's W windows (``round(r / W)``). Tokens that the
+block's shift mask keeps apart (pieces of a shifted window from opposite edges) are never matched together. The
+adapter (:mod:`patchslim.adapters.swin`) runs the block's window attention and MLP on the merged tokens and puts
+every token back in place after the block.
+
 Reference: D. Bolya, C.-Y. Fu, X. Dai, P. Zhang, C. Feichtenhofer, J. Hoffman, "Token Merging: Your ViT
 but Faster", ICLR 2023; implementation https://github.com/facebookresearch/ToMe (read and run beside this one
 for comparison, not copied).
@@ -59,7 +69,7 @@ import torch.nn.functional as F
 
 from patchslim.errors import PlanError
 from patchslim.methods.base import OptionSpec, Reduction, SlimMethod, StageContext, register
-from patchslim.tokens import TokenState, merge_patches, target_count
+from patchslim.tokens import TokenState, merge_patches, merge_tokens, target_count
 
 
 def merges_this_block(ctx: StageContext, current: int) -> int:
@@ -109,7 +119,8 @@ class BipartiteMatch:
     distinct: torch.Tensor
 
 
-def soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 0) -> BipartiteMatch:
+def soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 0,
+                  regions: torch.Tensor | None = None) -> BipartiteMatch:
     """ToMe's bipartite soft matching of the non-prefix tokens.
 
     Args:
@@ -118,6 +129,8 @@ def soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 0) -> Bipartit
         num_prefix: prefix tokens before them in the sequence; they set the parity of the split (see
             :func:`bipartite_sets`) and, when there are any, the A tokens that stay keep their order (else
             they come in order of decreasing best similarity, as in the reference).
+        regions: ``[B, M]`` labels; an A token is matched only to B tokens of its label (when it has none, its
+            best similarity is -inf and it merges last). None: any.
 
     Raises:
         ValueError: r outside ``[0, M // 2]``.
@@ -129,6 +142,8 @@ def soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 0) -> Bipartit
     a_pos, b_pos = bipartite_sets(m, num_prefix, device)
     unit = F.normalize(metric.float(), dim=-1)
     similarity = unit[:, a_pos] @ unit[:, b_pos].transpose(1, 2)  # [B, Ma, Mb]
+    if regions is not None:
+        similarity = similarity.masked_fill(regions[:, a_pos, None] != regions[:, None, b_pos], float("-inf"))
     best, best_b = similarity.max(dim=-1)  # [B, Ma]
     ranked = torch.sort(best, dim=-1, descending=True, stable=True).indices  # indices into A
     merged_a, kept_a = ranked[:, :r], ranked[:, r:]
@@ -204,9 +219,8 @@ class TokenMerging(SlimMethod):
     needs_keys = True
     merges = True
     input_dependent = True
-    windowed = False
-    window_reason = ("its matching pairs tokens across the whole sequence, so a merged token would belong to no "
-                     "single window")
+    windowed = True
+    window_point = "pre"
     options = (
         OptionSpec("r", "int", None,
                    "tokens merged in each block (at most half of those left; the model's patch count at "
@@ -231,6 +245,8 @@ class TokenMerging(SlimMethod):
                             f"({n} patches), got {r}; each block merges at most half of the tokens it has")
 
     def reduce(self, state: TokenState, ctx: StageContext) -> Reduction:
+        if ctx.windowed:
+            return merge_windows(state, ctx)
         keys = ctx.keys
         p, m = state.num_prefix, state.count
         if keys.shape[2] != state.tokens.shape[1]:
@@ -250,3 +266,24 @@ class TokenMerging(SlimMethod):
         half_a, half_b = (m + 1) // 2, m // 2
         macs = half_a * half_b * d_head + m * d_head + m * channels
         return Reduction(merged, scores=match.distinct, selection_macs=float(macs))
+
+
+def merge_windows(state: TokenState, ctx: StageContext) -> Reduction:
+    """ToMe in every window of a windowed model's block (see the module docstring): ``[B * W, n, C]`` ->
+    ``[B * W, n - r, C]``, the provenance saying which merged token each of the n stands for."""
+    m = state.count
+    windows = state.groups
+    r = ctx.options.get("r")
+    r = m - target_count(ctx.keep_ratio, m) if r is None else int(r / windows + 0.5)
+    r = min(r, m // 2)
+    if r == 0:
+        return Reduction(state)
+    patches = state.patches.float()
+    match = soft_matching(patches, r, 0, regions=ctx.regions)
+    merged, sizes, _ = merge_weighted(patches, torch.ones(patches.shape[:2], device=patches.device), match)
+    slot = torch.empty_like(match.destination)
+    slot.scatter_(1, match.order, torch.arange(m - r, device=slot.device).expand(slot.shape[0], -1))
+    assign = slot.gather(1, match.destination)  # which merged token each of the n joined
+    channels = patches.shape[-1]
+    macs = windows * (((m + 1) // 2) * (m // 2) * channels + 2 * m * channels)
+    return Reduction(merge_tokens(state, merged, assign, sizes), scores=match.distinct, selection_macs=float(macs))

@@ -501,3 +501,30 @@ def test_the_table_resumes_from_its_parts_and_makes_a_partial_table(fashion_rand
         R.faithfulness_table(fashion_random, data, plans, resume=True, **dict(options, steps=4))
     with pytest.raises(DataError, match="no faithfulness parts"):
         R.faithfulness_table(fashion_random, data, plans, score=False, **dict(options, work=tmp_path / "none"))
+
+
+def test_the_tables_batched_scores_equal_the_per_image_ones(fashion_random, fashion_batch):
+    """The benchmark's path (maps and curves of a batch at once, several images per forward) gives each image the
+    maps it gets alone (to float rounding) and, for the same maps, the same scores (:func:`compare`'s path)."""
+    from patchslim.explain.faithfulness_report import batch_areas
+
+    pytest.importorskip("captum")
+    x = fashion_batch[0][:3]
+    kinds = ("attention", "rollout", "grad_rollout", "ig", "occlusion")
+    models = [("unslimmed", 1.0, SlimPlan()), ("tome", 0.5, SlimPlan.single("tome", 0.5))]
+    areas, _ = batch_areas(fashion_random, x, models, kinds, F.MODES, steps=4, random_orders=1, seed=0,
+                           rows_per_forward=1000, ig_steps=4)
+    targets = G.targets_for(fashion_random, x, None)
+    for index, (_, _, plan) in enumerate(models):
+        maps = patch_maps(fashion_random, x, plan, kinds, targets, ig_steps=4)
+        for i in range(3):
+            alone = patch_maps(fashion_random, x[i:i + 1], plan, kinds, targets[i:i + 1], ig_steps=4)
+            for kind in kinds:
+                np.testing.assert_allclose(maps[kind][i], alone[kind][0], rtol=1e-4, atol=1e-6, err_msg=kind)
+            for mode in F.MODES:
+                one = F.score_maps(fashion_random, x[i:i + 1], {k: v[i] for k, v in maps.items()}, plan, mode=mode,
+                                   steps=4, targets=targets[i:i + 1], random_orders=0)
+                for kind in kinds:
+                    for curve in F.CURVES:
+                        assert areas[f"{index}|{mode}|{kind}|{curve}"][i] == pytest.approx(
+                            float(getattr(one, curve)[kind][0]), abs=1e-5), (index, mode, kind, curve)

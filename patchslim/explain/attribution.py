@@ -147,7 +147,8 @@ class _Forward:
             out = self._run(x)
         else:
             first, group = groups  # groups in order of first sight: the known ones come first
-            fresh = self._run(x[first[first >= k] - k])
+            new = first[first >= k] - k
+            fresh = self._run(x[new]) if new.numel() else known_out[:0]  # every row known: nothing to run
             out = torch.cat([known_out[first[first < k]], fresh])[group[k:]] if k else fresh[group]
         if self.known is None:
             self.known = (x.detach().clone(), out.detach())

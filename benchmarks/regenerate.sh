@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 
 # accuracy (~20 min), budgets (~10 min: every method at 0.7 / 0.5 / 0.35 of the unslimmed GMACs), budget_target
-# (~30 min), audit_fashion (~40 min), faithfulness (~40 min: 1.5 million image-forwards of the bundled model), figure1
+# (~30 min), audit_fashion (~40 min), faithfulness (~45 min idle: 1.2 million
+# forward rows of the bundled model, compute-bound; resumable with --resume), figure1
 # (~2 min), table2 (~5 min), table1 + target (~5 min), table3 (~20 min), in this order (Tables 1 and 2 join the fresh
 # accuracy table). `--which budgets` alone remakes the equal-cost table (e.g. after new methods).
 "$PYTHON" -m patchslim benchmark --which all --no-progress

@@ -248,9 +248,10 @@ def test_received_attention_still_gets_the_full_map(fashion_random):
 
 
 def test_faithfulness_table_names_its_command(tmp_path):
-    code = main(["benchmark", "--which", "faithfulness", "--out", str(tmp_path), "--data", "bundled", "--limit", "2",
-                 "--no-pretrained", "--steps", "3", "--methods", "attention", "--maps", "rollout,occlusion",
-                 "--no-progress"])
+    argv = ["benchmark", "--which", "faithfulness", "--out", str(tmp_path), "--data", "bundled", "--limit", "2",
+            "--no-pretrained", "--steps", "3", "--methods", "attention", "--maps", "rollout,occlusion",
+            "--eval-batch-size", "1", "--work", str(tmp_path / "work"), "--no-progress"]
+    code = main(argv)
     assert code == 0
     record = json.loads((tmp_path / "faithfulness.json").read_text())
     assert record["command"].startswith("python -m patchslim benchmark --which faithfulness ")
@@ -262,3 +263,10 @@ def test_faithfulness_table_names_its_command(tmp_path):
     assert f"Command: `{record['command']}`" in text and "| map | unslimmed | attention rho 0.5 |" in text
     assert str(tmp_path) not in text and str(common.PACKAGE_ROOT) not in text
     assert read(tmp_path / "faithfulness.csv")[0]["method"] == "unslimmed"
+    assert "partial" not in text and record["planned"] == 2
+    # a run stopped after its first image: --partial writes the table of the parts there, under the same command
+    (tmp_path / "work" / "batch_00001.npz").unlink()
+    assert main(argv + ["--partial"]) == 0
+    partial = json.loads((tmp_path / "faithfulness.json").read_text())
+    assert partial["command"] == record["command"] and (partial["n"], partial["planned"]) == (1, 2)
+    assert "a partial run: 1 of the 2" in (tmp_path / "faithfulness.md").read_text()

@@ -429,3 +429,102 @@ def test_a_swin_is_scored_in_pixel_mode_on_its_window_attention(fashion_batch):
     assert result.grad_rollout_before is None and "no class token" in result.grad_rollout_refused
     assert result.faithfulness.modes == ("pixel",) and "token" in result.faithfulness.refused
     assert {r["map"] for r in result.faithfulness.rows()} == {"window_attention", "random"}
+
+
+# --------------------------------------------------------------------------- the benchmark's fast path
+
+def test_distinct_rows_groups_equal_rows_in_order_of_first_sight():
+    from patchslim.explain.attribution import distinct_rows
+
+    a, b, c = torch.zeros(2, 2), torch.ones(2, 2), torch.full((2, 2), 2.0)
+    first, groups = distinct_rows(torch.stack([b, a, b, c, a]))
+    assert first.tolist() == [0, 1, 3] and groups.tolist() == [0, 1, 0, 2, 1]
+    assert distinct_rows(torch.stack([a, b, c])) is None
+
+
+@pytest.mark.parametrize("method", [None, "attention"])
+def test_occlusion_runs_a_row_equal_to_the_input_once_and_gives_the_same_map(fashion_random, fashion_batch,
+                                                                             monkeypatch, method):
+    import patchslim.engine
+    from patchslim.explain import attribution
+
+    pytest.importorskip("captum")
+    x = fashion_batch[0][:2]
+    plan = SlimPlan.single(method, 0.5) if method else None
+    rows = []
+    real = patchslim.engine.run
+
+    def counting(*args, **kwargs):
+        trace = real(*args, **kwargs)
+        rows.append(trace.batch_size)
+        return trace
+
+    monkeypatch.setattr(patchslim.engine, "run", counting)
+    fast = patch_maps(fashion_random, x, plan, ("occlusion",), targets=[1, 4])["occlusion"]
+    fast_rows, rows[:] = sum(rows), []
+    monkeypatch.setattr(attribution, "distinct_rows", lambda x: None)  # every row runs, as captum asks
+    slow = patch_maps(fashion_random, x, plan, ("occlusion",), targets=[1, 4])["occlusion"]
+    np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-6)
+    # the canvas's black background: most patches already hold the baseline; they give the input's own logits,
+    # known from captum's first evaluation, so their occlusion is exactly 0
+    assert fast_rows < sum(rows) / 2
+    black = (x == attribution.baseline_tensor(fashion_random, x, "black")).reshape(2, 1, 12, 4, 12, 4)
+    background = black.all(3).all(-1).all(1).numpy()
+    assert background.sum() > 100 and np.all(np.nan_to_num(fast[background]) == 0)
+
+
+def test_the_table_resumes_from_its_parts_and_makes_a_partial_table(fashion_random, tmp_path, monkeypatch):
+    from patchslim.data import load_labelled
+    from patchslim.errors import DataError
+    from patchslim.explain import faithfulness_report as R
+
+    data = load_labelled("bundled", fashion_random).subset(4)
+    plans = [("attention", 0.5, SlimPlan.single("attention", 0.5))]
+    options = dict(kinds=("attention", "rollout"), modes="token", steps=3, batch_size=2, n_boot=50,
+                   work=tmp_path / "parts")
+    first = R.faithfulness_table(fashion_random, data, plans, **options)
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["batch_00000.npz", "batch_00001.npz",
+                                                                      "job.json"]
+    assert first.n == first.planned == 4 and not first.partial
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a batch with a part was scored again")
+
+    monkeypatch.setattr(R, "batch_areas", refuse)
+    again = R.faithfulness_table(fashion_random, data, plans, resume=True, **options)
+    assert again.rows == first.rows and again.forwards == first.forwards
+    (tmp_path / "parts" / "batch_00001.npz").unlink()  # a run stopped after its first batch
+    partial = R.faithfulness_table(fashion_random, data, plans, score=False, **options)
+    assert (partial.n, partial.planned) == (2, 4) and partial.partial and "2 of the 4" in partial.markdown()
+    assert {r.n for r in partial.rows} == {2}
+    with pytest.raises(ExplanationError, match="other settings.*steps"):
+        R.faithfulness_table(fashion_random, data, plans, resume=True, **dict(options, steps=4))
+    with pytest.raises(DataError, match="no faithfulness parts"):
+        R.faithfulness_table(fashion_random, data, plans, score=False, **dict(options, work=tmp_path / "none"))
+
+
+def test_the_tables_batched_scores_equal_the_per_image_ones(fashion_random, fashion_batch):
+    """The benchmark's path (maps and curves of a batch at once, several images per forward) gives each image the
+    maps it gets alone (to float rounding) and, for the same maps, the same scores (:func:`compare`'s path)."""
+    from patchslim.explain.faithfulness_report import batch_areas
+
+    pytest.importorskip("captum")
+    x = fashion_batch[0][:3]
+    kinds = ("attention", "rollout", "grad_rollout", "ig", "occlusion")
+    models = [("unslimmed", 1.0, SlimPlan()), ("tome", 0.5, SlimPlan.single("tome", 0.5))]
+    areas, _ = batch_areas(fashion_random, x, models, kinds, F.MODES, steps=4, random_orders=1, seed=0,
+                           rows_per_forward=1000, ig_steps=4)
+    targets = G.targets_for(fashion_random, x, None)
+    for index, (_, _, plan) in enumerate(models):
+        maps = patch_maps(fashion_random, x, plan, kinds, targets, ig_steps=4)
+        for i in range(3):
+            alone = patch_maps(fashion_random, x[i:i + 1], plan, kinds, targets[i:i + 1], ig_steps=4)
+            for kind in kinds:
+                np.testing.assert_allclose(maps[kind][i], alone[kind][0], rtol=1e-4, atol=1e-6, err_msg=kind)
+            for mode in F.MODES:
+                one = F.score_maps(fashion_random, x[i:i + 1], {k: v[i] for k, v in maps.items()}, plan, mode=mode,
+                                   steps=4, targets=targets[i:i + 1], random_orders=0)
+                for kind in kinds:
+                    for curve in F.CURVES:
+                        assert areas[f"{index}|{mode}|{kind}|{curve}"][i] == pytest.approx(
+                            float(getattr(one, curve)[kind][0]), abs=1e-5), (index, mode, kind, curve)

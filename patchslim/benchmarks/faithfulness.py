@@ -6,7 +6,12 @@ Every map kind (CLS attention in the last block, attention rollout, gradient-wei
 Gradients, occlusion) of the unslimmed ``fashion-vit`` and of the model slimmed by ``attention`` and ``tome`` at
 rho 0.5, scored by deletion and insertion (:mod:`patchslim.explain.faithfulness`) in token and pixel modes,
 beside 5 random rankings per image, on 500 canvas test images (evenly spaced over the 10,000). Writes
-``faithfulness.{csv,json,md}`` (:func:`patchslim.explain.faithfulness_report.write_faithfulness`).
+``faithfulness.{csv,json,md}`` (:func:`patchslim.explain.faithfulness_report.write_faithfulness`), after every
+batch of images as well when ``out`` is set, so a long run leaves a table of the images scored so far.
+
+The per-image areas go to resumable parts in a work folder outside the results (``runs/benchmark_faithfulness``,
+one ``.npz`` per batch), emptied first unless ``resume`` is set; ``score=False`` (``--partial``) writes the table
+of the parts already there without scoring more.
 """
 
 from __future__ import annotations
@@ -40,6 +45,11 @@ class FaithfulnessConfig:
         batch_size: images per batch of maps and curves.
         progress: show a progress bar.
         stem: file name stem of the outputs.
+        work: the folder for the resumable parts.
+        resume: keep the parts an interrupted run left in ``work`` (default: start over).
+        score: False scores no image: the table of the parts in ``work`` (a run going on or stopped).
+        out: where to write the table after every batch (None: only at the end, by the caller).
+        command: the command the files name.
     """
 
     model: str = "fashion-vit"
@@ -51,9 +61,14 @@ class FaithfulnessConfig:
     kinds: tuple[str, ...] = ("attention", "rollout", "grad_rollout", "ig", "occlusion")
     modes: str = "both"
     steps: int = 20
-    batch_size: int = 50
+    batch_size: int = 10
     progress: bool = True
     stem: str = "faithfulness"
+    work: str | Path = Path("runs") / "benchmark_faithfulness"
+    resume: bool = False
+    score: bool = True
+    out: str | Path | None = None
+    command: str | None = None
 
     def jobs(self) -> list[str]:
         return ["faithfulness"]  # one table, with its own per-image progress bar
@@ -76,17 +91,26 @@ class FaithfulnessRun:
 
     def write(self, out: str | Path, command: str | None = None, png: bool = True) -> dict[str, Path]:
         """``faithfulness.{csv,json,md}``: the markdown and JSON name ``command``; the CSV goes by them."""
-        from patchslim.explain.faithfulness_report import write_faithfulness
-
         notes = [f"Took {common.duration(self.seconds)} ({self.table.forwards} batched forwards of the curves, "
                  "maps not counted)."] if self.seconds is not None else []
-        self.files = write_faithfulness(self.table, out, stem=self.stem, command=command,
-                                        title="Faithfulness of the maps, before and after slimming", notes=notes)
+        self.files = write_tables(self.table, out, self.stem, command, notes)
         return self.files
 
     def summary(self) -> str:
         took = f"\nTook {common.duration(self.seconds)}.\n" if self.seconds is not None else ""
         return self.table.markdown() + took
+
+
+def write_tables(table, out: str | Path, stem: str, command: str | None, notes=()) -> dict[str, Path]:
+    """``<stem>.{csv,json,md}`` of ``table`` in ``out``; a partial table says how to finish it."""
+    from patchslim.explain.faithfulness_report import write_faithfulness
+
+    notes = list(notes)
+    if table.partial:
+        notes.append(f"A partial table: {table.n} of the {table.planned} images. The same command with `--resume` "
+                     "scores the rest (the parts of the images done are kept in `--work`).")
+    return write_faithfulness(table, out, stem=stem, command=command,
+                              title="Faithfulness of the maps, before and after slimming", notes=notes)
 
 
 def run_faithfulness(config: FaithfulnessConfig, tick: common.Tick | None = None) -> FaithfulnessRun:
@@ -109,8 +133,14 @@ def run_faithfulness(config: FaithfulnessConfig, tick: common.Tick | None = None
             bar.update(done - bar.n)
 
     try:
+        def after_batch(partial) -> None:
+            if config.out is not None and partial.partial:
+                write_tables(dataclasses.replace(partial, data=common.portable_text(partial.data)), config.out,
+                             config.stem, config.command)
+
         table = faithfulness_table(model, data, plans, kinds=config.kinds, modes=config.modes, steps=config.steps,
-                                   batch_size=config.batch_size, progress=progress)
+                                   batch_size=config.batch_size, progress=progress, work=config.work,
+                                   resume=config.resume, score=config.score, after_batch=after_batch)
     finally:
         if bar is not None:
             bar.close()

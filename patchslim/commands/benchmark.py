@@ -77,13 +77,16 @@ def add_arguments(parser) -> None:
                              "occlusion)")
     parser.add_argument("--eval-batch-size", type=int, default=None,
                         help="accuracy, budgets, budget_target, audit_fashion, faithfulness: images per forward "
-                             "(default 500 / 500 / 500 / 250 / 50)")
+                             "(default 500 / 500 / 500 / 250 / 10)")
     parser.add_argument("--work", default=None,
-                        help="audit_fashion: folder for the audit's resumable parts (default: "
-                             "runs/benchmark_audit_fashion)")
+                        help="audit_fashion, faithfulness: folder for the resumable parts (default: "
+                             "runs/benchmark_audit_fashion, runs/benchmark_faithfulness)")
     parser.add_argument("--resume", action="store_true",
-                        help="audit_fashion: keep the parts an interrupted run left in --work (default: start "
-                             "over, so that parts made by older code are never mixed in)")
+                        help="audit_fashion, faithfulness: keep the parts an interrupted run left in --work (default: "
+                             "start over, so that parts made by older code are never mixed in)")
+    parser.add_argument("--partial", action="store_true",
+                        help="faithfulness: write the table of the parts already in --work (a run going on or "
+                             "stopped) without scoring more images")
     parser.add_argument("--tag", default="", help="appended to every output file name (e.g. _deit_small)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default); ray_scale: the cores both runners get (0: all)")
@@ -154,7 +157,10 @@ def configs(args) -> dict:
                                                     **({"work": args.work} if args.work else {})),
         "faithfulness": lambda: FaithfulnessConfig(**dict(labelled, limit=args.limit or FaithfulnessConfig.limit),
                                                    steps=args.steps, **({"kinds": tuple(parse_list(args.maps))}
-                                                                        if args.maps else {})),
+                                                                        if args.maps else {}),
+                                                   resume=args.resume or args.partial, score=not args.partial,
+                                                   out=args.out, command=command_line(args, "faithfulness"),
+                                                   **({"work": args.work} if args.work else {})),
         "figure1": lambda: Figure1Config(model=model, methods=methods,
                                          **({"keep_ratios": ratios} if ratios else {})),
         "table2": lambda: Table2Config(model=args.memory_model, methods=methods, keep_ratios=ratios,
@@ -204,7 +210,8 @@ def command_line(args, which: str | None = None) -> str:
     if parser is None:
         return " ".join(parts + (["--which", which] if which else []))
     for action in parser._actions:
-        if not action.option_strings or action.dest in ("help",):
+        # where the resumable parts go and whether they are kept do not change what is measured
+        if not action.option_strings or action.dest in ("help", "work", "resume", "partial"):
             continue
         value = which if action.dest == "which" and which else getattr(args, action.dest, action.default)
         if value == action.default:

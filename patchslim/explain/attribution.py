@@ -45,7 +45,8 @@ class Attribution:
         method: ``"integrated_gradients"`` or ``"occlusion"``.
         target: the class explained.
         seconds: wall time of the attribution.
-        evaluations: model evaluations (rows of forward passes) it took.
+        evaluations: model evaluations (rows of forward passes) it took; occlusion runs a row equal to another
+            one (a patch that already held the baseline) once.
         convergence_delta: IG's completeness error (sum of attributions minus ``f(x) - f(baseline)``).
         pixels: ``[C, H, W]`` the pixel attributions (IG only, else None).
         plan: the plan of the model that was explained (empty: unslimmed).
@@ -90,19 +91,42 @@ def batch_independent(model: LoadedModel, x: torch.Tensor, plan: SlimPlan) -> bo
     return bool(torch.allclose(one.logits[0], two.logits[1], atol=1e-4, rtol=1e-4))
 
 
+def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``[R, ...]`` -> (indices of the first of each group of equal rows, ``[R]`` the group of every row), or None
+    when every row differs. Exact equality: rows that are equal give equal logits, whatever else is in the batch."""
+    flat = x.detach().reshape(x.shape[0], -1)
+    _, inverse = torch.unique(flat, dim=0, return_inverse=True)
+    groups = int(inverse.max()) + 1 if inverse.numel() else 0
+    if groups == x.shape[0]:
+        return None
+    first = torch.full((groups,), x.shape[0], dtype=torch.long, device=inverse.device)
+    first.scatter_reduce_(0, inverse, torch.arange(x.shape[0], device=inverse.device), reduce="amin")
+    order = first.argsort()  # groups in the order of their first row
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(groups, device=order.device)
+    return first[order], rank[inverse]
+
+
 class _Forward:
     """The function captum calls: logits of the (slimmed) model, counting evaluations for progress.
 
     ``explained``: the ``[B, C, H, W]`` images being explained. captum lays its perturbed inputs out as copies of
     the batch (row ``i`` perturbs image ``i % B``), and every row draws the random numbers of the image it
     perturbs, so a seeded method (``random``) keeps that image's choice along the whole path or ablation.
+
+    With ``distinct`` (no gradients), a row equal to another row of the call, or to a row of the first call (captum's
+    evaluation of the inputs themselves), is not run again: occlusion of a patch that already holds the baseline
+    (the black background of a canvas image) gives the input itself, whose logits are known, so its attribution is
+    exactly 0. (Equal rows draw equal random numbers too: the draws are keyed by the image's content.)
     """
 
     def __init__(self, model: LoadedModel, plan: SlimPlan, per_image: bool, total: int, progress: Progress | None,
-                 explained: torch.Tensor | None = None):
+                 explained: torch.Tensor | None = None, distinct: bool = False):
         self.model, self.plan, self.per_image = model, plan.with_attention(()), per_image
         self.total, self.done, self.progress = total, 0, progress
         self.explained = None if explained is None else explained.detach()
+        self.distinct, self.ran = distinct, 0
+        self.known: tuple[torch.Tensor, torch.Tensor] | None = None  # the first call's rows and logits
 
     def _draws_for(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.explained is None or x.shape[0] % self.explained.shape[0]:
@@ -111,15 +135,37 @@ class _Forward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         draws = self._draws_for(x)
-        if self.per_image and x.shape[0] > 1:
-            out = torch.cat([differentiable_logits(self.model, x[i:i + 1], self.plan,
-                                                   None if draws is None else draws[i:i + 1])
-                             for i in range(x.shape[0])])
+        if self.distinct and not torch.is_grad_enabled():
+            out = self._distinct(x, draws)
         else:
-            out = differentiable_logits(self.model, x, self.plan, draws)
+            out = self._run(x, draws)
         self.done += int(x.shape[0])
         if self.progress is not None:
             self.progress(min(self.done, self.total), max(self.total, self.done))
+        return out
+
+    def _run(self, rows: torch.Tensor, draws: torch.Tensor | None) -> torch.Tensor:
+        self.ran += int(rows.shape[0])
+        if self.per_image and rows.shape[0] > 1:
+            return torch.cat([differentiable_logits(self.model, rows[i:i + 1], self.plan,
+                                                    None if draws is None else draws[i:i + 1])
+                              for i in range(rows.shape[0])])
+        return differentiable_logits(self.model, rows, self.plan, draws)
+
+    def _distinct(self, x: torch.Tensor, draws: torch.Tensor | None) -> torch.Tensor:
+        known_rows, known_out = self.known if self.known is not None else (x[:0], None)
+        k = int(known_rows.shape[0])
+        rows = torch.cat([known_rows, x.detach()]) if k else x.detach()
+        groups = distinct_rows(rows)
+        if groups is None:
+            out = self._run(x, draws)
+        else:
+            first, group = groups  # groups in order of first sight: the known ones come first
+            new = first[first >= k] - k
+            fresh = self._run(x[new], None if draws is None else draws[new]) if new.numel() else known_out[:0]  # every row known: nothing to run
+            out = torch.cat([known_out[first[first < k]], fresh])[group[k:]] if k else fresh[group]
+        if self.known is None:
+            self.known = (x.detach().clone(), out.detach())
         return out
 
 
@@ -246,7 +292,7 @@ def occlusion(model: LoadedModel, image: Any, plan: SlimPlan | None = None, targ
     started = time.perf_counter()
     mask = patch_feature_mask(model)
     total = 1 + int(mask.max()) + 1
-    forward = _Forward(model, plan, not batch_independent(model, x, plan), total, progress, x)
+    forward = _Forward(model, plan, not batch_independent(model, x, plan), total, progress, x, distinct=True)
     ablation = FeatureAblation(forward)
     with torch.no_grad():
         pixels = ablation.attribute(x, baselines=baseline_tensor(model, x, baseline), target=target,
@@ -254,7 +300,8 @@ def occlusion(model: LoadedModel, image: Any, plan: SlimPlan | None = None, targ
     # every pixel of a patch carries the patch's value: read one pixel per patch
     ph, pw = model.spec.patch_size
     grid = pixels[0, 0, ::ph, ::pw].detach().double().cpu().numpy()[: model.spec.grid_size[0], : model.spec.grid_size[1]]
-    return Attribution(_mark_unseen(grid, model, x, plan), "occlusion", target, time.perf_counter() - started, forward.done, None, None, plan)
+    return Attribution(_mark_unseen(grid, model, x, plan), "occlusion", target, time.perf_counter() - started,
+                       forward.ran, None, None, plan)
 
 
 def _mark_unseen(grid: np.ndarray, model: LoadedModel, x: torch.Tensor, plan: SlimPlan) -> np.ndarray:

@@ -17,6 +17,8 @@ import csv
 import io
 import json
 import math
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,6 +79,7 @@ class FaithfulnessTable:
         forwards: batched forwards of the curves.
         seconds: wall time.
         settings: seed, bootstrap resamples, batch sizes, device.
+        planned: images asked for (more than ``n`` in a table made while a run goes on, or after it stopped).
     """
 
     model: str
@@ -92,6 +95,12 @@ class FaithfulnessTable:
     forwards: int = 0
     seconds: float = 0.0
     settings: dict = field(default_factory=dict)
+    planned: int = 0
+
+    @property
+    def partial(self) -> bool:
+        """Whether some of the images asked for are not in the table yet."""
+        return self.planned > self.n
 
     @property
     def models(self) -> list[tuple[str, float]]:
@@ -129,7 +138,8 @@ class FaithfulnessTable:
         models = self.models
         names = [_model_name(m, r) for m, r in models]
         lines = [
-            f"Model `{self.model}` ({self.weights}); data: {self.data}; n = {self.n} images; {self.steps} steps; "
+            f"Model `{self.model}` ({self.weights}); data: {self.data}; n = {self.n} images"
+            f"{f' (a partial run: {self.n} of the {self.planned} asked for)' if self.partial else ''}; {self.steps} steps; "
             f"reference: the mean of {self.random_orders} random rankings per image; target: the unslimmed "
             "model's top-1. Areas under the target class's probability; 95 % bootstrap intervals in brackets.",
         ]
@@ -177,11 +187,82 @@ def _clean(value: Any) -> Any:
     return value
 
 
+PARTS_JOB = "job.json"
+
+
+def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz", delete=False) as tmp:
+        np.savez(tmp, **arrays)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+
+
+def _claim_parts(work: Path, identity: dict, fresh: bool) -> None:
+    """Creates ``work/job.json`` (after deleting earlier parts when ``fresh``) or checks that the parts there were
+    computed with the same settings.
+
+    Raises:
+        ExplanationError: the folder holds parts computed with other settings, or a damaged ``job.json``.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / PARTS_JOB
+    if fresh:
+        for old in work.glob("batch_*.npz"):
+            old.unlink()
+        path.unlink(missing_ok=True)
+    if path.is_file():
+        try:
+            existing = json.loads(path.read_text())
+        except ValueError:
+            raise ExplanationError(f"{path} is damaged; delete {work} to start again") from None
+        differs = [k for k in identity if existing.get(k) != identity[k]]
+        if differs:
+            raise ExplanationError(f"{work} holds faithfulness parts computed with other settings "
+                                   f"({', '.join(differs)}); start over without resume, or use another work folder")
+        return
+    path.write_text(json.dumps(identity, indent=1) + "\n")
+
+
+def batch_areas(model, x, models: Sequence[tuple[str, float, Any]], kinds: Sequence[str], modes: Sequence[str], *,
+                steps: int, random_orders: int, seed: int, rows_per_forward: int, ig_steps: int,
+                done: Callable[[int], None] | None = None) -> tuple[dict[str, np.ndarray], int]:
+    """The deletion and insertion areas of one batch of images, for every model, mode and map kind.
+
+    The maps of each model are computed once (:func:`~patchslim.explain.maps.patch_maps`) and scored in every
+    mode; the target is the unslimmed model's top-1; the random rankings are seeded by ``seed`` (the same for every
+    model: a paired comparison).
+
+    Returns:
+        (``"model index|mode|kind|curve"`` -> ``[B]`` areas, batched forwards of the curves). ``done(m)`` is called
+        after each model ``m``.
+    """
+    from patchslim.explain.grad_rollout import targets_for
+
+    targets = targets_for(model, x, None)
+    areas: dict[str, np.ndarray] = {}
+    forwards = 0
+    for index, (_, _, plan) in enumerate(models):
+        maps = patch_maps(model, x, plan, kinds, targets, ig_steps=ig_steps)
+        for mode in modes:
+            scores = score_maps(model, x, maps, plan, mode=mode, steps=steps, targets=targets,
+                                random_orders=random_orders, seed=seed, batch_size=rows_per_forward)
+            forwards += scores.forwards
+            for curve in CURVES:
+                for kind, values in getattr(scores, curve).items():
+                    areas[f"{index}|{mode}|{kind}|{curve}"] = np.asarray(values, dtype=np.float64)
+        if done is not None:
+            done(index)
+    return areas, forwards
+
+
 def faithfulness_table(model, data, plans: Sequence[tuple[str, float, Any]], *, kinds: Sequence[str] | str = "auto",
                        modes: str | Sequence[str] = "both", steps: int = DEFAULT_STEPS,
                        random_orders: int = DEFAULT_RANDOM_ORDERS, seed: int = 0, batch_size: int = 50,
                        rows_per_forward: int = 1000, n_boot: int = 1000, ig_steps: int = 16,
-                       progress: Callable[[int, int], None] | None = None, workers: int = 0) -> FaithfulnessTable:
+                       progress: Callable[[int, int], None] | None = None, workers: int = 0,
+                       work: str | Path | None = None, resume: bool = False, score: bool = True,
+                       after_batch: Callable[["FaithfulnessTable"], None] | None = None) -> FaithfulnessTable:
     """Mean deletion and insertion scores per map kind over ``data``, unslimmed and for every plan.
 
     Args:
@@ -192,19 +273,25 @@ def faithfulness_table(model, data, plans: Sequence[tuple[str, float, Any]], *, 
             forwards per image.
         modes: ``"both"`` (every mode the architecture allows), ``"token"`` or ``"pixel"``.
         steps, random_orders, seed: as in :func:`~patchslim.explain.faithfulness.score_maps`.
-        batch_size: images per batch of maps and curves.
+        batch_size: images per batch of maps and curves (it seeds the random rankings: ``seed`` plus the images
+            before the batch).
         rows_per_forward: images x rankings per forward of the curves.
         n_boot: bootstrap resamples per interval.
         ig_steps: Integrated Gradients path steps.
         progress: ``progress(done, total)`` in images x models.
         workers: decoding worker processes for image files.
+        work: a folder for resumable parts (one ``.npz`` of per-image areas per batch, and ``job.json`` with the
+            settings); None keeps nothing.
+        resume: keep the parts an earlier run with the same settings left in ``work`` (default: start over).
+        score: False scores no image: the table is made of the parts already in ``work`` (a run still going or
+            stopped; ``n`` says how many images it has of ``planned``).
+        after_batch: called with the table so far after each batch (e.g. to write it: a long run leaves a table).
 
     Raises:
-        ExplanationError: bad kinds, modes or steps (checked before any image runs).
-        DataError: no image could be decoded.
+        ExplanationError: bad kinds, modes or steps (checked before any image runs), or parts in ``work`` made with
+            other settings.
+        DataError: no image could be decoded (or, with ``score=False``, no part was found).
     """
-    from patchslim.audit.stats import mean_interval
-    from patchslim.explain.grad_rollout import targets_for
     from patchslim.plan import SlimPlan
 
     kinds = check_kinds(model, kinds)
@@ -218,39 +305,87 @@ def faithfulness_table(model, data, plans: Sequence[tuple[str, float, Any]], *, 
     for _, _, plan in models:  # a plan that does not fit the model fails before any image runs
         for action in plan.resolve(model.spec.depth):
             action.method.check(dict(action.stage.options), action.stage.keep_ratio, model)
+    settings = dict(seed=seed, n_boot=n_boot, batch_size=batch_size, rows_per_forward=rows_per_forward,
+                    ig_steps=ig_steps, device=str(model.device),
+                    plans=[dict(method=label, keep_ratio=rho, plan=plan.to_dict()) for label, rho, plan in models])
+    parts = Path(work) if work is not None else None
+    if parts is not None:
+        identity = dict(model=model.name, weights=model.weights_name, data=getattr(data, "fingerprint", data.name),
+                        images=len(data), steps=steps, random_orders=random_orders, seed=seed, batch_size=batch_size,
+                        ig_steps=ig_steps, kinds=list(kinds), modes=list(run_modes), plans=settings["plans"])
+        if score:
+            _claim_parts(parts, identity, fresh=not resume)
+        elif not (parts / PARTS_JOB).is_file():
+            raise DataError(f"no faithfulness parts in {parts}: run the benchmark first")
+        else:
+            _claim_parts(parts, identity, fresh=False)
     started = time.time()
-    areas: dict[tuple, list[np.ndarray]] = {}
+    collected: list[dict[str, np.ndarray]] = []
     n = forwards = 0
     total = len(data) * len(models)
-    for batch in data.batches(model, batch_size, workers):
-        if not int(batch.ok.sum()):
+
+    def table() -> FaithfulnessTable:
+        return _table(model, data, models, kinds, run_modes, refused, steps, random_orders, collected, forwards,
+                      time.time() - started, settings, n_boot, seed)
+
+    for number, batch in enumerate(data.batches(model, batch_size, workers)):
+        count = int(batch.ok.sum())
+        part = parts / f"batch_{number:05d}.npz" if parts is not None else None
+        if part is not None and part.is_file():
+            with np.load(part) as stored:
+                areas = {k: stored[k] for k in stored.files if k != "forwards"}
+                forwards += int(stored["forwards"])
+        elif not score:
+            n += count
             continue
-        x = batch.images.to(model.device)
-        targets = targets_for(model, x, None)
-        for index, (label, rho, plan) in enumerate(models):
-            maps = patch_maps(model, x, plan, kinds, targets, ig_steps=ig_steps)
-            for mode in run_modes:
-                scores = score_maps(model, x, maps, plan, mode=mode, steps=steps, targets=targets,
-                                    random_orders=random_orders, seed=seed + n, batch_size=rows_per_forward)
-                forwards += scores.forwards
-                for curve in CURVES:
-                    for kind, values in getattr(scores, curve).items():
-                        areas.setdefault((index, mode, kind, curve), []).append(values)
-            if progress is not None:
-                progress(n * len(models) + (index + 1) * len(x), total)
-        n += len(x)
-    if not n:
+        elif count:
+            x = batch.images.to(model.device)
+            first = n
+
+            def done(index: int) -> None:
+                if progress is not None:
+                    progress(first * len(models) + (index + 1) * count, total)
+
+            areas, used = batch_areas(model, x, models, kinds, run_modes, steps=steps, random_orders=random_orders,
+                                      seed=seed + n, rows_per_forward=rows_per_forward, ig_steps=ig_steps, done=done)
+            forwards += used
+            if part is not None:
+                _atomic_savez(part, dict(areas, forwards=np.asarray(used)))
+        else:
+            areas = {}
+        if areas:
+            collected.append(areas)
+        n += count
+        if progress is not None:
+            progress(n * len(models), total)
+        if after_batch is not None and collected and score:
+            after_batch(table())
+    if not collected:
+        if not score:
+            raise DataError(f"no faithfulness part in {parts} fits these settings yet")
         raise DataError(f"none of the {len(data)} images of {data.name} could be decoded")
+    return table()
+
+
+def _table(model, data, models, kinds, run_modes, refused, steps, random_orders, collected, forwards, seconds,
+           settings, n_boot, seed) -> FaithfulnessTable:
+    """The table of the areas collected so far (one dict per batch)."""
+    from patchslim.audit.stats import mean_interval
+
+    def values(index: int, mode: str, kind: str, curve: str) -> np.ndarray:
+        return np.concatenate([areas[f"{index}|{mode}|{kind}|{curve}"] for areas in collected])
+
+    n = int(sum(next(iter(areas.values())).size for areas in collected))
     rows = []
     for index, (label, rho, _) in enumerate(models):
         for mode in run_modes:
             for kind in (*kinds, RANDOM) if random_orders else kinds:
-                values = {c: np.concatenate(areas[(index, mode, kind, c)]) for c in CURVES}
-                estimates = {c: mean_interval(values[c], n_boot, seed, (label, rho, mode, kind, c)) for c in CURVES}
-                versus = {c: (float(np.mean(values[c] - np.concatenate(areas[(index, mode, RANDOM, c)])))
+                found = {c: values(index, mode, kind, c) for c in CURVES}
+                estimates = {c: mean_interval(found[c], n_boot, seed, (label, rho, mode, kind, c)) for c in CURVES}
+                versus = {c: (float(np.mean(found[c] - values(index, mode, RANDOM, c)))
                               if random_orders else float("nan")) for c in CURVES}
                 rows.append(FaithfulnessRow(
-                    method=label, keep_ratio=rho, mode=mode, map=kind, n=int(values["deletion"].size),
+                    method=label, keep_ratio=rho, mode=mode, map=kind, n=int(found["deletion"].size),
                     deletion=estimates["deletion"].value, deletion_low=estimates["deletion"].low,
                     deletion_high=estimates["deletion"].high, insertion=estimates["insertion"].value,
                     insertion_low=estimates["insertion"].low, insertion_high=estimates["insertion"].high,
@@ -258,10 +393,8 @@ def faithfulness_table(model, data, plans: Sequence[tuple[str, float, Any]], *, 
                 ))
     return FaithfulnessTable(
         model=model.name, weights=model.weights_name, data=data.name, n=n, steps=steps, random_orders=random_orders,
-        modes=run_modes, kinds=kinds, rows=rows, refused=refused, forwards=forwards, seconds=time.time() - started,
-        settings=dict(seed=seed, n_boot=n_boot, batch_size=batch_size, rows_per_forward=rows_per_forward,
-                      ig_steps=ig_steps, device=str(model.device),
-                      plans=[dict(method=label, keep_ratio=rho, plan=plan.to_dict()) for label, rho, plan in models]),
+        modes=run_modes, kinds=kinds, rows=rows, refused=refused, forwards=forwards, seconds=seconds,
+        settings=settings, planned=len(data),
     )
 
 

@@ -12,7 +12,8 @@ kind                  map                                                       
 ``window_attention``  a windowed model's (Swin) attention received in the window, last      (shared)
                       block (:func:`patchslim.explain.attention.window_attention`)
 ``ig``                Integrated Gradients per patch (captum), signed sum                   ~18 forward+backward
-``occlusion``         one patch at a time replaced by black (captum), drop of the logit     N + 2 forwards
+``occlusion``         one patch at a time replaced by black (captum), drop of the logit     N + 2 forwards, fewer
+                      (a patch that is black already gives the input again: run once)
 ====================  ====================================================================  =====================
 
 The attention kinds come from one forward (with gradients when ``grad_rollout`` is asked for); each kind says
@@ -190,7 +191,7 @@ def attribution_maps(model, x: torch.Tensor, plan, kind: str, targets: Sequence[
         grids = np.stack([per_patch(pixels[i], model) for i in range(batch)])
     else:
         mask = patch_feature_mask(model)
-        forward = _Forward(model, plan, per_image, batch * (int(mask.max()) + 2), None, x)
+        forward = _Forward(model, plan, per_image, batch * (int(mask.max()) + 2), None, x, distinct=True)
         with torch.no_grad():
             pixels = FeatureAblation(forward).attribute(x, baselines=baseline, target=target, feature_mask=mask,
                                                         perturbations_per_eval=max(1, rows_per_forward // batch))

@@ -44,7 +44,6 @@ from patchslim.benchmarks.common import portable_text  # noqa: E402
 from patchslim.budget import plan_for_budget  # noqa: E402
 from patchslim.errors import BudgetError  # noqa: E402
 from patchslim.metrics import count_macs  # noqa: E402
-from patchslim.methods import get_method  # noqa: E402
 from patchslim.methods.ppt import DEFAULT_TAU  # noqa: E402
 from patchslim.plan import SlimPlan  # noqa: E402
 

@@ -27,6 +27,9 @@ PYTHON=${PYTHON:-.venv/bin/python}
 "$PYTHON" benchmarks/app_memory.py                      # ~5 min (500 AppTest interactions)
 "$PYTHON" benchmarks/soak.py --sessions 4 --minutes 4   # ~6 min (4 browser sessions)
 
+# why the newer methods rank where they do (the 500 shipped canvases, and budget searches; not timed)
+"$PYTHON" benchmarks/newer_methods.py --out benchmarks/results/newer_methods.md
+
 # tome beside the reference ToMe (logits; ~2 min): needs a checkout of facebookresearch/ToMe outside this repo.
 if [ -n "${PATCHSLIM_TOME_REFERENCE:-}" ]; then
     "$PYTHON" benchmarks/tome_reference.py --reference "$PATCHSLIM_TOME_REFERENCE" --out benchmarks/results/tome_reference.md

@@ -89,7 +89,24 @@ def test_table1_flags_overhead_and_missing_accuracy(written):
         assert 0 <= float(row[f"selection_pct_b{BATCH}"]) < 100
         assert 0 <= float(row[f"selection_ms_b{BATCH}"]) < float(row[f"forward_ms_b{BATCH}"])
         assert row["accuracy_loss_pp_rho0.5"] == NOT_MEASURED
+        assert row["own_work_within_5pct"] == str(float(row[f"selection_pct_b{BATCH}"]) <= 5.0)
     assert NOT_MEASURED in (written / "table1_overhead.md").read_text()
+    # random reads nothing; evit (3 stages on the 6-block model) reads CLS rows, computed beside fused attention
+    assert rows["random"]["attention"] == "none" and rows["evit"]["attention"] == "CLS rows in 3 blocks"
+
+
+def test_table1_names_the_attention_each_newer_method_needs(fashion_random):
+    from patchslim.benchmarks.table1 import attention_computed
+    from patchslim.plan import SlimPlan
+
+    depth = fashion_random.spec.depth
+    assert attention_computed(fashion_random, SlimPlan.single("zerotprune", 0.5)) == f"full in {depth} blocks"
+    assert attention_computed(fashion_random, SlimPlan.single("ppt", 0.5)) == "CLS rows in 3 blocks"
+    assert attention_computed(fashion_random, SlimPlan.single("tome", 0.5)) == f"keys in {depth} blocks"
+    assert attention_computed(fashion_random, SlimPlan.single("pitome", 0.5)).startswith("keys in ")
+    # a map kept for the view turns CLS rows into the full probabilities in that block
+    kept = SlimPlan.single("ppt", 0.5, attention_blocks=(1,))
+    assert attention_computed(fashion_random, kept) == "full in 1 block, CLS rows in 2 blocks"
 
 
 def test_target_marks_each_method(written):

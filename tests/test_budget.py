@@ -369,7 +369,8 @@ def test_the_target_investigation_chooses_on_training_canvases(fashion_random):
     from patchslim.benchmarks.budget_target import CANDIDATES, BudgetTargetConfig, run_budget_target
 
     config = BudgetTargetConfig(pretrained=False, data="bundled", limit=12, selection_images=24, finalists=1,
-                                candidates=CANDIDATES[:2] + (CANDIDATES[-4],))
+                                candidates=tuple(c for c in CANDIDATES if c.label in (
+                                    "evit (default: in 1+3+4)", "tome (default: every block)", "ppt@0+1")))
     result = run_budget_target(config)
     rows = [r for r in result.rows if r.get("rank")]
     assert [r["rank"] for r in rows] == [1, 2, 3]
@@ -378,3 +379,18 @@ def test_the_target_investigation_chooses_on_training_canvases(fashion_random):
     tested = [r for r in rows if r["test_top1"] is not None]
     assert len(tested) == 1 and tested[0]["rank"] == 1  # only the chosen finalist saw the test images
     assert "Chosen on the selection images" in result.body and "training split" in result.body
+
+
+def test_the_newer_target_families_meet_half_the_gmacs(fashion_random):
+    """Each plan family of the newer methods in the investigation has a plan at 0.5 of the GMACs on the bundled
+    model's architecture, and the solved plan runs the stages the family names."""
+    from patchslim.benchmarks.budget_target import CANDIDATES
+    from patchslim.budget import method_knob, solve_budget
+
+    knob = method_knob("random", fashion_random.spec)
+    newer = [c for c in CANDIDATES if {"ppt", "zerotprune"} & {method for method, *_ in c.stages}]
+    assert {"ppt", "zerotprune"} <= {method for c in newer for method, *_ in c.stages}
+    for candidate in newer:
+        solved = solve_budget(fashion_random, candidate.plan, 0.5, knob, what=candidate.label)
+        assert abs(solved.reached / 0.5 - 1) <= 0.02, candidate.label
+        assert [(s.method, s.blocks) for s in solved.plan.stages] == [(m, b) for m, _, b, _ in candidate.stages]

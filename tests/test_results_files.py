@@ -22,7 +22,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-HARNESSES = ("app_latency.py", "app_memory.py", "soak.py", "tome_reference.py")  # the scripts in benchmarks/
+# the scripts in benchmarks/
+HARNESSES = ("app_latency.py", "app_memory.py", "soak.py", "tome_reference.py", "newer_methods.py")
 TEXT = {".md", ".json", ".csv", ".txt", ".html"}
 
 # A path of some machine: a usual absolute root, a Windows drive, a home directory, or this checkout's own.

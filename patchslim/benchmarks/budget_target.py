@@ -4,7 +4,7 @@
 
 The issue's target: at 0.5 of the unslimmed GMACs, the best training-free method loses at most 0.5 point of top-1
 on ``fashion-vit``. The budgets table (``--which budgets``) runs each method at its default placement; this looks
-further, among the options of the existing methods at equal cost: where EViT, CLS attention and ToMe act, their
+further, among the options of the methods at equal cost: where EViT, CLS attention, ToMe, PPT and Zero-TPrune act, their
 schedules, and stages combined (a mild stage before or after a strong one, ToMe merging before or after EViT).
 
 So as not to tune on the test set, every candidate is solved for the budget (:func:`patchslim.budget.solve_budget`,
@@ -55,7 +55,8 @@ def _c(label: str, *stages) -> Candidate:
     return Candidate(label, tuple(parts))
 
 
-# The families looked at (the bundled model has 6 blocks; EViT's default stages are 1, 3, 4, attention's block 2).
+# The families looked at (the bundled model has 6 blocks; EViT's and PPT's default stages are 1, 3, 4, attention's
+# block 2, Zero-TPrune's every block).
 CANDIDATES = (
     _c("evit (default: in 1+3+4)", ("evit", X, (1, 3, 4))),
     _c("evit@1", ("evit", X, (1,))),
@@ -83,6 +84,22 @@ CANDIDATES = (
     _c("tome@0+1", ("tome", X, (0, 1))),
     _c("tome@0+1+2", ("tome", X, (0, 1, 2))),
     _c("tome@1+2+3", ("tome", X, (1, 2, 3))),
+    # PPT and Zero-TPrune (the newer methods; README, "Why the newer methods lose ..."). At their default placements
+    # (PPT in 1+3+4, Zero-TPrune in every block) neither reaches 0.5: equal removals per block, at most half of the
+    # tokens each, stop at 0.56 and 0.53 of the GMACs. PPT prunes by value-weighted CLS attention on this model (it
+    # never pools at its paper's tau), so it is tried where EViT does best; Zero-TPrune in two early blocks, with
+    # more of its removals by similarity, as the probe suggests.
+    _c("ppt@0+1", ("ppt", X, (0, 1))),
+    _c("ppt@1+2", ("ppt", X, (1, 2))),
+    _c("ppt@1+3", ("ppt", X, (1, 3))),
+    _c("evit@0 0.8, then ppt@1", ("evit", 0.8, (0,)), ("ppt", X, (1,))),
+    _c("ppt@0+1, then evit@3 0.85", ("ppt", X, (0, 1)), ("evit", 0.85, (3,))),
+    _c("zerotprune@0+1", ("zerotprune", X, (0, 1))),
+    _c("zerotprune@0+1, similarity_share=1", ("zerotprune", X, (0, 1), {"similarity_share": 1.0})),
+    _c("zerotprune@1+2", ("zerotprune", X, (1, 2))),
+    _c("zerotprune@1+2, similarity_share=1", ("zerotprune", X, (1, 2), {"similarity_share": 1.0})),
+    _c("evit@0 0.8, then zerotprune@1+2", ("evit", 0.8, (0,)), ("zerotprune", X, (1, 2))),
+    _c("evit@0+1, then zerotprune@2..5 0.7", ("evit", X, (0, 1)), ("zerotprune", 0.7, (2, 3, 4, 5))),
 )
 REFERENCE = _c("rl (learned; reference)", ("rl", X, (1,)))
 

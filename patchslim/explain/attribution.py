@@ -30,6 +30,7 @@ import torch
 
 from patchslim.models import LoadedModel
 from patchslim.plan import SlimPlan
+from patchslim.quantize import refuse_gradients
 
 Progress = Callable[[int, int], None]
 
@@ -88,18 +89,30 @@ def batch_independent(model: LoadedModel, x: torch.Tensor, plan: SlimPlan) -> bo
     return bool(torch.allclose(one.logits[0], two.logits[1], atol=1e-4, rtol=1e-4))
 
 
-class _Forward:
-    """The function captum calls: logits of the (slimmed) model, counting evaluations for progress."""
+def plain_logits(model: LoadedModel, images: torch.Tensor, plan: SlimPlan | None = None) -> torch.Tensor:
+    """``[B, classes]`` logits of the plan-driven forward without autograd (occlusion needs no gradient, so it runs
+    on int8 models too), as an ordinary tensor captum may combine with others."""
+    from patchslim.engine import run
 
-    def __init__(self, model: LoadedModel, plan: SlimPlan, per_image: bool, total: int, progress: Progress | None):
+    return run(model, images, plan).logits.clone()
+
+
+class _Forward:
+    """The function captum calls: logits of the (slimmed) model, counting evaluations for progress.
+
+    ``grad``: with autograd (Integrated Gradients), or without (occlusion only compares outputs)."""
+
+    def __init__(self, model: LoadedModel, plan: SlimPlan, per_image: bool, total: int, progress: Progress | None,
+                 grad: bool = True):
         self.model, self.plan, self.per_image = model, plan.with_attention(()), per_image
         self.total, self.done, self.progress = total, 0, progress
+        self.logits = differentiable_logits if grad else plain_logits
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.per_image and x.shape[0] > 1:
-            out = torch.cat([differentiable_logits(self.model, x[i:i + 1], self.plan) for i in range(x.shape[0])])
+            out = torch.cat([self.logits(self.model, x[i:i + 1], self.plan) for i in range(x.shape[0])])
         else:
-            out = differentiable_logits(self.model, x, self.plan)
+            out = self.logits(self.model, x, self.plan)
         self.done += int(x.shape[0])
         if self.progress is not None:
             self.progress(min(self.done, self.total), max(self.total, self.done))
@@ -194,6 +207,7 @@ def integrated_gradients(model: LoadedModel, image: Any, plan: SlimPlan | None =
     """
     from captum.attr import IntegratedGradients
 
+    refuse_gradients(model, "Integrated Gradients")
     plan = plan or SlimPlan()
     x = _input(model, image)
     target = default_target(model, x) if target is None else int(target)
@@ -229,7 +243,7 @@ def occlusion(model: LoadedModel, image: Any, plan: SlimPlan | None = None, targ
     started = time.perf_counter()
     mask = patch_feature_mask(model)
     total = 1 + int(mask.max()) + 1
-    forward = _Forward(model, plan, not batch_independent(model, x, plan), total, progress)
+    forward = _Forward(model, plan, not batch_independent(model, x, plan), total, progress, grad=False)
     ablation = FeatureAblation(forward)
     with torch.no_grad():
         pixels = ablation.attribute(x, baselines=baseline_tensor(model, x, baseline), target=target,

@@ -43,20 +43,11 @@ from typing import Callable
 
 import torch
 
-from patchslim.errors import PatchslimError
+from patchslim.errors import GradientUnavailableError, Int8UnavailableError, PatchslimError  # noqa: F401
 
 INT8 = "int8"
 BACKEND_ORDER = ("eager", "torchao")
 NO_GRADIENT = "int8 layers give no input gradient"
-
-
-class Int8UnavailableError(PatchslimError):
-    """No int8 backend can run on this device with this PyTorch build (the message names the precision, the device
-    and what each backend lacks)."""
-
-
-class GradientUnavailableError(PatchslimError):
-    """A feature that needs gradients through the forward was asked of a model that cannot give them (int8)."""
 
 
 @dataclass(frozen=True)

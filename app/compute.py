@@ -591,6 +591,17 @@ def explains_at_once(model: patchslim.LoadedModel, image: Image.Image | torch.Te
     return typical_seconds(model, image) * attribution_passes(model, attribution) <= AUTO_EXPLAIN_BUDGET_S
 
 
+def attribution_choices(model: patchslim.LoadedModel) -> tuple[dict[str, str], str | None]:
+    """The attributions this model can give (key -> label), and why Integrated Gradients is not among them (None
+    when it is): an int8 model's layers give no input gradient; occlusion needs none."""
+    from patchslim.explain.maps import map_refusal
+
+    refusal = map_refusal(model, "ig")
+    if refusal is None:
+        return dict(ATTRIBUTIONS), None
+    return {k: v for k, v in ATTRIBUTIONS.items() if k != "ig"}, refusal
+
+
 def explanation(model: patchslim.LoadedModel, image: Image.Image, method: str, keep_ratio: float,
                 options: dict[str, Any], attribution: str, share: float,
                 progress: Callable[[int, int], None] | None = None):

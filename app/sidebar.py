@@ -86,10 +86,15 @@ def draw() -> Settings:
         col_device, col_precision = st.columns(2)
         device = col_device.selectbox("Device", devices, key="device",
                                       format_func=lambda d: {"cuda": "GPU (CUDA)", "mps": "GPU (MPS)"}.get(d, d.upper() if d == "cpu" else d))
-        precisions = ["fp32", "bf16"] + (["fp16"] if any(d in devices for d in ("cuda", "mps")) else [])
+        precisions = (["fp32", "bf16"] + (["fp16"] if any(d in devices for d in ("cuda", "mps")) else [])
+                      + (["int8"] if state.int8_available(device) else []))
         if st.session_state.get("precision") not in precisions:
             st.session_state["precision"] = "fp32"
-        precision = col_precision.selectbox("Precision", precisions, key="precision")
+        precision = col_precision.selectbox(
+            "Precision", precisions, key="precision",
+            help="fp32; bf16 / fp16 autocast; int8: the Linear layers made int8 (dynamic quantization: smaller "
+                 "weights, faster matrix products on the CPU; no gradients, so no Integrated Gradients or "
+                 "gradient-weighted rollout).")
 
         choice, error = None, ""
         with panel("Loading the model") as loading:
@@ -103,6 +108,7 @@ def draw() -> Settings:
         if choice is not None:
             # model.name: a local-dir: model as the person named it, not by its path on the server (state)
             st.caption(f"Running **{choice.model.name}** on {choice.model.device.type.upper()}"
+                       f" · {choice.model.precision_label} · {choice.model.weights_mb:.1f} MB of weights"
                        f"{' · random weights' if choice.random_weights else ''}"
                        f"{f' · {choice.weights_label}' if choice.weights_label else ''}")
 

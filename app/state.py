@@ -111,6 +111,18 @@ class ModelChoice:
 
 
 @st.cache_data(max_entries=32, ttl=600, show_spinner=False)
+def int8_available(device: str) -> bool:
+    """Whether an int8 backend runs on ``device`` (``"auto"``: the device auto picks) here, so the precision
+    picker offers int8 (:func:`patchslim.quantize.int8_backends`)."""
+    from patchslim.device import resolve_device
+    from patchslim.quantize import int8_backends
+
+    try:
+        return bool(int8_backends(resolve_device(device)))
+    except patchslim.PatchslimError:
+        return False
+
+
 def weights_available(name: str) -> tuple[bool, str]:
     """Whether pretrained weights for ``name`` can be had now, without waiting on the network."""
     status = weights_status(name)

@@ -44,10 +44,11 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms"
 
 
-def readout_row(r: compute.Costs, device: str, windowed: bool = False) -> None:
+def readout_row(r: compute.Costs, device: str, windowed: bool = False, model=None) -> None:
     """GMACs, latency, memory, rho reached and tokens, each before -> after (``device``: where it ran;
-    ``windowed``: a Swin, whose tokens all come back after the blocks they sat out)."""
-    cols = st.columns(5)
+    ``windowed``: a Swin, whose tokens all come back after the blocks they sat out), and the model's weights as
+    stored (``model``: the loaded model; slimming does not change them)."""
+    cols = st.columns(6 if model is not None else 5)
     card = dict(border=True, height="stretch")  # one height for the row, whichever card wraps most
     cols[0].metric("GMACs per image", f"{r.gmacs_after:.3g}",
                    delta=f"{-r.gmacs_reduction:+.0%} (from {r.gmacs_before:.3g})", delta_color="inverse",
@@ -74,6 +75,12 @@ def readout_row(r: compute.Costs, device: str, windowed: bool = False) -> None:
                    delta_color="off", delta_arrow="off", **card,
                    help=("Tokens" if windowed else "Tokens (CLS included)") + " the last block ran on; the chart "
                         "below shows every block.")
+    if model is not None:
+        cols[5].metric("Weights", f"{model.weights_mb:.3g} MB", delta=model.precision_label, delta_color="off",
+                       delta_arrow="off", **card,
+                       help="The model's weights as stored (int8 layers at one byte per weight plus their scales); "
+                            "slimming leaves them as they are, int8 makes them about 4x smaller. GMACs stay "
+                            "multiply-adds in every precision.")
 
 
 def picture(image: Image.Image, caption: str | None = None) -> None:
@@ -154,7 +161,8 @@ def metrics_record(readouts: compute.Readouts, settings, picked) -> dict:
         model=settings.choice.model.name,
         weights=settings.choice.model.weights_name,
         device=str(settings.choice.model.device),
-        precision=settings.choice.model.precision,
+        precision=settings.choice.model.precision_label,
+        weights_mb=settings.choice.model.weights_mb,
         image=picked.name,
         true_label=picked.label,
         method=settings.method,

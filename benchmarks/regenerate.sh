@@ -12,10 +12,12 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 
 # accuracy (~20 min), budgets (~10 min: every method at 0.7 / 0.5 / 0.35 of the unslimmed GMACs), budget_target
-# (~30 min), audit_fashion (~40 min), faithfulness (~45 min idle: 1.2 million
-# forward rows of the bundled model, compute-bound; resumable with --resume), figure1
-# (~2 min), table2 (~5 min), table1 + target (~5 min), table3 (~20 min), in this order (Tables 1 and 2 join the fresh
-# accuracy table). `--which budgets` alone remakes the equal-cost table (e.g. after new methods).
+# (~30 min), audit_fashion (~40 min), faithfulness (~45 min idle: 1.2 million forward rows of the bundled model,
+# compute-bound; resumable with --resume), figure1 (~2 min), table2 (~5 min), table1 + target (~5 min), table3
+# (~20 min), ray_scale (~10 min), compression (~20 min: int8, slimming and both on the full canvas test set, then
+# timed with DeiT-S), int8_backends (~5 min: each int8 backend against fp32, the evidence for the order --precision
+# int8 tries them in), in this order (Tables 1 and 2 join the fresh accuracy table). `--which budgets` alone remakes
+# the equal-cost table (e.g. after new methods).
 "$PYTHON" -m patchslim benchmark --which all --no-progress
 # fashion-swin's accuracy vs rho, window-aware methods in its default stage (~10 min)
 "$PYTHON" -m patchslim benchmark --which accuracy --model fashion-swin --tag _fashion_swin --no-progress

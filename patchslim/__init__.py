@@ -9,12 +9,15 @@ Public API::
     trace = patchslim.run(model, images, patchslim.SlimPlan((patchslim.KeepSet(1, keep),)))  # given tokens
     model = patchslim.wrap_model(my_timm_vit, name="mine")           # a model built in your own code
     solution = patchslim.plan_for_budget(model, "tome", 0.5)          # the plan costing half the GMACs
+    model = patchslim.load_model("fashion-vit", precision="int8")     # int8 Linear layers (patchslim.int8_backends())
 """
 
 from patchslim.errors import (  # noqa: F401
     BudgetError,
     ExplanationError,
+    GradientUnavailableError,
     ImageError,
+    Int8UnavailableError,
     PatchslimError,
     PlanError,
     UnknownMethodError,
@@ -29,5 +32,6 @@ from patchslim.models import LoadedModel, load_model, model_names, wrap_model  #
 from patchslim.engine import run, tokens_before  # noqa: F401
 from patchslim.trace import Trace  # noqa: F401
 from patchslim.budget import BudgetSolution, plan_for_budget  # noqa: F401
+from patchslim.quantize import int8_backends, refuse_gradients  # noqa: F401
 
 __version__ = "0.1.0"

@@ -13,13 +13,15 @@ import torch
 
 from patchslim.errors import PatchslimError
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-_BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
+# int8 (dynamic quantization, patchslim.quantize) quantizes each Linear layer's input on the fly and hands back
+# fp32: the activations the forward keeps are fp32.
+_BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 4}
 
 
 def bytes_per_element(precision: str) -> int:
-    """Bytes of one activation element under a precision (fp32: 4; bf16 / fp16 autocast: 2)."""
+    """Bytes of one activation element under a precision (fp32 and int8: 4; bf16 / fp16 autocast: 2)."""
     if precision not in _BYTES_PER_ELEMENT:
         raise PatchslimError(f"Unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
     return _BYTES_PER_ELEMENT[precision]
@@ -58,18 +60,30 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
-def check_precision(precision: str, device: torch.device) -> str:
-    """Validates a precision name for a device; fp16 is refused on CPU, where it is slow or unsupported."""
+def check_precision(precision: str, device: torch.device, int8_backend: str | None = None) -> str:
+    """Validates a precision name for a device; fp16 is refused on CPU, where it is slow or unsupported, and int8
+    where no int8 backend runs (:func:`patchslim.quantize.choose_backend`).
+
+    Raises:
+        PatchslimError: an unknown precision, or one this device cannot run (the message names both).
+    """
     if precision not in PRECISIONS:
         raise PatchslimError(f"Unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
     if precision == "fp16" and device.type == "cpu":
         raise PatchslimError("fp16 needs a GPU; on the CPU use fp32 or bf16.")
+    if precision == "int8":
+        from patchslim.quantize import choose_backend
+
+        choose_backend(device, int8_backend)
+    elif int8_backend is not None:
+        raise PatchslimError(f"int8_backend={int8_backend!r} is for precision int8, not {precision}")
     return precision
 
 
 def autocast(device: torch.device, precision: str = "fp32"):
-    """A context that runs the forward in the given precision (fp32 needs no autocast)."""
-    if precision == "fp32":
+    """A context that runs the forward in the given precision (fp32 and int8, whose layers are int8 themselves,
+    need no autocast)."""
+    if precision not in _AUTOCAST_DTYPES:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
 

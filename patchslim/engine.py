@@ -24,6 +24,7 @@ from patchslim.methods import Reduction, StageContext
 from patchslim.models import LoadedModel
 from patchslim.plan import Action, KeepSet, SlimPlan
 from patchslim.seeding import ImageRandom
+from patchslim.quantize import refuse_gradients
 from patchslim.tokens import Provenance, TokenState, target_count
 from patchslim.trace import BlockRecord, StageRecord, Trace
 
@@ -52,7 +53,10 @@ def run(model: LoadedModel, images: Any, plan: SlimPlan | None = None, *, grad: 
 
     Raises:
         PlanError: the plan does not fit the model (e.g. a block index past its depth).
+        GradientUnavailableError: ``grad=True`` on an int8 model (its layers give no gradient).
     """
+    if grad:
+        refuse_gradients(model, "a forward with gradients (run(..., grad=True))")
     plan = plan or SlimPlan()
     actions = _checked_actions(model, plan)
     x = model.preprocess(images)
@@ -70,7 +74,10 @@ def tokens_before(model: LoadedModel, images: Any, block: int, plan: SlimPlan | 
 
     Raises:
         PlanError: ``block`` is outside the model.
+        GradientUnavailableError: ``grad=True`` on an int8 model.
     """
+    if grad:
+        refuse_gradients(model, "a forward with gradients (tokens_before(..., grad=True))")
     plan = plan or SlimPlan()
     depth = model.spec.depth
     if not 0 <= block < depth:

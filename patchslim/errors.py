@@ -66,3 +66,14 @@ class DataNotFoundError(DataError, FileNotFoundError):
 class ClusterError(PatchslimError):
     """A Ray cluster cannot be reached or used for an audit (an unreachable address, too few resources, workers
     that cannot see the data or the weights)."""
+
+
+class Int8UnavailableError(PatchslimError):
+    """Precision int8 on a device or PyTorch build where no int8 backend runs (the message names the precision, the
+    device and what each backend lacks: :mod:`patchslim.quantize`)."""
+
+
+class GradientUnavailableError(PatchslimError):
+    """A feature that needs gradients through the forward (``run(grad=True)``, Integrated Gradients, gradient-weighted
+    rollout, fine-tuning) asked of a model that cannot give them: an int8 model
+    (:func:`patchslim.quantize.refuse_gradients`)."""

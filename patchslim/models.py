@@ -83,10 +83,13 @@ class LoadedModel:
         class_names: one name per output class.
         spec: shape facts (patch size, grid, prefix tokens, widths).
         device: where the model lives.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast for the forward).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast for the forward), or ``"int8"`` (the Linear
+            layers swapped for int8 ones: :mod:`patchslim.quantize`).
         weights_source: where the weights came from, in words.
         mean, std: the normalization of the transform (to undo it for display).
         adapter: how the engine walks this architecture (:mod:`patchslim.adapters`).
+        int8_backend: for precision ``"int8"``, the backend that made the layers (``"eager"``, ``"torchao"``);
+            ``""`` otherwise.
     """
 
     name: str
@@ -100,6 +103,19 @@ class LoadedModel:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     adapter: Adapter
+    int8_backend: str = ""
+
+    @property
+    def weights_mb(self) -> float:
+        """The model's weights as stored, in MB (int8 layers at one byte per weight: :func:`patchslim.quantize.weights_mb`)."""
+        from patchslim.quantize import weights_mb
+
+        return weights_mb(self.model)
+
+    @property
+    def precision_label(self) -> str:
+        """``fp32``, ``bf16``, ``fp16``, or ``int8 (eager)`` / ``int8 (torchao)``: the precision and how it is run."""
+        return f"{self.precision} ({self.int8_backend})" if self.int8_backend else self.precision
 
     @property
     def weights_name(self) -> str:
@@ -158,7 +174,8 @@ def model_names() -> list[str]:
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str | torch.device = "auto", weights: str | Path | None = None,
-               pretrained: bool = True, precision: str = "fp32", seed: int = 0) -> LoadedModel:
+               pretrained: bool = True, precision: str = "fp32", seed: int = 0,
+               int8_backend: str | None = None) -> LoadedModel:
     """Loads a ViT for the engine.
 
     Args:
@@ -167,8 +184,11 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device = "auto", w
         device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"mps"``.
         weights: a local ``.safetensors`` / ``.pth`` file; overrides every other source.
         pretrained: False builds the architecture with a seeded random initialization.
-        precision: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` autocast (fp16 only on a GPU).
+        precision: ``"fp32"``, ``"bf16"`` / ``"fp16"`` autocast (fp16 only on a GPU), or ``"int8"``: the loaded
+            weights' Linear layers made int8 (:mod:`patchslim.quantize`; no gradients through them).
         seed: seed of the random initialization when ``pretrained=False``.
+        int8_backend: with ``"int8"``, ``"eager"`` or ``"torchao"``; None takes the first that runs here
+            (:func:`patchslim.quantize.int8_backends`).
 
     Raises:
         UnknownModelError: not a timm model, the bundled one, a timm folder or a hub name.
@@ -176,9 +196,10 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device = "auto", w
         WeightsUnavailableError: no weights could be had; the message says how to provide them.
         WeightsError: a weights file is unsafe, unreadable or for another model (a fine-tuned checkpoint whose card,
             :mod:`patchslim.cards`, names another base model is refused with the model it belongs to).
+        Int8UnavailableError: ``"int8"`` on a device or PyTorch build without an int8 kernel.
     """
     dev = resolve_device(device)
-    check_precision(precision, dev)
+    check_precision(precision, dev, int8_backend)
     if name in BUNDLED_MODELS:
         model, source = _build_bundled(name, weights, pretrained, seed)
         adapter = _bundled_adapter(name, model)
@@ -194,13 +215,19 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device = "auto", w
         class_names = _class_names(model)
         transform, mean, std = _timm_transform(model)
     model.eval().requires_grad_(False).to(dev)
+    backend = ""
+    if precision == "int8":  # the Linear layers swapped in place: the adapter walks the same (now int8) modules
+        from patchslim.quantize import quantize_int8
+
+        model, backend = quantize_int8(model, dev, int8_backend)
     return LoadedModel(name, model, transform, class_names, adapter.spec(), dev, precision, source, mean, std,
-                       adapter)
+                       adapter, backend)
 
 
 def wrap_model(model: torch.nn.Module, *, name: str, transform: Callable[[Image.Image], torch.Tensor] | None = None,
                class_names: Sequence[str] | None = None, mean: Sequence[float] | None = None,
-               std: Sequence[float] | None = None, precision: str = "fp32") -> LoadedModel:
+               std: Sequence[float] | None = None, precision: str = "fp32",
+               int8_backend: str | None = None) -> LoadedModel:
     """Turns a timm model built in your own code into what :func:`patchslim.run` takes.
 
     The model is put in eval mode and otherwise left as it is (its device, its ``requires_grad`` flags);
@@ -214,24 +241,33 @@ def wrap_model(model: torch.nn.Module, *, name: str, transform: Callable[[Image.
             images for a 1-channel model and RGB otherwise.
         class_names: one per class; default: the model's ``pretrained_cfg`` label names, else ``class i``.
         mean, std: the normalization (default: the model's data config).
-        precision: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` autocast.
+        precision: ``"fp32"``, ``"bf16"`` / ``"fp16"`` autocast, or ``"int8"``: an int8 copy of the model is made
+            (:mod:`patchslim.quantize`) and ``model`` itself is left as it is.
+        int8_backend: with ``"int8"``, ``"eager"`` or ``"torchao"`` (None: the first that runs here).
 
     Raises:
         UnsupportedModelError: the engine cannot walk this model (the message says why).
         PatchslimError: class names that do not match the number of classes.
+        Int8UnavailableError: ``"int8"`` on a device or PyTorch build without an int8 kernel.
     """
     adapter = adapter_for(name, model)
     spec = adapter.spec()
     param = next(iter(model.parameters()), None)
     dev = param.device if param is not None else torch.device("cpu")
-    check_precision(precision, dev)
+    check_precision(precision, dev, int8_backend)
+    backend = ""
+    if precision == "int8":
+        from patchslim.quantize import quantize_int8
+
+        model, backend = quantize_int8(model.eval(), dev, int8_backend, copy_first=True)
+        adapter = adapter_for(name, model)
     default_transform, default_mean, default_std = _timm_transform(model, mean, std)
     names = tuple(class_names) if class_names is not None else _class_names(model)
     if len(names) != spec.num_classes:
         raise PatchslimError(f"{len(names)} class names given for a model with {spec.num_classes} classes")
     model.eval()
     return LoadedModel(name, model, transform or default_transform, names, spec, dev, precision,
-                       "in-memory model", default_mean, default_std, adapter)
+                       "in-memory model", default_mean, default_std, adapter, backend)
 
 
 def model_spec(name: str, vit: torch.nn.Module) -> ModelSpec:

@@ -163,7 +163,7 @@ def test_which_all_is_every_benchmark_and_costs_the_cost_tables():
 
     assert chosen("--which", "all") == list(BENCHMARKS) == ["accuracy", "budgets", "budget_target", "audit_fashion",
                                                               "faithfulness", "figure1", "table2", "table1", "table3",
-                                                              "target", "ray_scale"]
+                                                              "target", "ray_scale", "compression", "int8_backends"]
     assert chosen() == list(GROUPS["costs"]) == ["figure1", "table2", "table1", "table3", "target"]
     assert chosen("--which", "target,accuracy") == ["accuracy", "target"]  # the accuracy table first
 

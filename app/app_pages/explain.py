@@ -26,9 +26,14 @@ picked = widgets.image_picker(model)
 if picked is None:
     st.stop()
 
+attributions, no_gradient = compute.attribution_choices(model)
+if no_gradient:  # int8: occlusion only
+    st.caption(f"Integrated Gradients is not offered: {no_gradient}.")
+if st.session_state.get("explain_attribution") not in attributions:
+    st.session_state["explain_attribution"] = next(iter(attributions))
 how_col, share_col, run_col = st.columns([2, 2, 1], vertical_alignment="bottom")
-how = how_col.radio("Attribution", list(compute.ATTRIBUTIONS), key="explain_attribution", horizontal=True,
-                    format_func=lambda k: compute.ATTRIBUTIONS[k])
+how = how_col.radio("Attribution", list(attributions), key="explain_attribution", horizontal=True,
+                    format_func=lambda k: attributions[k])
 share = share_col.slider("Evidence = the top share of patches", 0.05, 0.5, 0.1, 0.05, key="explain_share",
                          format="%.2f")
 key = (settings.choice.key, picked.key, settings.method, settings.keep_ratio, settings.options_key, how, share)

@@ -40,7 +40,7 @@ if forwards.failed:  # the panel says why; nothing below can be drawn without th
 costs = prediction = None  # each set by its panel, unless that panel fails
 with panel("Numbers"):
     costs = compute.costs(base, slim)
-    views.readout_row(costs, model.device.type, windowed=model.spec.hierarchical)
+    views.readout_row(costs, model.device.type, windowed=model.spec.hierarchical, model=model)
 with st.expander("Measure the speed-up properly (interleaved runs, median)"), panel("Speed-up measurement"):
     key = ("latency", settings.choice.key, picked.key, settings.method, settings.keep_ratio, settings.options_key)
     timing = state.remembered(key)

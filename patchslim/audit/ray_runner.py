@@ -236,8 +236,10 @@ def weights_digest(model: Any) -> str:
     """A short digest of the model's parameters and buffers (the same model on every worker)."""
     import torch
 
+    from patchslim.quantize import plain_tensors
+
     digest = hashlib.sha1()
-    for name, tensor in list(model.model.state_dict().items()):
+    for name, tensor in plain_tensors(model.model.state_dict()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -12,7 +12,11 @@ benchmark --which NAME``; ``--which all`` writes every one of them).
 - ``table1``: input dependence, selection overhead (ms, % of the slimmed forward), accuracy loss;
 - ``table3``: latency with and without slimming, measured speed-up beside the ideal one (GMAC ratio);
 - ``target``: the issue's performance target (efficiency >= 0.9, selection < 5 %) on DeiT-S at batch 32;
-- ``ray_scale``: the worked audit's job on Ray vs the local runner at equal cores (wall time, start-up).
+- ``ray_scale``: the worked audit's job on Ray vs the local runner at equal cores (wall time, start-up);
+- ``compression``: int8, slimming, both, and fine-tuned slimming on the bundled model (top-1, agreement, GMACs,
+  weights MB, latency at batch 1 and 32), and the latency columns for DeiT-S;
+- ``int8_backends``: each int8 backend's speed-up over fp32 and its largest logit change (the evidence for the
+  order ``--precision int8`` tries them in).
 
 Each is a ``run_*(config, tick) -> result`` over a config dataclass whose ``jobs()`` lists the work (for a
 progress bar); ``result.write(out, command)`` writes its files, each naming the command (see
@@ -25,8 +29,10 @@ from patchslim.benchmarks.audit_fashion import AuditFashionConfig, run_audit_fas
 from patchslim.benchmarks.budget_target import BudgetTargetConfig, run_budget_target  # noqa: F401
 from patchslim.benchmarks.budgets import BudgetsConfig, run_budgets  # noqa: F401
 from patchslim.benchmarks.common import BenchmarkResult, write_result  # noqa: F401
+from patchslim.benchmarks.compression import CompressionConfig, run_compression  # noqa: F401
 from patchslim.benchmarks.faithfulness import FaithfulnessConfig, run_faithfulness  # noqa: F401
 from patchslim.benchmarks.figure1 import Figure1Config, run_figure1  # noqa: F401
+from patchslim.benchmarks.int8_backends import Int8BackendsConfig, run_int8_backends  # noqa: F401
 from patchslim.benchmarks.ray_scale import RayScaleConfig, run_ray_scale  # noqa: F401
 from patchslim.benchmarks.table1 import Table1Config, run_table1  # noqa: F401
 from patchslim.benchmarks.table2 import Table2Config, run_table2  # noqa: F401
@@ -47,6 +53,8 @@ BENCHMARKS = {
     "table3": (Table3Config, run_table3),
     "target": (TargetConfig, run_target),
     "ray_scale": (RayScaleConfig, run_ray_scale),
+    "compression": (CompressionConfig, run_compression),
+    "int8_backends": (Int8BackendsConfig, run_int8_backends),
 }
 # ``--which`` shorthands.
 GROUPS = {
@@ -54,4 +62,4 @@ GROUPS = {
     "costs": ("figure1", "table2", "table1", "table3", "target"),
 }
 # The benchmarks whose numbers are wall times: rerun them on an idle machine only.
-TIMED = ("table1", "table3", "target", "ray_scale")
+TIMED = ("table1", "table3", "target", "ray_scale", "compression", "int8_backends")  # compression: unless --no-timing

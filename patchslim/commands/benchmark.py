@@ -19,7 +19,8 @@ HELP = ("Write the committed tables: accuracy vs rho (accuracy), accuracy at equ
         "half the GMACs investigated (budget_target), the worked audit (audit_fashion), faithfulness of the maps "
         "before and after slimming (faithfulness), latency vs "
         "ideal speed-up (table3), FLOPs vs rho (figure1), selection overhead (table1), FLOPs and memory "
-        "reduction (table2), the performance target (target), audits on Ray vs the local runner (ray_scale).")
+        "reduction (table2), the performance target (target), audits on Ray vs the local runner (ray_scale), "
+        "int8 and slimming combined (compression), the int8 backends against fp32 (int8_backends).")
 
 
 def add_arguments(parser) -> None:
@@ -32,7 +33,9 @@ def add_arguments(parser) -> None:
                              + "; default: costs")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for the CSV / markdown / plots")
     parser.add_argument("--models", default=None,
-                        help="table3: comma-separated models (default: ViT-B/16, DeiT-S, DeiT-Ti)")
+                        help="table3: comma-separated models (default: ViT-B/16, DeiT-S, DeiT-Ti); compression: the "
+                             "timed models (default: --model and deit_small_patch16_224); int8_backends: the models "
+                             "(default: deit_small_patch16_224, fashion-vit)")
     parser.add_argument("--model", default=None,
                         help="figure1, table1, target: the model (default: deit_small_patch16_224); accuracy, "
                              "budgets, budget_target, audit_fashion, faithfulness: the model (default: fashion-vit, "
@@ -53,7 +56,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--budgets", default=None,
                         help="budgets: comma-separated compute budgets, fractions of the unslimmed GMACs (default "
                              "0.7,0.5,0.35; ranked at 0.5 when listed)")
-    parser.add_argument("--batch-sizes", default="1,32", help="table3, table1: comma-separated batch sizes")
+    parser.add_argument("--batch-sizes", default="1,32",
+                        help="table3, table1, compression: comma-separated batch sizes (int8_backends: default 1,8,32)")
     parser.add_argument("--batch", type=int, default=32, help="target: batch size; table2: the larger memory batch")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed pairs / runs (default: by workload; target 9)")
@@ -90,6 +94,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tag", default="", help="appended to every output file name (e.g. _deit_small)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default); ray_scale: the cores both runners get (0: all)")
+    parser.add_argument("--finetuned", default=None,
+                        help="compression: fine-tuned checkpoints as LABEL=PATH,... (each with its card JSON beside "
+                             "it; default: those under patchslim/assets/finetuned/, if any)")
+    parser.add_argument("--no-timing", action="store_true",
+                        help="compression: accuracy, GMACs and weights only (no latency: for a busy machine)")
+    parser.add_argument("--int8-backend", default=None, choices=("eager", "torchao"),
+                        help="compression: the int8 backend (default: the first that runs here, "
+                             "patchslim.quantize.int8_backends)")
     parser.add_argument("--no-png", action="store_true", help="HTML plots only")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--json", action="store_true", help="print one JSON object (files written, rows)")
@@ -117,8 +129,9 @@ def configs(args) -> dict:
     from pathlib import Path
 
     from patchslim.benchmarks import (AccuracyConfig, AuditFashionConfig, BudgetsConfig, BudgetTargetConfig,
-                                      FaithfulnessConfig, Figure1Config, Table1Config, Table2Config, Table3Config,
-                                      TargetConfig)
+                                      CompressionConfig, FaithfulnessConfig, Figure1Config, Int8BackendsConfig,
+                                      Table1Config, Table2Config, Table3Config, TargetConfig)
+    from patchslim.benchmarks.compression import parse_finetuned
     from patchslim.budget import parse_budgets
     from patchslim.benchmarks.common import parse_list
     from patchslim.errors import PatchslimError
@@ -180,6 +193,16 @@ def configs(args) -> dict:
                                        **({"warmup": args.warmup} if args.warmup is not None else {})),
     }
     built["ray_scale"] = lambda: _ray_scale_config(args, methods, ratios)
+    built["compression"] = lambda: CompressionConfig(
+        **{k: v for k, v in labelled.items() if k in ("model", "pretrained", "data", "limit", "batch_size", "progress")},
+        finetuned=parse_finetuned(args.finetuned) if args.finetuned is not None else None,
+        timing=not args.no_timing, timed_models=tuple(parse_list(args.models)) if args.models else None,
+        batch_sizes=batches, repeats=args.repeats, warmup=args.warmup, device=args.device,
+        int8_backend=args.int8_backend)
+    built["int8_backends"] = lambda: Int8BackendsConfig(
+        models=tuple(parse_list(args.models)) if args.models else Int8BackendsConfig.models,
+        batch_sizes=batches if args.batch_sizes != "1,32" else Int8BackendsConfig.batch_sizes,
+        repeats=args.repeats, warmup=args.warmup, device=args.device)
     chosen = {name: built[name]() for name in which}
     for config in chosen.values():
         config.stem += args.tag

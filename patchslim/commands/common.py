@@ -3,7 +3,9 @@ one-image plan (method, rho, options, seed)."""
 
 from __future__ import annotations
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+PRECISION_HELP = ("fp32; bf16 / fp16 autocast (fp16 on a GPU only); int8: the Linear layers made int8 (dynamic "
+                  "quantization, patchslim/quantize.py: no gradients, so no Integrated Gradients or gradient rollout)")
 
 
 def add_model_arguments(parser, default_model: str, *, precision: bool = True,
@@ -17,7 +19,7 @@ def add_model_arguments(parser, default_model: str, *, precision: bool = True,
     parser.add_argument("--no-pretrained", action="store_true", help=no_pretrained_help)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     if precision:
-        parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
+        parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help=PRECISION_HELP)
 
 
 def load_model_from_args(args):

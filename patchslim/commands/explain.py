@@ -16,7 +16,7 @@ HELP = ("Explain one image before and after slimming: write overlay, attention, 
 
 
 def add_arguments(parser) -> None:
-    add_model_arguments(parser, "deit_small_patch16_224", precision=False)
+    add_model_arguments(parser, "deit_small_patch16_224")
     add_plan_arguments(parser)
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("--out", required=True, help="folder for the PNG files (created if missing)")

@@ -45,6 +45,8 @@ def main(args) -> int:
         model=model.name,
         weights=model.weights_source,
         device=str(model.device),
+        precision=model.precision,
+        int8_backend=model.int8_backend or None,
         method=args.method,
         plan=plan.to_dict(),
         keep_ratio_requested=keep_requested,
@@ -77,7 +79,7 @@ def main(args) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{model.name} ({model.weights_source}) on {model.device}; method {args.method}, "
+    print(f"{model.name} ({model.weights_source}) on {model.device}, {model.precision_label}; method {args.method}, "
           f"rho requested {keep_requested:g}, reached {trace.keep_ratio:.3f}")
     if solution is not None:
         print(f"budget {solution.budget:g} of the unslimmed GMACs: {solution.knob} {solution.value:g} needed, "

@@ -146,6 +146,10 @@ def explain(model, image, plan=None, attribution: str | None = "ig", share: floa
     from patchslim.plan import SlimPlan
 
     plan = plan or SlimPlan()
+    if attribution == "ig":  # before any work: an int8 model has no gradient to integrate
+        from patchslim.quantize import refuse_gradients
+
+        refuse_gradients(model, "Integrated Gradients")
     x = model.preprocess(image)
     if x.shape[0] != 1:
         raise ValueError(f"explain takes one image, got a batch of {x.shape[0]}")

@@ -30,6 +30,7 @@ import torch
 
 from patchslim.models import LoadedModel
 from patchslim.plan import SlimPlan
+from patchslim.quantize import refuse_gradients
 
 Progress = Callable[[int, int], None]
 
@@ -107,6 +108,15 @@ def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     return first[order], rank[inverse]
 
 
+def plain_logits(model: LoadedModel, images: torch.Tensor, plan: SlimPlan | None = None,
+                 draws_for: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, classes]`` logits of the plan-driven forward without autograd (occlusion needs no gradient, so it runs
+    on int8 models too), as an ordinary tensor captum may combine with others."""
+    from patchslim.engine import run
+
+    return run(model, images, plan, draws_for=draws_for).logits.clone()
+
+
 class _Forward:
     """The function captum calls: logits of the (slimmed) model, counting evaluations for progress.
 
@@ -118,14 +128,17 @@ class _Forward:
     evaluation of the inputs themselves), is not run again: occlusion of a patch that already holds the baseline
     (the black background of a canvas image) gives the input itself, whose logits are known, so its attribution is
     exactly 0. (Equal rows draw equal random numbers too: the draws are keyed by the image's content.)
+
+    ``grad``: with autograd (Integrated Gradients), or without (occlusion only compares outputs).
     """
 
     def __init__(self, model: LoadedModel, plan: SlimPlan, per_image: bool, total: int, progress: Progress | None,
-                 explained: torch.Tensor | None = None, distinct: bool = False):
+                 explained: torch.Tensor | None = None, distinct: bool = False, grad: bool = True):
         self.model, self.plan, self.per_image = model, plan.with_attention(()), per_image
         self.total, self.done, self.progress = total, 0, progress
         self.explained = None if explained is None else explained.detach()
         self.distinct, self.ran = distinct, 0
+        self.logits = differentiable_logits if grad else plain_logits
         self.known: tuple[torch.Tensor, torch.Tensor] | None = None  # the first call's rows and logits
 
     def _draws_for(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -147,10 +160,9 @@ class _Forward:
     def _run(self, rows: torch.Tensor, draws: torch.Tensor | None) -> torch.Tensor:
         self.ran += int(rows.shape[0])
         if self.per_image and rows.shape[0] > 1:
-            return torch.cat([differentiable_logits(self.model, rows[i:i + 1], self.plan,
-                                                    None if draws is None else draws[i:i + 1])
+            return torch.cat([self.logits(self.model, rows[i:i + 1], self.plan, None if draws is None else draws[i:i + 1])
                               for i in range(rows.shape[0])])
-        return differentiable_logits(self.model, rows, self.plan, draws)
+        return self.logits(self.model, rows, self.plan, draws)
 
     def _distinct(self, x: torch.Tensor, draws: torch.Tensor | None) -> torch.Tensor:
         known_rows, known_out = self.known if self.known is not None else (x[:0], None)
@@ -257,6 +269,7 @@ def integrated_gradients(model: LoadedModel, image: Any, plan: SlimPlan | None =
     """
     from captum.attr import IntegratedGradients
 
+    refuse_gradients(model, "Integrated Gradients")
     plan = plan or SlimPlan()
     x = _input(model, image)
     target = default_target(model, x) if target is None else int(target)
@@ -292,7 +305,8 @@ def occlusion(model: LoadedModel, image: Any, plan: SlimPlan | None = None, targ
     started = time.perf_counter()
     mask = patch_feature_mask(model)
     total = 1 + int(mask.max()) + 1
-    forward = _Forward(model, plan, not batch_independent(model, x, plan), total, progress, x, distinct=True)
+    forward = _Forward(model, plan, not batch_independent(model, x, plan), total, progress, x, distinct=True,
+                       grad=False)
     ablation = FeatureAblation(forward)
     with torch.no_grad():
         pixels = ablation.attribute(x, baselines=baseline_tensor(model, x, baseline), target=target,

@@ -32,6 +32,7 @@ import torch
 
 from patchslim.errors import ExplanationError
 from patchslim.explain.attention import token_transition
+from patchslim.quantize import gradient_refusal_text, is_int8, refuse_gradients
 from patchslim.tokens import Provenance
 
 
@@ -95,6 +96,8 @@ def gradient_refusal(model) -> str | None:
                 "relevance")
     if spec.depth == 0:
         return f"{model.name} has no attention block"
+    if is_int8(model):
+        return gradient_refusal_text("gradient-weighted rollout")
     if model.precision != "fp32":
         return (f"gradient-weighted rollout needs the gradients of the attention probabilities, which the "
                 f"{model.precision} autocast does not keep; load the model in fp32")
@@ -133,10 +136,12 @@ def gradient_rollout(model, images: Any, plan=None, target: int | Sequence[int] 
 
     Raises:
         ExplanationError: the model cannot give this map (no class token, no block, not fp32), or a bad target.
+        GradientUnavailableError: an int8 model (no gradients through its layers).
     """
     from patchslim.engine import run
     from patchslim.plan import SlimPlan
 
+    refuse_gradients(model, "gradient-weighted rollout")
     reason = gradient_refusal(model)
     if reason:
         raise ExplanationError(f"map kind 'grad_rollout' is not available: {reason}")

@@ -72,6 +72,7 @@ def map_refusal(model, kind: str) -> str | None:
     """Why ``model`` cannot produce maps of ``kind``, or None when it can."""
     from patchslim.explain.attention import class_token_refusal
     from patchslim.explain.grad_rollout import gradient_refusal
+    from patchslim.quantize import gradient_refusal_text, is_int8
 
     spec = MAP_KINDS[kind]
     if spec.reads_prefix and class_token_refusal(model.spec):
@@ -82,6 +83,8 @@ def map_refusal(model, kind: str) -> str | None:
         return f"{model.name} does not attend in windows (window_attention is for Swin); use attention"
     if kind == "grad_rollout":
         return gradient_refusal(model)
+    if spec.gradients and is_int8(model):
+        return gradient_refusal_text(spec.label)
     if spec.captum and find_spec("captum") is None:
         return "captum is not installed (pip install captum)"
     return None
@@ -178,12 +181,14 @@ def attribution_maps(model, x: torch.Tensor, plan, kind: str, targets: Sequence[
     from patchslim.engine import run
     from patchslim.explain.attribution import (_Forward, baseline_tensor, batch_independent, patch_feature_mask,
                                                per_patch)
+    from patchslim.quantize import refuse_gradients
 
     batch = int(x.shape[0])
     per_image = not batch_independent(model, x[:1], plan)
     target = torch.tensor(list(targets), dtype=torch.long, device=x.device)
     baseline = baseline_tensor(model, x, "black")
     if kind == "ig":
+        refuse_gradients(model, "Integrated Gradients")
         forward = _Forward(model, plan, per_image, batch * (ig_steps + 2), None, x)
         with torch.enable_grad():
             pixels = IntegratedGradients(forward).attribute(x, baselines=baseline, target=target, n_steps=ig_steps,
@@ -191,7 +196,8 @@ def attribution_maps(model, x: torch.Tensor, plan, kind: str, targets: Sequence[
         grids = np.stack([per_patch(pixels[i], model) for i in range(batch)])
     else:
         mask = patch_feature_mask(model)
-        forward = _Forward(model, plan, per_image, batch * (int(mask.max()) + 2), None, x, distinct=True)
+        forward = _Forward(model, plan, per_image, batch * (int(mask.max()) + 2), None, x, distinct=True,
+                           grad=False)
         with torch.no_grad():
             pixels = FeatureAblation(forward).attribute(x, baselines=baseline, target=target, feature_mask=mask,
                                                         perturbations_per_eval=max(1, rows_per_forward // batch))

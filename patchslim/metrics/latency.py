@@ -177,19 +177,23 @@ def measure_latency(model, images: Any, plan: SlimPlan | None = None, *, warmup:
 
 
 def compare_latency(model, images: Any, plan: SlimPlan, baseline_plan: SlimPlan | None = None, *,
-                    warmup: int = 2, repeats: int = 10, floor: bool = False) -> LatencyComparison:
+                    warmup: int = 2, repeats: int = 10, floor: bool = False,
+                    baseline_model=None) -> LatencyComparison:
     """Times the unslimmed (``baseline_plan``) and the slimmed forward alternately, in one measurement.
 
     The order within a pair alternates (AB, BA, AB...) so neither side always runs on a warmer cache. With
     ``floor``, the floor forward (:func:`floor_forward`) joins the rotation (A B F, F B A, ...); where the model's
     adapter offers none, ``floor_reason`` says why and the rest is measured as without it.
+    ``baseline_model``: the baseline runs on this model instead of ``model`` (e.g. fp32 against an int8 ``model``:
+    both take the same preprocessed batch).
     """
     _check_counts(warmup, repeats)
     batch = model.preprocess(images)
     device = model.device
+    reference = model if baseline_model is None else baseline_model
 
     def base() -> Any:
-        return run(model, batch, baseline_plan)
+        return run(reference, batch, baseline_plan)
 
     def slim() -> Any:
         return run(model, batch, plan)

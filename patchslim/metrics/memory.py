@@ -42,6 +42,7 @@ import torch
 
 from patchslim.device import bytes_per_element, peak_memory_allocated, reset_peak_memory, supports_peak_memory
 from patchslim.engine import attention_blocks
+from patchslim.quantize import weights_bytes
 from patchslim.trace import Trace
 
 MB = 2 ** 20
@@ -137,7 +138,8 @@ class MemoryReport:
         estimate: the analytic estimate from the Trace.
         measured_bytes: measured peak of activations, or None when it cannot be had.
         measured_how: how it was measured, or why not.
-        weights_bytes: the model's parameters and buffers (unchanged by slimming).
+        weights_bytes: the model's weights as stored (parameters and buffers; int8 layers at one byte per weight;
+            unchanged by slimming).
     """
 
     device: str
@@ -197,7 +199,7 @@ def measure_memory(model, images: Any, plan=None, *, measure: bool = True,
 
     batch = model.preprocess(images)
     device = model.device
-    weights = sum(t.numel() * t.element_size() for t in list(model.model.parameters()) + list(model.model.buffers()))
+    weights = weights_bytes(model.model)  # as stored: int8 layers at one byte per weight
     measured, how = None, "not measured (measure=False)"
     if not measure:
         trace = run(model, batch, plan)

@@ -123,6 +123,7 @@ def int8_available(device: str) -> bool:
         return False
 
 
+@st.cache_data(max_entries=32, ttl=600, show_spinner=False)
 def weights_available(name: str) -> tuple[bool, str]:
     """Whether pretrained weights for ``name`` can be had now, without waiting on the network."""
     status = weights_status(name)

@@ -30,9 +30,18 @@ def image_keys(images: torch.Tensor) -> list[int]:
     flat = images.detach().reshape(images.shape[0], -1).to(torch.float32).contiguous()
     bits = flat.view(torch.int32)
     weights = _position_weights(flat.shape[1], str(flat.device))
-    low = ((bits & 0xFFFF).to(torch.int64) * weights).sum(1).tolist()
-    high = ((bits >> 16).to(torch.int64) * weights).sum(1).tolist()
-    return [mix(h, lo & _MASK64) for lo, h in zip(low, high)]
+    low = torch.zeros(flat.shape[0], dtype=torch.int64, device=flat.device)
+    high = torch.zeros_like(low)
+    # in slices, so the int64 temporaries stay small next to the forward's own activations (the memory estimate
+    # does not count them, and a whole-batch int64 copy would be the largest tensor of a small model's forward)
+    for start in range(0, flat.shape[1], _KEY_SLICE):
+        part, w = bits[:, start:start + _KEY_SLICE], weights[start:start + _KEY_SLICE]
+        low += ((part & 0xFFFF).to(torch.int64) * w).sum(1)
+        high += ((part >> 16).to(torch.int64) * w).sum(1)
+    return [mix(h, lo & _MASK64) for lo, h in zip(low.tolist(), high.tolist())]
+
+
+_KEY_SLICE = 4096  # values per slice of image_keys' sums
 
 
 @functools.lru_cache(maxsize=8)

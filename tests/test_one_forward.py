@@ -162,7 +162,7 @@ def test_nothing_acts_after_a_ragged_keep_set(small):
     mask = torch.zeros(2, small.num_patches, dtype=torch.bool)
     mask[0, :2], mask[1, :9] = True, True
     plan = SlimPlan((KeepSet(1, mask), patchslim.Stage("random", 0.5, (2,))))
-    with pytest.raises(PlanError, match="must be the plan's last stage"):
+    with pytest.raises(PlanError, match="must be the plan's last"):
         patchslim.run(small, _images(small, 2), plan)
 
 

@@ -109,7 +109,9 @@ def check_command(command: str, record: Path) -> None:
     elif len(argv) >= 2 and argv[0] == "python" and argv[1].startswith("benchmarks/"):
         script = argv[1].removeprefix("benchmarks/")
         assert script in HARNESSES and (ROOT / argv[1]).is_file(), f"{record.name}: no harness {argv[1]}"
-        assert record.stem == Path(script).stem, f"{record.name}: {argv[1]} writes another file"
+        out = argv[argv.index("--out") + 1] if "--out" in argv[:-1] else None  # a harness told where to write
+        assert record.stem == Path(script).stem or (out is not None and Path(out).name == record.name), \
+            f"{record.name}: {argv[1]} writes another file"
     else:
         pytest.fail(f"{record.name}: {command!r} is neither `python -m patchslim benchmark` (or finetune / "
                     f"evaluate of a fine-tuned checkpoint) nor a harness in benchmarks/ ({', '.join(HARNESSES)})")

@@ -26,6 +26,7 @@ provide weights. ``pretrained=False`` gives a seeded random initialization (for 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
@@ -105,9 +106,11 @@ class LoadedModel:
     adapter: Adapter
     int8_backend: str = ""
 
-    @property
+    @functools.cached_property
     def weights_mb(self) -> float:
-        """The model's weights as stored, in MB (int8 layers at one byte per weight: :func:`patchslim.quantize.weights_mb`)."""
+        """The model's weights as stored, in MB (int8 layers at one byte per weight: :func:`patchslim.quantize.weights_mb`).
+        Counted once per loaded model (a walk over every module, too slow to repeat on every app rerun): the size
+        does not change with the values, and quantizing or loading other weights gives a new ``LoadedModel``."""
         from patchslim.quantize import weights_mb
 
         return weights_mb(self.model)

@@ -170,8 +170,10 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=16)
 def _hatch_pixels(shape: tuple[int, int], step: int, width: int) -> np.ndarray:
-    """``[h, w]`` bool: diagonal stripes (like ``/``) ``width`` pixels thick every ``step`` pixels (read-only)."""
+    """``[h, w]`` bool: diagonal stripes (like ``/``) ``width`` pixels thick every ``step`` pixels (read-only,
+    cached: a picture's size repeats on every redraw)."""
     ys, xs = np.indices(shape)
     stripes = (xs + ys) % max(3, step) < max(1, width)
     stripes.flags.writeable = False
@@ -188,15 +190,25 @@ def _hatch(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], step: int,
 
 _DIMMED = (np.arange(256, dtype=np.float32) * np.float32(DROPPED_DIM)).astype(np.uint8)  # value -> dimmed value
 _DIMMED.flags.writeable = False
+_DIM_TABLE = [int(v) for v in _DIMMED] * 3  # the same, as a Pillow point table for R, G and B
+
+
+@functools.lru_cache(maxsize=16)
+def _hatch_mask(shape: tuple[int, int], step: int, width: int) -> Image.Image:
+    """:func:`_hatch_pixels` as a Pillow ``L`` mask (255 on the stripes; cached: read it, never draw on it)."""
+    return Image.fromarray(_hatch_pixels(shape, step, width).astype(np.uint8) * 255, "L")
 
 
 def _dim_and_hatch(array: np.ndarray, mask_px: np.ndarray, cell: int) -> None:
-    """Darkens the pixels under ``mask_px`` in place and stripes them (dropped patches)."""
+    """Darkens the pixels under ``mask_px`` in place and stripes them (dropped patches). Done in Pillow (a point
+    table, a paste through the cached stripe mask, a composite): a few passes in C over the picture."""
     if not mask_px.any():
         return
-    array[mask_px] = _DIMMED[array[mask_px]]  # a table lookup of the masked pixels only
-    stripes = mask_px & _hatch_pixels(tuple(mask_px.shape), step=max(6, cell // 3), width=max(1, cell // 14))
-    array[stripes] = HATCH_COLOUR
+    picture = Image.fromarray(array, "RGB")
+    dimmed = picture.point(_DIM_TABLE)
+    dimmed.paste(HATCH_COLOUR, mask=_hatch_mask(tuple(mask_px.shape), max(6, cell // 3), max(1, cell // 14)))
+    where = Image.fromarray(mask_px.astype(np.uint8) * 255, "L")
+    array[...] = np.asarray(Image.composite(dimmed, picture, where))
 
 
 def _cell_mask(cells: np.ndarray, cell: int) -> np.ndarray:

@@ -120,11 +120,23 @@ def open_app(script: ScriptThread, model: str, weights: str):
     return at
 
 
+class NotRunnable(Exception):
+    """The page shows a message instead of a result for this method on this model (``rl`` without a policy
+    trained for it): nothing to time."""
+
+
 def method_timings(script: ScriptThread, at, method: str, repeats: int, uploads: list[tuple[str, bytes]]) -> dict:
-    """Full reruns of the Explore page with one method: new uploads, then fresh rho values on the last one."""
+    """Full reruns of the Explore page with one method: new uploads, then fresh rho values on the last one.
+
+    Raises:
+        NotRunnable: the page refuses the method for this model (its message is the exception's text).
+    """
     at.slider(key="keep_ratio").set_value(0.5)
+    at.file_uploader(key="uploader").set_value(uploads[0][:2] + ("image/png",))
     at.selectbox(key="method").set_value(method).run()
     assert not at.exception, [e.value for e in at.exception]
+    if at.error:
+        raise NotRunnable(" ".join(str(e.value) for e in at.error))
     new_image, new_image_script = [], []
     for i, (name, data) in enumerate(uploads):
         at.file_uploader(key="uploader").set_value((name, data, "image/png"))
@@ -246,7 +258,11 @@ def main(argv: list[str] | None = None) -> None:
             per_method[method] = dict(error=f"not offered for {loaded.name}")
             continue
         mine = uploads[i * (args.repeats + 1):(i + 1) * (args.repeats + 1)]
-        timings = method_timings(script, at, method, args.repeats, mine)
+        try:
+            timings = method_timings(script, at, method, args.repeats, mine)
+        except NotRunnable as refusal:
+            per_method[method] = dict(error=f"not run: {refusal}".replace(f"{REPO}/", ""))  # no machine paths
+            continue
         pruning = input_pruning(method, loaded.spec.depth)
         per_method[method] = dict(input_pruning=pruning, summary=summary(timings, pruning), **timings,
                                   breakdown_median_ms={k: 1000 * v for k, v in

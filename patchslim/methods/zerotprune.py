@@ -172,12 +172,12 @@ class ZeroTPrune(SlimMethod):
         check_keys(keys, state, ctx, self.name)
         p, m = state.num_prefix, state.count
         heads, tokens = attention.shape[1], attention.shape[-1]
+        k = merges_this_block(ctx, m)
+        if k == 0:  # nothing to prune here (rho 1, or a schedule that spares this block): no PageRank either
+            return Reduction(state)
         iterations = ctx.options.get("iterations") or wpr_iterations(ctx.block, ctx.depth)
         importance = eir_aggregate(weighted_pagerank(attention, int(iterations)), p)  # [B, M]
         macs = iterations * heads * tokens * tokens + heads * m
-        k = merges_this_block(ctx, m)
-        if k == 0:
-            return Reduction(state, scores=importance, selection_macs=float(macs))
         share = float(ctx.options.get("similarity_share", DEFAULT_SIMILARITY_SHARE))
         prune_similar = int(share * k + 0.5)
         metric = keys.mean(dim=1)[:, p:]  # [B, M, d_head]

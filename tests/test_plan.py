@@ -46,3 +46,15 @@ def test_plan_round_trips_to_plain_data():
     assert plan.to_dict() == dict(
         stages=[dict(method="random", keep_ratio=0.5, blocks=[1], options={})], seed=3, attention_blocks=[0]
     )
+
+
+def test_every_method_default_options_round_trip_through_to_dict():
+    """A plan written by to_dict() (fine-tuning cards, compression rows) reads back: an option left at its None
+    default (attention's `score`: chosen by the model) is recorded as null and means unset again."""
+    import patchslim
+    from patchslim.plan import Stage
+
+    for name in patchslim.method_names():
+        written = patchslim.SlimPlan.single(name, 0.5).to_dict()["stages"][0]
+        stage = Stage(written["method"], written["keep_ratio"], None, dict(written["options"]))
+        assert dict(stage.options) == dict(patchslim.SlimPlan.single(name, 0.5).stages[0].options), name

@@ -232,6 +232,8 @@ class SlimMethod:
             raise PlanError(f"method {self.name!r} has no option {unknown[0]!r} (its options: {allowed})")
         parsed = {name: spec.default for name, spec in specs.items()}
         for name, value in options.items():
+            if value is None and specs[name].default is None:
+                continue  # "unset", as a plan written by to_dict() records an option left at its None default
             parsed[name] = specs[name].parse(value, self.name)
         return parsed
 

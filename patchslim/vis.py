@@ -170,7 +170,6 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=32)
-@functools.lru_cache(maxsize=16)
 def _hatch_pixels(shape: tuple[int, int], step: int, width: int) -> np.ndarray:
     """``[h, w]`` bool: diagonal stripes (like ``/``) ``width`` pixels thick every ``step`` pixels (read-only,
     cached: a picture's size repeats on every redraw)."""

@@ -308,3 +308,19 @@ class SlimPlan:
         return dict(stages=[s.to_dict() for s in self.stages], seed=self.seed,
                     attention_blocks=self.attention_blocks if isinstance(self.attention_blocks, str)
                     else list(self.attention_blocks))
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "SlimPlan":
+        """The plan :meth:`to_dict` wrote (a fine-tuning card's ``plan``): method stages only, since a per-image
+        keep set is not plain data.
+
+        Raises:
+            PlanError: a stage without a method, or what :class:`Stage` refuses.
+        """
+        stages = []
+        for item in record.get("stages", ()):
+            if "method" not in item or "keep" in item:
+                raise PlanError(f"a plan read from data needs method stages, got {item!r}")
+            stages.append(Stage(item["method"], float(item.get("keep_ratio", 1.0)), item.get("blocks"),
+                                dict(item.get("options") or {}), item.get("stages")))
+        return cls(tuple(stages), attention_blocks=record.get("attention_blocks", ()), seed=int(record.get("seed", 0)))

@@ -381,17 +381,7 @@ def merge_tokens(state: TokenState, patches: torch.Tensor, assign: torch.Tensor,
         assign: ``[B, M]`` int64, which new token each current non-prefix token joined.
         sizes: ``[B, K]`` the new tokens' sizes, or None to keep sizes unset.
     """
-    if state.key_mask is not None:
-        raise ValueError("tokens masked by a per-image keep set cannot be merged or projected")
-    p = state.num_prefix
-    tokens = torch.cat([state.prefix, patches.to(state.tokens.dtype)], dim=1)
-    new_sizes = None
-    if sizes is not None:
-        prefix_sizes = (state.sizes[:, :p] if state.sizes is not None
-                        else torch.ones(tokens.shape[0], p, device=tokens.device, dtype=sizes.dtype))
-        new_sizes = torch.cat([prefix_sizes, sizes], dim=1)
-    return TokenState(tokens, p, state.provenance.merged(assign, patches.shape[1]), new_sizes, None, state.groups,
-                      state.layout)
+    return _replaced(state, patches, sizes, lambda provenance: provenance.merged(assign, patches.shape[1]))
 
 
 def _prov_device(provenance: Provenance) -> torch.device:

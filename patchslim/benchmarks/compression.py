@@ -70,14 +70,10 @@ class Row:
 
     def plan(self):
         """The row's :class:`~patchslim.plan.SlimPlan` (None: unslimmed)."""
-        from patchslim.plan import SlimPlan, Stage
+        from patchslim.plan import SlimPlan
 
         if self.plan_dict is not None:
-            stages = tuple(Stage(s["method"], float(s["keep_ratio"]), None if s.get("blocks") is None
-                                 else tuple(s["blocks"]), dict(s.get("options") or {}),
-                                 None if s.get("stages") is None else tuple(s["stages"]))
-                           for s in self.plan_dict.get("stages", ()))
-            return SlimPlan(stages, seed=int(self.plan_dict.get("seed", 0)))
+            return SlimPlan.from_dict(self.plan_dict)
         return SlimPlan.single(self.method, self.keep_ratio) if self.method else None
 
 

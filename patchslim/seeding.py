@@ -33,15 +33,19 @@ def image_keys(images: torch.Tensor) -> list[int]:
     low = torch.zeros(flat.shape[0], dtype=torch.int64, device=flat.device)
     high = torch.zeros_like(low)
     # in slices, so the int64 temporaries stay small next to the forward's own activations (the memory estimate
-    # does not count them, and a whole-batch int64 copy would be the largest tensor of a small model's forward)
-    for start in range(0, flat.shape[1], _KEY_SLICE):
-        part, w = bits[:, start:start + _KEY_SLICE], weights[start:start + _KEY_SLICE]
-        low += ((part & 0xFFFF).to(torch.int64) * w).sum(1)
-        high += ((part >> 16).to(torch.int64) * w).sum(1)
+    # does not count them, and a whole-batch int64 copy would be the largest tensor of a small model's forward);
+    # a slice holds up to _KEY_ELEMENTS values of the batch, so one image takes a few slices, not dozens
+    step = max(_KEY_SLICE, _KEY_ELEMENTS // flat.shape[0])
+    for start in range(0, flat.shape[1], step):
+        part, w = bits[:, start:start + step], weights[start:start + step]
+        # each product is below 2^29 in magnitude, so it is exact in int32; the sums run in int64
+        low += ((part & 0xFFFF) * w).sum(1, dtype=torch.int64)
+        high += ((part >> 16) * w).sum(1, dtype=torch.int64)
     return [mix(h, lo & _MASK64) for lo, h in zip(low.tolist(), high.tolist())]
 
 
-_KEY_SLICE = 4096  # values per slice of image_keys' sums
+_KEY_SLICE = 4096  # the fewest values per image in a slice of image_keys' sums
+_KEY_ELEMENTS = 1 << 17  # values of the whole batch in one slice (1 MiB of int64 per temporary)
 
 
 @functools.lru_cache(maxsize=8)

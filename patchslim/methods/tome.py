@@ -63,6 +63,7 @@ for comparison, not copied).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -105,18 +106,56 @@ def bipartite_sets(count: int, num_prefix: int = 0,
 class BipartiteMatch:
     """The outcome of bipartite soft matching over M non-prefix tokens, r of them merged away.
 
+    Held as what the matching decides (per A token, its best B token and similarity; which A tokens merge and
+    which stay); the position maps below are derived from it when a caller reads them (the merge itself works
+    on the two sets directly, :func:`merge_into_slots`).
+
     Attributes:
-        destination: ``[B, M]`` int64, the position (among the M) of the token each token ends up in: its
-            match for the r merged A tokens, itself for every other.
-        order: ``[B, M - r]`` int64, the positions of the tokens that stay, in the order they come out (A
-            tokens that stayed, then B tokens).
-        distinct: ``[B, M]`` 1 - best cosine similarity for A tokens, 2 for B tokens (never merged away);
-            higher means kept first.
+        count: M, the non-prefix tokens matched.
+        first_a: 0 or 1, the position of the first A token (A: ``first_a, first_a + 2, ...``; B: the others).
+        best: ``[B, Ma]`` each A token's best cosine similarity to a B token.
+        best_b: ``[B, Ma]`` int64, that B token (its index within B).
+        merged_a: ``[B, r]`` int64, the A tokens merged away (indices within A).
+        kept_a: ``[B, Ma - r]`` int64, the A tokens that stay, in the order they come out.
     """
 
-    destination: torch.Tensor
-    order: torch.Tensor
-    distinct: torch.Tensor
+    count: int
+    first_a: int
+    best: torch.Tensor
+    best_b: torch.Tensor
+    merged_a: torch.Tensor
+    kept_a: torch.Tensor
+
+    @cached_property
+    def a_positions(self) -> torch.Tensor:
+        return torch.arange(self.first_a, self.count, 2, device=self.best.device)
+
+    @cached_property
+    def b_positions(self) -> torch.Tensor:
+        return torch.arange(1 - self.first_a, self.count, 2, device=self.best.device)
+
+    @cached_property
+    def destination(self) -> torch.Tensor:
+        """``[B, M]`` int64, the position (among the M) of the token each token ends up in: its match for the r
+        merged A tokens, itself for every other."""
+        a_pos, b_pos = self.a_positions, self.b_positions
+        batch = self.best.shape[0]
+        destination = torch.arange(self.count, device=a_pos.device).repeat(batch, 1)
+        return destination.scatter_(1, a_pos[self.merged_a], b_pos[self.best_b.gather(1, self.merged_a)])
+
+    @cached_property
+    def order(self) -> torch.Tensor:
+        """``[B, M - r]`` int64, the positions of the tokens that stay, in the order they come out (A tokens that
+        stayed, then B tokens)."""
+        return torch.cat([self.a_positions[self.kept_a], self.b_positions.expand(self.best.shape[0], -1)], dim=1)
+
+    @cached_property
+    def distinct(self) -> torch.Tensor:
+        """``[B, M]`` 1 - best cosine similarity for A tokens, 2 for B tokens (never merged away); higher means
+        kept first."""
+        distinct = torch.full((self.best.shape[0], self.count), 2.0, device=self.best.device)
+        distinct[:, self.first_a::2] = 1.0 - self.best
+        return distinct
 
 
 def soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 0,
@@ -135,27 +174,22 @@ def soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 0,
     Raises:
         ValueError: r outside ``[0, M // 2]``.
     """
-    batch, m, _ = metric.shape
+    m = metric.shape[1]
     if not 0 <= r <= m // 2:
         raise ValueError(f"r must be in [0, {m // 2}] for {m} tokens, got {r}")
-    device = metric.device
-    a_pos, b_pos = bipartite_sets(m, num_prefix, device)
+    first_a = num_prefix % 2  # the parity of the whole-sequence position (bipartite_sets)
     unit = F.normalize(metric.float(), dim=-1)
-    similarity = unit[:, a_pos] @ unit[:, b_pos].transpose(1, 2)  # [B, Ma, Mb]
+    # the two sets as strided views, copied once each so that the product runs on dense operands
+    similarity = unit[:, first_a::2].contiguous() @ unit[:, 1 - first_a::2].transpose(1, 2).contiguous()
     if regions is not None:
-        similarity = similarity.masked_fill(regions[:, a_pos, None] != regions[:, None, b_pos], float("-inf"))
+        similarity = similarity.masked_fill(regions[:, first_a::2, None] != regions[:, None, 1 - first_a::2],
+                                            float("-inf"))
     best, best_b = similarity.max(dim=-1)  # [B, Ma]
     ranked = torch.sort(best, dim=-1, descending=True, stable=True).indices  # indices into A
     merged_a, kept_a = ranked[:, :r], ranked[:, r:]
     if num_prefix:
         kept_a = kept_a.sort(dim=-1).values
-    a_of = a_pos.expand(batch, -1)
-    destination = torch.arange(m, device=device).repeat(batch, 1)
-    destination.scatter_(1, a_of.gather(1, merged_a), b_pos[best_b.gather(1, merged_a)])
-    order = torch.cat([a_of.gather(1, kept_a), b_pos.expand(batch, -1)], dim=1)
-    distinct = torch.full((batch, m), 2.0, device=device)
-    distinct[:, a_pos] = 1.0 - best
-    return BipartiteMatch(destination, order, distinct)
+    return BipartiteMatch(m, first_a, best, best_b, merged_a, kept_a)
 
 
 def bipartite_matching(metric: torch.Tensor, r: int, num_prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,20 +217,37 @@ def merge_weighted(tokens: torch.Tensor, sizes: torch.Tensor,
     return merged, new_sizes, combination
 
 
-def merge_into_slots(tokens: torch.Tensor, sizes: torch.Tensor,
+def merge_into_slots(tokens: torch.Tensor, sizes: torch.Tensor | None,
                      match: BipartiteMatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`merge_weighted` with the combination as an index: (merged ``[B, K, C]``, sizes ``[B, K]``, slot
-    ``[B, M]``: the output position each token went into), for :func:`patchslim.tokens.merge_patches`."""
+    ``[B, M]``: the output position each token went into), for :func:`patchslim.tokens.merge_patches`.
+
+    ``sizes`` None: every token stands for one (no weighting to do). The merge works on the two sets: the A
+    tokens that stay are gathered, the merged ones added into their B tokens (``sum(s_i x_i)``, the B token's
+    own term first), and the sums divided by the summed sizes.
+    """
     channels = tokens.shape[-1]
-    destination, order = match.destination, match.order
-    summed = torch.zeros_like(tokens).scatter_add_(
-        1, destination.unsqueeze(-1).expand(-1, -1, channels), tokens * sizes.unsqueeze(-1))
-    size_sum = torch.zeros_like(sizes).scatter_add_(1, destination, sizes)
-    new_sizes = size_sum.gather(1, order)
-    merged = summed.gather(1, order.unsqueeze(-1).expand(-1, -1, channels)) / new_sizes.unsqueeze(-1)
-    position = torch.empty_like(destination).scatter_(
-        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))  # output slot of a survivor
-    return merged, new_sizes, position.gather(1, destination)
+    a, b = match.first_a, 1 - match.first_a
+    weighted = tokens if sizes is None else tokens * sizes.unsqueeze(-1)
+    if sizes is None:
+        sizes = torch.ones(tokens.shape[:2], dtype=tokens.dtype, device=tokens.device)
+    into = match.best_b.gather(1, match.merged_a)  # [B, r] the B token each merged A token joins
+    wa, wb = weighted[:, a::2], weighted[:, b::2]
+    kept = wa.gather(1, match.kept_a.unsqueeze(-1).expand(-1, -1, channels))
+    summed = wb.scatter_add(1, into.unsqueeze(-1).expand(-1, -1, channels),
+                            wa.gather(1, match.merged_a.unsqueeze(-1).expand(-1, -1, channels)))
+    sa, sb = sizes[:, a::2], sizes[:, b::2]
+    new_sizes = torch.cat([sa.gather(1, match.kept_a), sb.scatter_add(1, into, sa.gather(1, match.merged_a))], 1)
+    merged = torch.cat([kept, summed], dim=1) / new_sizes.unsqueeze(-1)
+    stay = match.kept_a.shape[1]
+    batch = tokens.shape[0]
+    slot_a = torch.empty_like(match.best_b)
+    slot_a.scatter_(1, match.kept_a, torch.arange(stay, device=slot_a.device).expand(batch, -1))
+    slot_a.scatter_(1, match.merged_a, into + stay)
+    slot = torch.empty(batch, match.count, dtype=torch.int64, device=slot_a.device)
+    slot[:, a::2] = slot_a
+    slot[:, b::2] = torch.arange(stay, stay + sb.shape[1], device=slot.device)
+    return merged, new_sizes, slot
 
 
 @register
@@ -258,8 +309,7 @@ class TokenMerging(SlimMethod):
         metric = keys.mean(dim=1)[:, p:]  # [B, M, d_head]
         match = soft_matching(metric, r, p)
         patches = state.patches.float()
-        sizes = (state.sizes[:, p:].float() if state.sizes is not None
-                 else torch.ones(patches.shape[:2], device=patches.device))
+        sizes = state.sizes[:, p:].float() if state.sizes is not None else None  # None: every token is one patch
         merged_patches, new_sizes, slot = merge_into_slots(patches, sizes, match)
         merged = merge_patches(state, merged_patches, slot, new_sizes)
         d_head, channels = metric.shape[-1], patches.shape[-1]

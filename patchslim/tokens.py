@@ -355,6 +355,14 @@ def merge_patches(state: TokenState, patches: torch.Tensor, slot: torch.Tensor,
     return _replaced(state, patches, sizes, lambda provenance: provenance.merge(slot, patches.shape[1]))
 
 
+def survivor_slots(destination: torch.Tensor, survivors: torch.Tensor) -> torch.Tensor:
+    """``[B, M]`` the output slot of each token for :func:`merge_patches`: the position, among ``survivors``
+    (``[B, K]``, each its own destination), of the token's ``destination`` (``[B, M]``)."""
+    where = torch.empty_like(destination)
+    where.scatter_(1, survivors, torch.arange(survivors.shape[1], device=survivors.device).expand_as(survivors))
+    return where.gather(1, destination)
+
+
 def _replaced(state: TokenState, patches: torch.Tensor, sizes: torch.Tensor | None, provenance) -> TokenState:
     p = state.num_prefix
     tokens = torch.cat([state.prefix, patches.to(state.tokens.dtype)], dim=1)

@@ -15,7 +15,7 @@ ToMe's bipartite matching runs only on the tokens that sit in large clusters of 
 3. the 2k highest-energy tokens are the merge candidates, split alternately in energy order into sets A
    (1st, 3rd, ...) and B (2nd, 4th, ...); the M - 2k lower-energy tokens are protected (never merged);
 4. every A token merges into its most cosine-similar B token: size-weighted averages, sizes add up
-   (proportional attention and size-weighted pooling follow, as for ToMe), provenance is the 0/1 source matrix.
+   (proportional attention and size-weighted pooling follow, as for ToMe), provenance follows each token's output slot.
 
 Defaults from the paper: alpha = 1 and a margin that falls with depth, ``m_l = 0.9 - 0.9 l / L`` for block l of
 L (strict in early blocks, where features are alike, lenient late); option ``margin`` sets the top value of that
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from patchslim.methods.base import OptionSpec, Reduction, SlimMethod, StageContext, register
 from patchslim.methods.tofu import check_keys, check_r, merge_groups
 from patchslim.methods.tome import merges_this_block
-from patchslim.tokens import TokenState, replace_patches, top_k_index
+from patchslim.tokens import TokenState, merge_patches, survivor_slots, top_k_index
 
 DEFAULT_MARGIN = 0.9
 DEFAULT_ALPHA = 1.0
@@ -150,8 +150,8 @@ class PiToMe(SlimMethod):
         sizes = (state.sizes[:, p:].float() if state.sizes is not None
                  else torch.ones(batch, m, device=state.tokens.device))
         merged, new_sizes = merge_groups(state.patches, sizes, destination, survivors, "mean")
-        combination = (survivors.unsqueeze(-1) == destination.unsqueeze(1)).float()  # [B, M - k, M]
         d_head, channels = metric.shape[-1], state.tokens.shape[-1]
         macs = m * m * d_head + m * d_head + m * m + m * channels
-        return Reduction(replace_patches(state, merged, combination, new_sizes), scores=-energy,
-                         selection_macs=float(macs))
+        # the provenance follows by each token's output slot (an index), not a [B, M - k, M] 0/1 product
+        return Reduction(merge_patches(state, merged, survivor_slots(destination, survivors), new_sizes),
+                         scores=-energy, selection_macs=float(macs))

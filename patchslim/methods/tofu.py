@@ -17,8 +17,8 @@ reference's output order; :func:`patchslim.methods.tome.soft_matching`) and chan
   the size-weighted average's direction with the largest norm of the group (multi-token linear interpolation,
   MLERP, the paper's norm-preserving stand-in for SLERP; two tokens of equal norm keep that norm exactly, while
   the plain average shrinks it by the cosine of half their angle). Sizes add up and the engine's proportional
-  attention (``log(size)``) and size-weighted pooling apply, as for ToMe; provenance is the 0/1 source matrix
-  (``replace_patches``).
+  attention (``log(size)``) and size-weighted pooling apply, as for ToMe; provenance follows each token's output
+  slot (``merge_patches``), as for ToMe.
 
 Where the switch happens: the paper chooses it from its layer-linearity analysis of the model; a layer index
 for DeiT-S was not available to us offline. Our default, option ``merge_from`` unset, prunes in blocks
@@ -44,7 +44,7 @@ import torch
 from patchslim.errors import PlanError
 from patchslim.methods.base import OptionSpec, Reduction, SlimMethod, StageContext, register
 from patchslim.methods.tome import merges_this_block, soft_matching
-from patchslim.tokens import TokenState, keep_tokens, replace_patches
+from patchslim.tokens import TokenState, keep_tokens, merge_patches
 
 
 def merge_groups(patches: torch.Tensor, sizes: torch.Tensor, destination: torch.Tensor, survivors: torch.Tensor,
@@ -165,7 +165,7 @@ class TokenFusion(SlimMethod):
                  else torch.ones(batch, m, device=state.tokens.device))
         mode = "mlerp" if ctx.options.get("merge", "mlerp") == "mlerp" else "mean"
         merged, new_sizes = merge_groups(state.patches, sizes, destination, survivors, mode)
-        combination = (survivors.unsqueeze(-1) == destination.unsqueeze(1)).float()  # [B, M - r, M]
         macs += m * channels * (3 if mode == "mlerp" else 1)
-        return Reduction(replace_patches(state, merged, combination, new_sizes), scores=distinct,
+        # the provenance follows by the output slot of each token (an index), not a [B, M - r, M] 0/1 product
+        return Reduction(merge_patches(state, merged, match.slot, new_sizes), scores=distinct,
                          selection_macs=float(macs))

@@ -150,6 +150,19 @@ class BipartiteMatch:
         return torch.cat([self.a_positions[self.kept_a], self.b_positions.expand(self.best.shape[0], -1)], dim=1)
 
     @cached_property
+    def slot(self) -> torch.Tensor:
+        """``[B, M]`` int64, the output position (among the M - r, in :attr:`order`) of the token each token ends
+        up in: what :func:`patchslim.tokens.merge_patches` takes instead of a ``[B, M - r, M]`` 0/1 matrix."""
+        stay, batch = self.kept_a.shape[1], self.best.shape[0]
+        slot_a = torch.empty_like(self.best_b)
+        slot_a.scatter_(1, self.kept_a, torch.arange(stay, device=slot_a.device).expand(batch, -1))
+        slot_a.scatter_(1, self.merged_a, self.best_b.gather(1, self.merged_a) + stay)
+        slot = torch.empty(batch, self.count, dtype=torch.int64, device=slot_a.device)
+        slot[:, self.first_a::2] = slot_a
+        slot[:, 1 - self.first_a::2] = torch.arange(stay, self.count - self.merged_a.shape[1], device=slot.device)
+        return slot
+
+    @cached_property
     def distinct(self) -> torch.Tensor:
         """``[B, M]`` 1 - best cosine similarity for A tokens, 2 for B tokens (never merged away); higher means
         kept first."""
@@ -239,15 +252,7 @@ def merge_into_slots(tokens: torch.Tensor, sizes: torch.Tensor | None,
     sa, sb = sizes[:, a::2], sizes[:, b::2]
     new_sizes = torch.cat([sa.gather(1, match.kept_a), sb.scatter_add(1, into, sa.gather(1, match.merged_a))], 1)
     merged = torch.cat([kept, summed], dim=1) / new_sizes.unsqueeze(-1)
-    stay = match.kept_a.shape[1]
-    batch = tokens.shape[0]
-    slot_a = torch.empty_like(match.best_b)
-    slot_a.scatter_(1, match.kept_a, torch.arange(stay, device=slot_a.device).expand(batch, -1))
-    slot_a.scatter_(1, match.merged_a, into + stay)
-    slot = torch.empty(batch, match.count, dtype=torch.int64, device=slot_a.device)
-    slot[:, a::2] = slot_a
-    slot[:, b::2] = torch.arange(stay, stay + sb.shape[1], device=slot.device)
-    return merged, new_sizes, slot
+    return merged, new_sizes, match.slot
 
 
 @register

@@ -233,6 +233,20 @@ def test_weighted_pagerank_converges_to_the_stationary_distribution():
     torch.testing.assert_close(scores.sum(-1), torch.ones(1, 2))
 
 
+def test_weighted_pagerank_gives_each_graph_the_same_scores_whatever_group_it_is_iterated_in(monkeypatch):
+    import patchslim.methods.zerotprune as zerotprune
+
+    graphs = torch.rand(5, 3, 7, 7, generator=torch.Generator().manual_seed(0)).softmax(-1)  # [B, H, T, T]
+    whole = weighted_pagerank(graphs, 30)
+    alone = torch.stack([weighted_pagerank(graphs[b], 30) for b in range(5)])
+    monkeypatch.setattr(zerotprune, "_WPR_GROUP_ELEMENTS", 2 * 7 * 7)  # two graphs per group: 8 groups
+    grouped = weighted_pagerank(graphs, 30)
+    assert whole.shape == (5, 3, 7)
+    torch.testing.assert_close(grouped, whole, rtol=0, atol=1e-7)
+    torch.testing.assert_close(alone, whole, rtol=0, atol=1e-7)
+    torch.testing.assert_close(whole.sum(-1), torch.ones(5, 3))
+
+
 def test_eir_aggregation_is_the_root_mean_square_over_heads():
     head_scores = torch.tensor([[[0.5, 0.2, 0.8], [0.5, 0.6, 0.4]]])  # prefix token first
     expected = torch.tensor([math.sqrt((0.04 + 0.36) / 2), math.sqrt((0.64 + 0.16) / 2)])

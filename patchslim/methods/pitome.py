@@ -65,7 +65,8 @@ def energy_scores(metric: torch.Tensor, margin: float,
     """
     unit = F.normalize(metric.float(), dim=-1)
     similarity = unit @ unit.transpose(1, 2)
-    return F.elu(similarity - margin, alpha=alpha).mean(dim=-1), similarity
+    shifted = similarity - margin  # the one [B, M, M] temporary: the ELU runs in place on it
+    return F.elu(shifted, alpha=alpha, inplace=True).mean(dim=-1), similarity
 
 
 def energy_matching(similarity: torch.Tensor, energy: torch.Tensor, k: int) -> torch.Tensor:

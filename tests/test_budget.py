@@ -12,7 +12,7 @@ import torch
 import patchslim
 from patchslim import budget as budgets
 from patchslim.budget import Knob, Unreachable, plan_for_budget, search, solve_budget
-from patchslim.errors import BudgetError, PlanError
+from patchslim.errors import BudgetError, PatchslimError, PlanError
 from patchslim.metrics.flops import baseline_macs, count_macs
 from patchslim.plan import KeepSet, SlimPlan
 
@@ -337,6 +337,13 @@ def test_command_lines_parse_budget_lists():
     assert config.budgets == (0.8, 0.6, 0.4) and config.data == "bundled" and config.ranked_at == 0.6
     args = parser.parse_args(["benchmark", "--which", "budgets", "--budgets", "2"])
     with pytest.raises(BudgetError, match="--budgets"):
+        configs(args)
+    args = parser.parse_args(["benchmark", "--which", "budget_target"])
+    assert configs(args)["budget_target"].selection_images == 10000
+    args = parser.parse_args(["benchmark", "--which", "budget_target", "--selection-images", "300"])
+    assert configs(args)["budget_target"].selection_images == 300
+    args = parser.parse_args(["benchmark", "--which", "budget_target", "--selection-images", "0"])
+    with pytest.raises(PatchslimError, match="--selection-images must be at least 1, got 0"):
         configs(args)
 
 

@@ -124,7 +124,7 @@ class BudgetTargetConfig:
     model: str = "fashion-vit"
     pretrained: bool = True
     budget: float = 0.5
-    selection_images: int = 2000
+    selection_images: int = 10000
     selection_seed: int = 777
     finalists: int = 3
     data: str = "fashion-mnist"

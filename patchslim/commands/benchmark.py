@@ -75,6 +75,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--limit", type=int, default=None,
                         help="accuracy, budgets, budget_target, audit_fashion, faithfulness: at most N images (evenly "
                              "spaced; faithfulness default 500)")
+    parser.add_argument("--selection-images", type=int, default=None,
+                        help="budget_target: training canvases that rank the candidate plans (default 10000)")
     parser.add_argument("--steps", type=int, default=20, help="faithfulness: steps of the deletion / insertion curves")
     parser.add_argument("--maps", default=None,
                         help="faithfulness: comma-separated map kinds (default: attention,rollout,grad_rollout,ig,"
@@ -150,6 +152,8 @@ def configs(args) -> dict:
         raise PatchslimError("batch sizes must be positive integers")
     if (args.repeats is not None and args.repeats < 1) or (args.warmup is not None and args.warmup < 0):
         raise PatchslimError("--repeats must be >= 1 and --warmup >= 0")
+    if args.selection_images is not None and args.selection_images < 1:
+        raise PatchslimError(f"--selection-images must be at least 1, got {args.selection_images}")
     if args.limit is not None and args.limit < 1:
         raise PatchslimError(f"--limit must be at least 1, got {args.limit}")
     if any(sep in args.tag for sep in "/\\") or args.tag in (".", ".."):
@@ -165,7 +169,8 @@ def configs(args) -> dict:
         "budgets": lambda: BudgetsConfig(**{k: v for k, v in labelled.items() if k != "keep_ratios"},
                                          **({"budgets": budgets} if budgets else {})),
         "budget_target": lambda: BudgetTargetConfig(
-            **{k: v for k, v in labelled.items() if k in ("model", "pretrained", "data", "limit", "batch_size")}),
+            **{k: v for k, v in labelled.items() if k in ("model", "pretrained", "data", "limit", "batch_size")},
+            **({"selection_images": args.selection_images} if args.selection_images else {})),
         "audit_fashion": lambda: AuditFashionConfig(**labelled, resume=args.resume,
                                                     **({"work": args.work} if args.work else {})),
         "faithfulness": lambda: FaithfulnessConfig(**dict(labelled, limit=args.limit or FaithfulnessConfig.limit),

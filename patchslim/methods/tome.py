@@ -127,18 +127,15 @@ class BipartiteMatch:
     kept_a: torch.Tensor
 
     @cached_property
-    def a_positions(self) -> torch.Tensor:
-        return torch.arange(self.first_a, self.count, 2, device=self.best.device)
-
-    @cached_property
-    def b_positions(self) -> torch.Tensor:
-        return torch.arange(1 - self.first_a, self.count, 2, device=self.best.device)
+    def sets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A positions, B positions) among the M: :func:`bipartite_sets` (``first_a`` has the prefix's parity)."""
+        return bipartite_sets(self.count, self.first_a, self.best.device)
 
     @cached_property
     def destination(self) -> torch.Tensor:
         """``[B, M]`` int64, the position (among the M) of the token each token ends up in: its match for the r
         merged A tokens, itself for every other."""
-        a_pos, b_pos = self.a_positions, self.b_positions
+        a_pos, b_pos = self.sets
         batch = self.best.shape[0]
         destination = torch.arange(self.count, device=a_pos.device).repeat(batch, 1)
         return destination.scatter_(1, a_pos[self.merged_a], b_pos[self.best_b.gather(1, self.merged_a)])
@@ -147,7 +144,8 @@ class BipartiteMatch:
     def order(self) -> torch.Tensor:
         """``[B, M - r]`` int64, the positions of the tokens that stay, in the order they come out (A tokens that
         stayed, then B tokens)."""
-        return torch.cat([self.a_positions[self.kept_a], self.b_positions.expand(self.best.shape[0], -1)], dim=1)
+        a_pos, b_pos = self.sets
+        return torch.cat([a_pos[self.kept_a], b_pos.expand(self.best.shape[0], -1)], dim=1)
 
     @cached_property
     def slot(self) -> torch.Tensor:

@@ -32,9 +32,9 @@ def image_keys(images: torch.Tensor) -> list[int]:
     weights = _position_weights(flat.shape[1], str(flat.device))
     low = torch.zeros(flat.shape[0], dtype=torch.int64, device=flat.device)
     high = torch.zeros_like(low)
-    # in slices, so the int64 temporaries stay small next to the forward's own activations (the memory estimate
-    # does not count them, and a whole-batch int64 copy would be the largest tensor of a small model's forward);
-    # a slice holds up to _KEY_ELEMENTS values of the batch, so one image takes a few slices, not dozens
+    # in slices, so the temporaries stay small next to the forward's own activations (the memory estimate does not
+    # count them, and a whole-batch copy would be the largest tensor of a small model's forward): a slice holds
+    # _KEY_ELEMENTS values of the batch, at least _KEY_SLICE per image
     step = max(_KEY_SLICE, _KEY_ELEMENTS // flat.shape[0])
     for start in range(0, flat.shape[1], step):
         part, w = bits[:, start:start + step], weights[start:start + step]
@@ -45,7 +45,7 @@ def image_keys(images: torch.Tensor) -> list[int]:
 
 
 _KEY_SLICE = 4096  # the fewest values per image in a slice of image_keys' sums
-_KEY_ELEMENTS = 1 << 17  # values of the whole batch in one slice (1 MiB of int64 per temporary)
+_KEY_ELEMENTS = 1 << 14  # values of the whole batch in one slice (64 KiB per int32 temporary)
 
 
 @functools.lru_cache(maxsize=8)

@@ -36,6 +36,8 @@ PHOTOS = (
 )
 BUNDLED_GALLERY_SIZE = 12
 
+PLAN_REFUSAL = "This plan cannot run"  # how a page opens its message for a plan the engine refuses
+
 
 # --------------------------------------------------------------------------- galleries
 

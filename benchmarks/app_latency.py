@@ -45,9 +45,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from app.compute import PLAN_REFUSAL  # noqa: E402  (how the page words a plan it cannot run)
+
 RESULTS = REPO / "benchmarks" / "results" / "app_latency.json"
 TARGETS = dict(rho_change_ms=100, rho_change_input_pruning_ms=80, new_image_s=0.3)
-REFUSAL = "This plan cannot run"  # how the Explore page opens its message for a plan it cannot run
 RATIOS = [0.45, 0.4, 0.35, 0.3, 0.25, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.2, 0.15, 0.85, 0.9, 0.1, 0.95]
 
 
@@ -136,7 +137,7 @@ def method_timings(script: ScriptThread, at, method: str, repeats: int, uploads:
     at.file_uploader(key="uploader").set_value(uploads[0][:2] + ("image/png",))
     at.selectbox(key="method").set_value(method).run()
     assert not at.exception, [e.value for e in at.exception]
-    refusals = [str(e.value) for e in at.error if str(e.value).startswith(REFUSAL)]
+    refusals = [str(e.value) for e in at.error if str(e.value).startswith(PLAN_REFUSAL)]
     if refusals:  # other errors are results (a flipped label is shown as one)
         raise NotRunnable(" ".join(refusals))
     new_image, new_image_script = [], []

@@ -54,7 +54,7 @@ if run_col.button("Explain", type="primary", width="stretch") or result is not N
                                              settings.options, how, share, progress)
             except PatchslimError as exc:
                 bar.empty()
-                st.error(f"This plan cannot run: {exc}")
+                st.error(f"{compute.PLAN_REFUSAL}: {exc}")
                 st.stop()
             bar.empty()
             state.remember(key, result)

@@ -29,7 +29,7 @@ with panel("The forwards") as forwards:
         slim = state.slimmed(settings.choice.key, picked.key, settings.method, settings.keep_ratio,
                              settings.options_key, model, picked.image)
     except PatchslimError as exc:
-        st.error(f"This plan cannot run: {exc}")
+        st.error(f"{compute.PLAN_REFUSAL}: {exc}")
         st.stop()
     pixels = state.model_input(settings.choice.key, picked.key, model, picked.image)  # what the model saw
     view = state.display_view(settings.choice.key, picked.key, model, picked.image)  # what the pictures start from

@@ -24,13 +24,14 @@ state.init_session()
 views.page_style()
 
 PAGES = Path(__file__).resolve().parent / "app_pages"
+explore = st.Page(PAGES / "explore.py", title="Explore one image", icon=":material/search:", default=True)
 page = st.navigation([
-    st.Page(PAGES / "explore.py", title="Explore one image", icon=":material/search:", default=True),
+    explore,
     st.Page(PAGES / "compare.py", title="Compare methods", icon=":material/compare:"),
     st.Page(PAGES / "explain.py", title="Explain", icon=":material/lightbulb:"),
     st.Page(PAGES / "benchmark.py", title="Benchmark", icon=":material/timer:"),
     st.Page(PAGES / "audit.py", title="Audit", icon=":material/balance:"),
 ])
-settings = sidebar.draw()
+settings = sidebar.draw(page_draws_keep_ratio=page.url_path == explore.url_path)  # Explore: in its fragment
 sidebar.notices(settings)
 page.run()

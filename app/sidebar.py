@@ -8,6 +8,7 @@ The choices are stored in ``st.session_state["settings"]`` for the pages to read
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import streamlit as st
 
@@ -44,6 +45,9 @@ class Settings:
         keep_ratio: rho.
         options: the method's options as the plan takes them (unset options left out).
         error: a message to show instead of results.
+        keep_ratio_slot: the sidebar's place for the rho slider, when a page draws it there itself
+            (:func:`keep_ratio_slider`, from a fragment: a rho change then reruns that fragment only); None when
+            the sidebar drew it.
     """
 
     choice: state.ModelChoice | None
@@ -51,6 +55,7 @@ class Settings:
     keep_ratio: float
     options: dict = field(default_factory=dict)
     error: str = ""
+    keep_ratio_slot: Any = field(default=None, compare=False, repr=False)
 
     @property
     def options_key(self) -> tuple:
@@ -58,8 +63,20 @@ class Settings:
         return tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in self.options.items()))
 
 
-def draw() -> Settings:
-    """Draws the sidebar and stores the result in ``st.session_state["settings"]``."""
+def keep_ratio_slider(slot) -> float:
+    """The rho slider, drawn in ``slot`` (its place in the sidebar); returns its value."""
+    with slot:
+        return float(st.slider("Keep ratio ρ = N′/N", min_value=0.05, max_value=1.0, step=0.05, key="keep_ratio",
+                               help="The share of patch tokens each slimming step keeps."))
+
+
+def draw(page_draws_keep_ratio: bool = False) -> Settings:
+    """Draws the sidebar and stores the result in ``st.session_state["settings"]``.
+
+    With ``page_draws_keep_ratio`` the rho slider's place is left to the page (``Settings.keep_ratio_slot``): the
+    Explore page draws it inside the fragment that depends on rho, so that moving it reruns that fragment and not
+    the sidebar, the image picker and the unslimmed forward. ``keep_ratio`` is then the slider's current value.
+    """
     with st.sidebar:
         st.header("Model")
         names = state.model_names() + state.local_model_choices() + [TYPED_SOURCE]
@@ -128,13 +145,16 @@ def draw() -> Settings:
             with st.expander(f"{len(refused)} methods do not apply to {choice.model.spec.kind}"):
                 for name, reason in refused.items():
                     st.markdown(f"- **{name}**: {reason}")
-        keep_ratio = st.slider("Keep ratio ρ = N′/N", min_value=0.05, max_value=1.0, step=0.05, key="keep_ratio",
-                               help="The share of patch tokens each slimming step keeps.")
+        slot = st.container()
+        if page_draws_keep_ratio:
+            keep_ratio = float(st.session_state.get("keep_ratio", state.DEFAULT_KEEP_RATIO))
+        else:
+            keep_ratio, slot = keep_ratio_slider(slot), None
         options = {}
         if choice is not None:
             options = _option_widgets(slim, choice.model.spec)
 
-    settings = Settings(choice, method, float(keep_ratio), options, error)
+    settings = Settings(choice, method, float(keep_ratio), options, error, keep_ratio_slot=slot)
     st.session_state["settings"] = settings
     return settings
 
@@ -231,6 +251,8 @@ def current() -> Settings:
     """The sidebar's settings for a page; stops the page with the reason when no model could be loaded."""
     settings: Settings = st.session_state["settings"]
     if settings.choice is None:
+        if settings.keep_ratio_slot is not None:  # the slider keeps its place (and its value) in the sidebar
+            keep_ratio_slider(settings.keep_ratio_slot)
         st.error(settings.error or "No model is loaded.")
         st.stop()
     return settings

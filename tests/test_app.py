@@ -409,6 +409,46 @@ def test_a_rho_change_redraws_everything_it_changes(app, engine_model, first_gal
     assert [m.value for m in app.metric][:2] == numbers[:2]  # GMACs and latency: not recomputed
 
 
+def _app_latency():
+    """``benchmarks/app_latency.py`` as a module (its fragment-rerun harness)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("app_latency", REPO / "benchmarks" / "app_latency.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_rho_change_on_explore_reruns_only_the_fragment_that_draws_the_slider(app, engine_model,
+                                                                                first_gallery_image):
+    """The rho slider is drawn by the Explore page's results fragment, in its place in the sidebar: the server
+    answers a move of it by rerunning that fragment alone (not the sidebar, the picker or the unslimmed forward),
+    and the fragment alone redraws every number, picture and chart that rho changes, and the slider itself."""
+    from patchslim.metrics.flops import compare_macs
+
+    harness = _app_latency()
+    app.selectbox(key="method").set_value("uniform").run()
+    app.slider(key="keep_ratio").set_value(0.8).run()
+    before = _pictures(app)
+    app.slider(key="keep_ratio").set_value(0.3)
+    with harness.fragment_reruns(harness.RHO_FRAGMENT):
+        app.run()
+    assert not _exceptions(app)
+    assert not app.sidebar.selectbox and not app.title  # only the fragment ran: no model picker, no page title
+    assert [s.key for s in app.sidebar.slider] == ["keep_ratio"] and app.slider(key="keep_ratio").value == 0.3
+    after = _pictures(app)
+    assert len(after) == 3 and after[0] != before[0] and after[2] != before[2]
+    trace = patchslim.run(engine_model, first_gallery_image, patchslim.SlimPlan.from_options("uniform", 0.3))
+    base = patchslim.run(engine_model, first_gallery_image)
+    assert _metric(app, "Tokens in last block").value == str(trace.tokens_per_block[-1])
+    assert _metric(app, "GMACs per image").value == f"{compare_macs(trace, base).gmacs:.3g}"
+    assert app.main.get("plotly_chart") and app.main.get("download_button")
+    assert app.session_state["keep_ratio"] == 0.3
+    app.run()  # the whole page again, at the new rho
+    assert not _exceptions(app) and app.title and app.slider(key="keep_ratio").value == 0.3
+    assert _metric(app, "GMACs per image").value == f"{compare_macs(trace, base).gmacs:.3g}"
+
+
 @pytest.mark.parametrize("share_of_budget", [0.9, 1.1])
 def test_explain_computes_at_once_only_when_the_model_is_quick(app, engine_model, monkeypatch, share_of_budget):
     """The Explain page starts the attributions without a button press when the model's forward, timed at

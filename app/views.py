@@ -33,15 +33,25 @@ def _shown(target, image: Image.Image) -> None:
 
 # The readout cards (st.metric) cut their label, value and delta with an ellipsis when a card is narrow: five cards
 # on a 1280 px screen with the sidebar open showed "0.187 ...", "Latency per im...". These rules let the text wrap
-# and size the value by the window's width (the full 2.25 rem from about 1700 px), so every card reads in full from
-# 1280 to 1920 px and on a projector. Streamlit's own test ids name the parts; nothing else is restyled.
+# between words and size the value by the window's width (the full 2.25 rem from about 1700 px); when the row is
+# too narrow for six readable cards (under 1100 px: a 1280 px screen with the sidebar open), the cards go three to
+# a row (a container query on the row's own width), so every card reads in full from 1280 to 1920 px and on a
+# projector. Streamlit's own test ids and the row's key name the parts; nothing else is restyled.
 READABLE_CARDS = """<style>
 [data-testid="stMetricLabel"] *, [data-testid="stMetricValue"] *, [data-testid="stMetricDelta"] * {
   white-space: normal !important; overflow: visible !important; text-overflow: clip !important;
-  overflow-wrap: anywhere;
+  overflow-wrap: break-word;
 }
 [data-testid="stMetricValue"] { font-size: clamp(1.3rem, 2.05vw, 2.25rem) !important; line-height: 1.2; }
 [data-testid="stMetricDelta"] { height: auto !important; }
+.st-key-readouts { container-type: inline-size; }
+@container (max-width: 1100px) {
+  .st-key-readouts [data-testid="stHorizontalBlock"] { flex-wrap: wrap !important; row-gap: 1rem; }
+  .st-key-readouts [data-testid="stColumn"] {
+    flex: 1 1 calc(33.3% - 1rem) !important; min-width: calc(33.3% - 1rem) !important;
+    max-width: calc(33.4% - 0.5rem) !important; width: calc(33.3% - 1rem) !important;
+  }
+}
 </style>"""
 
 
@@ -58,7 +68,7 @@ def readout_row(r: compute.Costs, device: str, windowed: bool = False, model=Non
     """GMACs, latency, memory, rho reached and tokens, each before -> after (``device``: where it ran;
     ``windowed``: a Swin, whose tokens all come back after the blocks they sat out), and the model's weights as
     stored (``model``: the loaded model; slimming does not change them)."""
-    cols = st.columns(6 if model is not None else 5)
+    cols = st.container(key="readouts").columns(6 if model is not None else 5)  # the key: READABLE_CARDS
     card = dict(border=True, height="stretch")  # one height for the row, whichever card wraps most
     cols[0].metric("GMACs per image", f"{r.gmacs_after:.3g}",
                    delta=f"{-r.gmacs_reduction:+.0%} (from {r.gmacs_before:.3g})", delta_color="inverse",

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             _pick(page, "Method", args.method)
             if args.steps_left:
                 thumb = page.locator('[data-testid="stSidebar"] [data-testid="stSlider"]',
-                                     has_text="Keep ratio").locator('[role="slider"]').first
+                                     has_text="Keep ratio").locator('input[type="range"], [role="slider"]').first
                 thumb.focus()
                 for _ in range(args.steps_left):
                     page.keyboard.press("ArrowLeft")

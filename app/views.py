@@ -36,14 +36,21 @@ def _shown(target, image: Image.Image) -> None:
 # between words and size the value by the window's width (the full 2.25 rem from about 1700 px); when the row is
 # too narrow for six readable cards (under 1100 px: a 1280 px screen with the sidebar open), the cards go three to
 # a row (a container query on the row's own width), so every card reads in full from 1280 to 1920 px and on a
-# projector. Streamlit's own test ids and the row's key name the parts; nothing else is restyled.
-READABLE_CARDS = """<style>
+# projector. Streamlit's own test ids and the row's key name the parts. The top-5 tables (``table.top5``, plain
+# HTML: app.widgets.predictions_table) get their bars here; nothing else is restyled.
+PAGE_STYLE = """<style>
 [data-testid="stMetricLabel"] *, [data-testid="stMetricValue"] *, [data-testid="stMetricDelta"] * {
   white-space: normal !important; overflow: visible !important; text-overflow: clip !important;
   overflow-wrap: break-word;
 }
 [data-testid="stMetricValue"] { font-size: clamp(1.3rem, 2.05vw, 2.25rem) !important; line-height: 1.2; }
 [data-testid="stMetricDelta"] { height: auto !important; }
+table.top5 { width: 100%; border-collapse: collapse; font-size: 0.95rem; }
+table.top5 th { text-align: left; font-weight: 600; color: rgba(49, 51, 63, 0.7); }
+table.top5 th, table.top5 td { padding: 0.3rem 0.5rem; border-bottom: 1px solid rgba(49, 51, 63, 0.1); }
+table.top5 td.bar { width: 40%; }
+table.top5 td.bar span { display: block; height: 0.6rem; border-radius: 0.3rem; background: #1f77b4; }
+table.top5 td.p { width: 5.5rem; text-align: right; font-variant-numeric: tabular-nums; }
 .st-key-readouts { container-type: inline-size; }
 @container (max-width: 1100px) {
   .st-key-readouts [data-testid="stHorizontalBlock"] { flex-wrap: wrap !important; row-gap: 1rem; }
@@ -56,8 +63,8 @@ READABLE_CARDS = """<style>
 
 
 def page_style() -> None:
-    """The app's few style rules (:data:`READABLE_CARDS`), once per page run."""
-    st.html(READABLE_CARDS)
+    """The app's few style rules (:data:`PAGE_STYLE`), once per page run."""
+    st.html(PAGE_STYLE)
 
 
 def _ms(seconds: float) -> str:
@@ -68,7 +75,7 @@ def readout_row(r: compute.Costs, device: str, windowed: bool = False, model=Non
     """GMACs, latency, memory, rho reached and tokens, each before -> after (``device``: where it ran;
     ``windowed``: a Swin, whose tokens all come back after the blocks they sat out), and the model's weights as
     stored (``model``: the loaded model; slimming does not change them)."""
-    cols = st.container(key="readouts").columns(6 if model is not None else 5)  # the key: READABLE_CARDS
+    cols = st.container(key="readouts").columns(6 if model is not None else 5)  # the key: PAGE_STYLE
     card = dict(border=True, height="stretch")  # one height for the row, whichever card wraps most
     cols[0].metric("GMACs per image", f"{r.gmacs_after:.3g}",
                    delta=f"{-r.gmacs_reduction:+.0%} (from {r.gmacs_before:.3g})", delta_color="inverse",

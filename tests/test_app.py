@@ -443,6 +443,8 @@ def test_a_rho_change_on_explore_reruns_only_the_fragment_that_draws_the_slider(
     assert _metric(app, "Tokens in last block").value == str(trace.tokens_per_block[-1])
     assert _metric(app, "GMACs per image").value == f"{compare_macs(trace, base).gmacs:.3g}"
     assert app.main.get("plotly_chart") and app.main.get("download_button")
+    tables = [h.proto.body for h in app.main.get("html") if 'class="top5"' in h.proto.body]
+    assert len(tables) == 2 and f"{trace.top_k(1)[0][1]:.2%}" in tables[1]  # before, after: the slimmed top-1
     assert app.session_state["keep_ratio"] == 0.3
     app.run()  # the whole page again, at the new rho
     assert not _exceptions(app) and app.title and app.slider(key="keep_ratio").value == 0.3

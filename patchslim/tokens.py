@@ -381,7 +381,7 @@ def merge_rows(tokens: torch.Tensor, sizes: torch.Tensor | None, num_prefix: int
     flat.index_add_(0, receiving, sources * (merged_sizes / group).reshape(-1, 1))
     if mode == "mlerp":
         largest = torch.zeros(batch * (p + k), device=tokens.device)
-        largest.index_reduce_(0, receiving, sources.norm(dim=-1), "amax", include_self=False)
+        largest.scatter_reduce_(0, receiving, sources.norm(dim=-1), "amax", include_self=False)
         largest = torch.maximum(largest.index_select(0, receiving), original.norm(dim=-1))
         average = flat.index_select(0, receiving)
         length = average.norm(dim=-1)

@@ -95,7 +95,7 @@ def energy_matching(similarity: torch.Tensor, energy: torch.Tensor, k: int) -> t
 
 
 def token_energy(metric: torch.Tensor, margin: float, alpha: float = DEFAULT_ALPHA,
-                 images: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+                 images: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`energy_scores` without the ``[B, M, M]`` similarities: (energy ``[B, M]``, unit features
     ``[B, M, d]``), for :meth:`PiToMe.reduce`, which needs only the A-B block of the similarities afterwards.
 

@@ -335,8 +335,19 @@ class TokenMerging(SlimMethod):
 
 def head_sum(keys: torch.Tensor, num_prefix: int) -> torch.Tensor:
     """``[B, H, T, d]`` keys -> ``[B, M, d]`` their sum over heads, non-prefix tokens only: ToMe's metric (the mean
-    over heads) up to the factor H, which cosine similarities ignore. Only the M rows that are matched are read."""
-    return keys[:, :, num_prefix:].sum(dim=1)
+    over heads) up to the factor H, which cosine similarities ignore. Only the M rows that are matched are read.
+
+    The heads are added one by one (``k_0 + k_1``, then ``+= k_h``), in the order a sum over the head axis takes
+    them: the keys are a strided view into the attention's ``qkv`` tensor, and on it the reduction kernel ran at
+    about half the speed of these in-place additions (DeiT-S, batch 32, one CPU thread).
+    """
+    heads = keys[:, :, num_prefix:].unbind(1)  # H views [B, M, d]
+    if len(heads) == 1:
+        return heads[0].clone()
+    total = heads[0] + heads[1]
+    for head in heads[2:]:
+        total.add_(head)
+    return total
 
 
 def merge_windows(state: TokenState, ctx: StageContext) -> Reduction:

@@ -228,4 +228,6 @@ class ZeroTPrune(SlimMethod):
         prune_similar = int(share * k + 0.5)
         metric = head_sum(keys, p)  # [B, M, d_head]: the mean over heads up to a scale cosines ignore
         kept, similarity_macs = two_stage_keep(importance, metric, k - prune_similar, prune_similar)
-        return Reduction(keep_tokens(state, kept), scores=importance, selection_macs=float(macs + similarity_macs))
+        # two_stage_keep returns the kept positions ascending already: no second sort
+        return Reduction(keep_tokens(state, kept, sort=False), scores=importance,
+                         selection_macs=float(macs + similarity_macs))

@@ -100,18 +100,23 @@ def token_energy(metric: torch.Tensor, margin: float, alpha: float = DEFAULT_ALP
     ``[B, M, d]``), for :meth:`PiToMe.reduce`, which needs only the A-B block of the similarities afterwards.
 
     The same energies to float rounding, computed ``images`` images at a time so that each ``[M, M]`` block stays
-    in the cache between its product and its reduction, and the ELU's mean taken as ``mean(max(x, 0)) +
-    alpha (mean(exp(min(x, 0))) - 1)`` of ``x = cos - m`` (one exponential per entry and no branch per element;
-    the ELU kernel took about 1.5 times as long on DeiT-S's 196 tokens).
+    in the cache between its product and its reductions, with fewer passes over it than an ELU's mean takes: for
+    ``x = cos - m``, ``sum_j f(x_j) = sum_j x_j - sum_j min(x_j, 0) + alpha (sum_j exp(min(x_j, 0)) - M)``. The
+    block is written once by the product (the margin subtracted in it), then summed, clamped, summed,
+    exponentiated and summed in place, with no second ``[M, M]`` tensor; on DeiT-S's 196 tokens the energies
+    took 0.4 of the time of :func:`energy_scores` (one CPU thread) and differed from them by at most 2e-7.
     """
     unit = F.normalize(metric.float(), dim=-1)
     m = unit.shape[1]
+    offset = torch.full((1, 1, 1), -margin, device=unit.device)
     parts = []
     for chunk in unit.split(images):
-        shifted = torch.bmm(chunk, chunk.mT).sub_(margin)
-        above = shifted.clamp_min(0.0).sum(dim=-1)
-        below = shifted.clamp_max_(0.0).exp_().sum(dim=-1)
-        parts.append((above + alpha * (below - m)) / m)
+        shifted = torch.baddbmm(offset, chunk, chunk.mT)  # cos - m
+        total = shifted.sum(dim=-1)
+        below = shifted.clamp_max_(0.0)
+        negative = below.sum(dim=-1)
+        spread = below.exp_().sum(dim=-1)
+        parts.append((total - negative + alpha * (spread - m)) / m)
     return torch.cat(parts), unit
 
 

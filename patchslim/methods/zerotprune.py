@@ -89,8 +89,9 @@ def weighted_pagerank(attention: torch.Tensor, iterations: int) -> torch.Tensor:
     graphs = attention.float().reshape(-1, tokens, tokens)  # one graph per (image, head)
     count = graphs.shape[0]
     # a few graphs at a time, each group iterated while it is in the cache: the whole batch's matrices (30 MB for
-    # DeiT-S at batch 32) would be read from memory once per iteration; the same products, the same scores
-    per_group = max(1, _WPR_GROUP_ELEMENTS // (tokens * tokens))
+    # DeiT-S at batch 32) would be read from memory once per iteration; the same products, the same scores. The
+    # product splits a group's graphs between the threads, so a group holds a cache's worth per thread.
+    per_group = max(1, _WPR_GROUP_ELEMENTS * max(1, torch.get_num_threads()) // (tokens * tokens))
     still = _WPR_STILL_ULPS * torch.finfo(torch.float32).eps
     scores = torch.full((count, 1, tokens), 1.0 / tokens, device=attention.device)
     previous = torch.empty_like(scores)  # each graph's scores one iteration before ``scores``
@@ -126,7 +127,7 @@ def weighted_pagerank(attention: torch.Tensor, iterations: int) -> torch.Tensor:
     return scores.reshape(attention.shape[:-1])
 
 
-_WPR_GROUP_ELEMENTS = 1 << 18  # attention entries iterated together by weighted_pagerank (1 MiB of float32)
+_WPR_GROUP_ELEMENTS = 1 << 18  # attention entries iterated together per thread by weighted_pagerank (1 MiB)
 _WPR_ROUND = 3  # weighted_pagerank: iterations between two checks for graphs at their fixed point
 _WPR_STILL_ULPS = 2  # weighted_pagerank: a move of at most this many float32 ulps (of the largest score) is rest
 

@@ -28,8 +28,9 @@ spread evenly over its blocks (every block by default). The paper's own runs set
 instead (a geometric schedule that merges more in early blocks); at the same final rho it costs fewer GMACs.
 rho = 1 (or r = 0) changes nothing.
 
-Cost per image: the full similarity matrix ``M^2 d`` plus ``M d`` to normalize, ``M^2`` for the energies (the
-A-B similarities are read from the same matrix) and ``M C`` for the merge.
+Cost per image: the full similarity matrix ``M^2 d`` plus ``M d`` to normalize, ``M^2`` for the energies,
+``k^2 d`` for the A-B similarities of the 2k candidates (recomputed from the unit features, so that the
+``[M, M]`` matrix need not be kept; the same dot products) and ``M C`` for the merge.
 """
 
 from __future__ import annotations
@@ -197,6 +198,6 @@ class PiToMe(SlimMethod):
         keep, merged, into = energy_merges(unit, energy, k)
         tokens, sizes, slot = merge_rows(state.tokens, state.sizes, p, keep, merged, into, "mean")
         d_head, channels = metric.shape[-1], state.tokens.shape[-1]
-        macs = m * m * d_head + m * d_head + m * m + m * channels
+        macs = m * m * d_head + m * d_head + m * m + k * k * d_head + m * channels
         # the provenance follows by each token's output slot (an index), not a [B, M - k, M] 0/1 product
         return Reduction(merged_state(state, tokens, sizes, slot), scores=-energy, selection_macs=float(macs))

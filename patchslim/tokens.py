@@ -357,30 +357,35 @@ def merge_rows(tokens: torch.Tensor, sizes: torch.Tensor | None, num_prefix: int
     """
     batch, total, channels = tokens.shape
     p, k = num_prefix, keep.shape[1]
+    device = tokens.device
     rows = with_prefix(keep, p)
-    out = gather_rows(tokens, rows)
+    image = torch.arange(batch, device=device).unsqueeze(1)
+    flat_in = tokens.reshape(batch * total, channels)
+    out = flat_in.index_select(0, (rows + image * total).flatten())  # prefix and kept rows, in output order
     work = out if out.dtype == torch.float32 else out.float()
     if sizes is None:
-        new_sizes = torch.ones(batch, p + k, device=tokens.device)
-        own = merged_sizes = torch.ones(merged.shape, device=tokens.device)
+        new_sizes = torch.ones(batch, p + k, device=device)
+        merged_sizes = torch.ones(merged.shape, device=device)
+        new_sizes[:, p:].scatter_add_(1, into, merged_sizes)
+        share = new_sizes[:, p:].gather(1, into).reciprocal_()  # 1 / S, every size being one
+        own_share = source_share = share
     else:
         sizes = sizes.float()
         new_sizes = sizes.gather(1, rows)
         merged_sizes = sizes[:, p:].gather(1, merged)
         own = new_sizes[:, p:].gather(1, into)  # the receiving token's own size
-    kept_sizes = new_sizes[:, p:]  # a view: the merged sizes add into it
-    kept_sizes.scatter_add_(1, into, merged_sizes)
-    group = kept_sizes.gather(1, into)  # S, the size of the group each merged token joins
-    rank = torch.arange(batch, device=tokens.device).unsqueeze(1)
-    receiving = (into + p + (p + k) * rank).flatten()  # rows of ``out`` (flattened), with repeats
-    sources = tokens.reshape(batch * total, channels).index_select(0, (merged + p + total * rank).flatten()).float()
+        new_sizes[:, p:].scatter_add_(1, into, merged_sizes)
+        group = new_sizes[:, p:].gather(1, into)  # S, the size of the group each merged token joins
+        own_share, source_share = own / group, merged_sizes / group
+    receiving = (into + (image * (p + k) + p)).flatten()  # rows of ``out`` (flattened), with repeats
+    sources = flat_in.index_select(0, (merged + (image * total + p)).flatten()).float()
     flat = work.view(batch * (p + k), channels)
     original = flat.index_select(0, receiving)  # the receiving tokens as they were
     # repeated receivers write the same row each time, so index_copy_ is deterministic here
-    flat.index_copy_(0, receiving, original * (own / group).reshape(-1, 1))
-    flat.index_add_(0, receiving, sources * (merged_sizes / group).reshape(-1, 1))
+    flat.index_copy_(0, receiving, original * own_share.view(-1, 1))
+    flat.index_add_(0, receiving, sources * source_share.view(-1, 1))
     if mode == "mlerp":
-        largest = torch.zeros(batch * (p + k), device=tokens.device)
+        largest = torch.zeros(batch * (p + k), device=device)
         largest.scatter_reduce_(0, receiving, sources.norm(dim=-1), "amax", include_self=False)
         largest = torch.maximum(largest.index_select(0, receiving), original.norm(dim=-1))
         average = flat.index_select(0, receiving)
@@ -392,7 +397,7 @@ def merge_rows(tokens: torch.Tensor, sizes: torch.Tensor | None, num_prefix: int
     slot = torch.empty(batch, total - p, dtype=torch.int64, device=keep.device)
     slot.scatter_(1, keep, torch.arange(k, device=keep.device).expand(batch, -1))
     slot.scatter_(1, merged, into)
-    return (work if work is out else work.to(out.dtype)), new_sizes, slot
+    return (work if work is out else work.to(out.dtype)).view(batch, p + k, channels), new_sizes, slot
 
 
 def merged_state(state: TokenState, tokens: torch.Tensor, sizes: torch.Tensor, slot: torch.Tensor) -> TokenState:

@@ -137,7 +137,8 @@ def energy_merges(unit: torch.Tensor, energy: torch.Tensor,
     tie = torch.arange(m, device=device, dtype=torch.float64) * 1e-12  # ties: the lower position first
     order = torch.topk(energy.double() - tie, 2 * k, dim=-1).indices  # descending, as the sort's first 2k
     a, b = order[:, 0::2], order[:, 1::2]  # [B, k] each
-    best = torch.bmm(gather_rows(unit, a), gather_rows(unit, b).mT).argmax(dim=-1)  # [B, k] within B
+    candidates = gather_rows(unit, order)  # [B, 2k, d], A and B alternating
+    best = torch.bmm(candidates[:, 0::2], candidates[:, 1::2].mT).argmax(dim=-1)  # [B, k] within B
     destination = b.gather(1, best)  # [B, k] positions among the M
     stays = torch.ones(batch, m, dtype=torch.bool, device=device).scatter_(1, a, False)
     keep = stays.nonzero()[:, 1].view(batch, m - k)  # row-major: ascending positions per image

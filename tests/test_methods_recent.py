@@ -329,3 +329,77 @@ def test_models_without_a_class_token_and_bad_options(fashion_random):
     for name in NEW_METHODS:
         with pytest.raises(PlanError, match=r"'r'.*\[0, 144\]"):
             patchslim.run(fashion_random, _images(fashion_random), SlimPlan.single(name, r=145))
+
+
+# --- the fast paths the methods run, against the reference helpers -------------------------------------------
+
+@pytest.mark.parametrize("mode", ["mean", "mlerp"])
+@pytest.mark.parametrize("prefix,with_sizes", [(1, False), (1, True), (0, True), (2, False)])
+def test_merge_rows_gives_merge_groups_tokens_sizes_and_slots(mode, prefix, with_sizes):
+    """tokens.merge_rows (what tome, tofu and pitome run) equals merge_groups over all M tokens, which reads
+    every token; lone tokens and prefix tokens bit for bit, merged groups to float rounding."""
+    from patchslim.tokens import merge_rows, survivor_slots
+
+    g = torch.Generator().manual_seed(3)
+    batch, m, channels, r = 3, 12, 5, 4
+    tokens = torch.randn(batch, prefix + m, channels, generator=g)
+    sizes = torch.randint(1, 4, (batch, prefix + m), generator=g).float() if with_sizes else None
+    match = soft_matching(torch.randn(batch, m, 3, generator=g), r, prefix)
+    merged, new_sizes, slot = merge_rows(tokens, sizes, prefix, match.order, match.merged_positions, match.into, mode)
+    patch_sizes = sizes[:, prefix:] if with_sizes else torch.ones(batch, m)
+    expected, expected_sizes = merge_groups(tokens[:, prefix:], patch_sizes, match.destination, match.order, mode)
+    assert merged.shape == (batch, prefix + m - r, channels)
+    assert torch.equal(merged[:, :prefix], tokens[:, :prefix])
+    torch.testing.assert_close(merged[:, prefix:], expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(new_sizes[:, prefix:], expected_sizes)
+    assert torch.equal(new_sizes[:, :prefix], sizes[:, :prefix] if with_sizes else torch.ones(batch, prefix))
+    assert torch.equal(slot, match.slot)
+    assert torch.equal(slot, survivor_slots(match.destination, match.order))
+    lone = torch.ones(batch, m - r, dtype=torch.bool).scatter_(1, match.into, False)
+    assert torch.equal(merged[:, prefix:][lone], tokens[:, prefix:].gather(
+        1, match.order.unsqueeze(-1).expand(-1, -1, channels))[lone])  # copied, not re-divided
+
+
+def test_pitome_energy_and_merges_equal_the_reference_helpers():
+    from patchslim.methods.pitome import energy_merges, token_energy
+    from patchslim.tokens import survivor_slots, top_k_index
+
+    g = torch.Generator().manual_seed(4)
+    metric = torch.randn(5, 20, 8, generator=g)
+    energy, similarity = energy_scores(metric, margin=0.4, alpha=0.7)
+    fast, unit = token_energy(metric, margin=0.4, alpha=0.7, images=2)
+    torch.testing.assert_close(fast, energy, rtol=0, atol=1e-6)
+    destination = energy_matching(similarity, energy, 6)
+    keep, merged, into = energy_merges(unit, energy, 6)
+    survivors = top_k_index((destination == torch.arange(20)).float(), 14)
+    assert torch.equal(keep, survivors)
+    assert torch.equal(destination.gather(1, merged) != merged, torch.ones(5, 6, dtype=torch.bool))
+    assert torch.equal(survivors.gather(1, into), destination.gather(1, merged))  # each joins its match
+    slot = torch.empty(5, 20, dtype=torch.int64).scatter_(1, keep, torch.arange(14).expand(5, -1))
+    assert torch.equal(slot.scatter_(1, merged, into), survivor_slots(destination, survivors))
+
+
+def test_head_sum_is_the_mean_over_heads_times_their_number():
+    from patchslim.methods.tome import head_sum
+
+    g = torch.Generator().manual_seed(6)
+    qkv = torch.randn(2, 9, 3, 4, 5, generator=g).permute(2, 0, 3, 1, 4)  # the adapter's strided keys
+    keys = qkv[1]
+    torch.testing.assert_close(head_sum(keys, 1), 4 * keys.mean(dim=1)[:, 1:])
+    assert torch.equal(head_sum(keys[:, :1], 0), keys[:, 0])
+
+
+def test_weighted_pagerank_stops_at_the_fixed_point_within_float_rounding():
+    """Graphs whose scores settle stop early; the result stays within float rounding of every iteration run."""
+    g = torch.Generator().manual_seed(7)
+    graphs = (torch.randn(3, 4, 16, 16, generator=g) * 3).softmax(-1)
+    scores = torch.full((12, 1, 16), 1 / 16)
+    for _ in range(30):
+        scores = scores @ graphs.reshape(12, 16, 16)
+    full = scores.reshape(3, 4, 16)
+    torch.testing.assert_close(weighted_pagerank(graphs, 30), full, rtol=0, atol=2e-6 * float(full.max()))
+    for iterations in (1, 2, 5):  # short counts run every iteration
+        scores = torch.full((12, 1, 16), 1 / 16)
+        for _ in range(iterations):
+            scores = scores @ graphs.reshape(12, 16, 16)
+        torch.testing.assert_close(weighted_pagerank(graphs, iterations), scores.reshape(3, 4, 16))

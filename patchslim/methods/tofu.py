@@ -43,8 +43,8 @@ import torch
 
 from patchslim.errors import PlanError
 from patchslim.methods.base import OptionSpec, Reduction, SlimMethod, StageContext, register
-from patchslim.methods.tome import merges_this_block, soft_matching
-from patchslim.tokens import TokenState, keep_tokens, merge_patches
+from patchslim.methods.tome import head_sum, merges_this_block, soft_matching
+from patchslim.tokens import TokenState, keep_tokens, merge_rows, merged_state
 
 
 def merge_groups(patches: torch.Tensor, sizes: torch.Tensor, destination: torch.Tensor, survivors: torch.Tensor,
@@ -153,19 +153,16 @@ class TokenFusion(SlimMethod):
         r = merges_this_block(ctx, m)
         if r == 0:
             return Reduction(state)
-        metric = keys.mean(dim=1)[:, p:]  # [B, M, d_head]
+        metric = head_sum(keys, p)  # [B, M, d_head]: ToMe's metric up to the scale cosines ignore
         match = soft_matching(metric, r, p)  # ToMe as published: sets by parity, survivors in its output order
-        destination, survivors, distinct = match.destination, match.order, match.distinct
         d_head, channels = metric.shape[-1], state.tokens.shape[-1]
         macs = ((m + 1) // 2) * (m // 2) * d_head + m * d_head
         if ctx.block < self.first_merge_block(ctx.options, ctx.depth):
-            return Reduction(keep_tokens(state, survivors, sort=False), scores=distinct, selection_macs=float(macs))
-        batch = state.tokens.shape[0]
-        sizes = (state.sizes[:, p:].float() if state.sizes is not None
-                 else torch.ones(batch, m, device=state.tokens.device))
+            return Reduction(keep_tokens(state, match.order, sort=False), scores=match.distinct,
+                             selection_macs=float(macs))
         mode = "mlerp" if ctx.options.get("merge", "mlerp") == "mlerp" else "mean"
-        merged, new_sizes = merge_groups(state.patches, sizes, destination, survivors, mode)
+        # only the rows a merge changes are rewritten (merge_rows): the same tokens as merge_groups over all M
+        tokens, sizes, slot = merge_rows(state.tokens, state.sizes, p, match.order, match.merged_positions,
+                                         match.into, mode)
         macs += m * channels * (3 if mode == "mlerp" else 1)
-        # the provenance follows by the output slot of each token (an index), not a [B, M - r, M] 0/1 product
-        return Reduction(merge_patches(state, merged, match.slot, new_sizes), scores=distinct,
-                         selection_macs=float(macs))
+        return Reduction(merged_state(state, tokens, sizes, slot), scores=match.distinct, selection_macs=float(macs))

@@ -171,7 +171,9 @@ class NotRunnable(Exception):
 
 
 def method_timings(script: ScriptThread, at, method: str, repeats: int, uploads: list[tuple[str, bytes]]) -> dict:
-    """Full reruns of the Explore page with one method: new uploads, then fresh rho values on the last one.
+    """Reruns of the Explore page with one method: new uploads (full reruns), then rho changes on the last one
+    (``repeats`` fragment reruns and as many full reruns, at most 8 each: the slider has 20 values and each is used
+    once).
 
     Raises:
         NotRunnable: the page refuses the method for this model (its message is the exception's text).
@@ -190,25 +192,24 @@ def method_timings(script: ScriptThread, at, method: str, repeats: int, uploads:
         if i > 0:  # the first upload also warms up code paths (vis, plotly) and the method; not counted
             new_image.append(wall)
             new_image_script.append(own)
-    rho, rho_script = [], []
-    for i, keep_ratio in enumerate(RATIOS[: repeats + 1]):
-        at.slider(key="keep_ratio").set_value(keep_ratio)
-        wall, own = script.run(at, RHO_FRAGMENT)
-        if i > 0:
-            rho.append(wall)
-            rho_script.append(own)
-        if not at.image or not at.get("plotly_chart"):  # the fragment drew the results, not just the slider
-            raise AssertionError(f"the rho fragment drew no pictures or charts at rho {keep_ratio}")
-    from app import state
-
-    script.run(at)  # the whole page again (AppTest's tree held the fragment's elements only)
-    full, full_script = [], []
-    for keep_ratio in RATIOS[1: repeats + 1]:  # the same values, their slimmed forwards no longer cached
-        state.slimmed.clear()
-        at.slider(key="keep_ratio").set_value(keep_ratio)
-        wall, own = script.run(at)
-        full.append(wall)
-        full_script.append(own)
+    # rho changes: fresh values only (a value seen before would find its per-block shapes warm in the matrix
+    # libraries), alternating a fragment rerun (what the server runs) with a full page rerun, in pairs whose order
+    # swaps, so that neither kind gets the warmer machine or the shapes the other has seen
+    pairs = min(repeats, (len(RATIOS) - 1) // 2)
+    at.slider(key="keep_ratio").set_value(RATIOS[0])
+    script.run(at, RHO_FRAGMENT)  # warms the fragment's code paths; not counted
+    rho, rho_script, full, full_script = [], [], [], []
+    for i in range(pairs):
+        first, second = RATIOS[1 + 2 * i], RATIOS[2 + 2 * i]
+        for fragment, keep_ratio in (((True, first), (False, second)) if i % 2 == 0 else
+                                     ((False, first), (True, second))):
+            at.slider(key="keep_ratio").set_value(keep_ratio)
+            wall, own = script.run(at, RHO_FRAGMENT if fragment else None)
+            (rho if fragment else full).append(wall)
+            (rho_script if fragment else full_script).append(own)
+            if not at.image or not at.get("plotly_chart"):  # the rerun drew the results, not just the slider
+                raise AssertionError(f"the rerun drew no pictures or charts at rho {keep_ratio}")
+    script.run(at)  # the whole page again, untimed: after a fragment rerun AppTest's tree holds its elements only
     return dict(new_image_s=new_image, new_image_script_s=new_image_script, rho_change_s=rho,
                 rho_change_script_s=rho_script, rho_change_full_rerun_s=full, rho_change_full_rerun_script_s=full_script)
 
@@ -224,6 +225,21 @@ def summary(timings: dict, input_pruning: bool) -> dict:
         new_image_median_s=statistics.median(new), new_image_max_s=max(new),
         new_image_script_median_s=statistics.median(timings["new_image_script_s"]),
     )
+
+
+def machine_pace(model, runs: int = 15) -> float:
+    """The median time of the model's own timm forward on one image, ms, taken at the start and the end of the run:
+    how fast this machine was while it was measured (the same 2-core machine ran DeiT-S's in 55 to 85 ms on
+    different hours of one day), to read the page's times against."""
+    image = torch.randn(1, *model.input_size, device=model.device)
+    times = []
+    with torch.inference_mode():
+        model.model(image)
+        for _ in range(runs):
+            start = time.perf_counter()
+            model.model(image)
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
 
 
 def breakdown(model_name: str, method: str, repeats: int) -> dict:
@@ -298,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="the sidebar's weights choice for ImageNet models")
     parser.add_argument("--methods", default="all", help="comma-separated method names, or 'all' (default)")
     parser.add_argument("--method", help="one method (the same as --methods M)")
-    parser.add_argument("--repeats", type=int, default=6, help="timed uploads and rho changes per method")
+    parser.add_argument("--repeats", type=int, default=6,
+                        help="timed uploads, and rho changes of each kind (at most 8), per method")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also print a cProfile of the script thread over N rho changes per method")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write the results file")
@@ -310,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     at = open_app(script, args.model, args.weights)
     loaded = at.session_state["settings"].choice.model
     offered = set(at.selectbox(key="method").options)
+    pace = [machine_pace(loaded)]
     uploads = photos(len(methods) * (args.repeats + 1))
     per_method, profiles = {}, {}
     for i, method in enumerate(methods):
@@ -328,11 +346,13 @@ def main(argv: list[str] | None = None) -> None:
                                                        breakdown(args.model, method, args.repeats).items()})
         if args.profile:
             profiles[method] = profile_rho_changes(script, at, method, args.profile)
+    pace.append(machine_pace(loaded))
     record = dict(
         what="Explore page server time per rerun (AppTest; page scripts compiled once, as the server does), "
              "model loaded once beforehand; script = the script thread's own time",
         targets=TARGETS, model=loaded.name, weights=loaded.weights_name, device=str(loaded.device),
         repeats=args.repeats,
+        unslimmed_forward_ms_start_end=pace,  # the model's own timm forward, one image: the machine's pace
         summary={m: r["summary"] for m, r in per_method.items() if "summary" in r},
         methods=per_method,
         machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
@@ -346,7 +366,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"{loaded.name} ({loaded.weights_name}) on {loaded.device}, {torch.get_num_threads()} threads; "
           f"targets: rho change <= {TARGETS['rho_change_ms']} ms (input pruning <= "
-          f"{TARGETS['rho_change_input_pruning_ms']} ms), new image <= {TARGETS['new_image_s']} s")
+          f"{TARGETS['rho_change_input_pruning_ms']} ms), new image <= {TARGETS['new_image_s']} s; the model's own "
+          f"forward of one image took {pace[0]:.0f} ms at the start and {pace[1]:.0f} ms at the end")
     print(f"  {'method':<12} {'rho change (fragment) median / max (script)':>45}  {'new image median / max':>24}  target")
     for method, result in per_method.items():
         if "error" in result:

@@ -64,8 +64,9 @@ class Settings:
 
 
 def keep_ratio_slider(slot) -> float:
-    """The rho slider, drawn in ``slot`` (its place in the sidebar); returns its value."""
-    with slot:
+    """The rho slider, drawn in ``slot`` (its place in the sidebar; None: the end of the sidebar); returns its
+    value."""
+    with slot if slot is not None else st.sidebar:
         return float(st.slider("Keep ratio ρ = N′/N", min_value=0.05, max_value=1.0, step=0.05, key="keep_ratio",
                                help="The share of patch tokens each slimming step keeps."))
 

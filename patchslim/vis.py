@@ -200,18 +200,6 @@ def _hatch_mask(shape: tuple[int, int], step: int, width: int) -> Image.Image:
     return Image.fromarray(_hatch_pixels(shape, step, width).astype(np.uint8) * 255, "L")
 
 
-def _dim_and_hatch(array: np.ndarray, mask_px: np.ndarray, cell: int) -> None:
-    """Darkens the pixels under ``mask_px`` in place and stripes them (dropped patches). Done in Pillow (a point
-    table, a paste through the cached stripe mask, a composite): a few passes in C over the picture."""
-    if not mask_px.any():
-        return
-    picture = Image.fromarray(array, "RGB")
-    dimmed = picture.point(_DIM_TABLE)
-    dimmed.paste(HATCH_COLOUR, mask=_hatch_mask(tuple(mask_px.shape), max(6, cell // 3), max(1, cell // 14)))
-    where = Image.fromarray(mask_px.astype(np.uint8) * 255, "L")
-    array[...] = np.asarray(Image.composite(dimmed, picture, where))
-
-
 # the dimmed and hatched look of a picture, per (picture, cell size): the pictures of one image on screen all start
 # from its display view, so every redraw (a slider move) reuses it; a few entries, dropped with their picture
 _DROPPED_LOOKS: "OrderedDict[tuple[int, int], tuple[weakref.ref, Image.Image]]" = OrderedDict()
@@ -219,8 +207,9 @@ _DROPPED_LOOKS_KEPT = 8
 
 
 def _dropped_look(source: Image.Image, cell: int) -> Image.Image:
-    """``source`` dimmed and hatched all over, as :func:`_dim_and_hatch` draws a dropped patch (read it, never draw on
-    it): made once per picture object and cell size, and kept while that picture lives."""
+    """``source`` dimmed and hatched all over, as a dropped patch is drawn: darkened by a point table, striped through
+    the cached stripe mask (read it, never draw on it). Made once per picture object and cell size, and kept while
+    that picture lives."""
     key = (id(source), cell)
     entry = _DROPPED_LOOKS.get(key)
     if entry is not None and entry[0]() is source:
@@ -237,7 +226,7 @@ def _dropped_look(source: Image.Image, cell: int) -> Image.Image:
 def _with_dropped(picture: Image.Image, source: Image.Image, cells: np.ndarray, cell: int) -> Image.Image:
     """``picture`` with its cells marked in ``cells`` (``[rows, cols]`` bool) shown as dropped: ``source`` (the
     same size, the picture before any colour went on it) dimmed and hatched there. One composite in Pillow through
-    the cell mask spread to pixels; the same pixels as :func:`_dim_and_hatch` on ``source``'s pixels of those cells.
+    the cell mask spread to pixels (every overlay and heatmap draws its dropped cells so).
     """
     if not cells.any():
         return picture
@@ -699,11 +688,12 @@ def window_overlay(image: Any, model: Any, trace: Any, block: int | None = None,
         image = image[index]
     status = window_status(trace, block, index)
     rows, cols = status.grid
-    base, px = _display(display_view(image, model, min_side) if view is None else view, rows, cols, min_side)
-    array = np.asarray(base).copy()
+    view = display_view(image, model, min_side) if view is None else view
+    base, px = _display(view, rows, cols, min_side)
     sat_out = status.status == DROPPED
     merged = status.status == MERGED
-    _dim_and_hatch(array, _cell_mask(sat_out, px), px)
+    # the dimmed look is kept per picture: the caller's view when it is already the block's display size
+    array = np.array(_with_dropped(base, view if view.size == base.size else base, sat_out, px))
     if merged.any():
         m = _cell_mask(merged, px)
         array[m] = (array[m].astype(np.float32) * 0.5 + np.float32(GROUP_COLOURS[0]) * 0.5).astype(np.uint8)

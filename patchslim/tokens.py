@@ -11,6 +11,8 @@ A slimmed forward carries, beside the token tensor, *where every token came from
 :class:`Provenance` keeps the cheap gather index while only pruning happened; a merge turns it into an
 assignment (``[B, N]``: the token each original patch went into), which the next merges update by an index, and a
 projection into a dense ``[B, M, N]`` matrix. ``dense()`` gives the matrix in every case, built when it is read.
+A merge inside the forward (:func:`merged_state`) is only recorded (:meth:`Provenance.merge_later`): the assignment
+is updated when something reads the provenance, so a forward whose provenance nobody reads pays nothing for it.
 Overlays, rollout and audits read it; nothing re-derives it. Prefix tokens (CLS, distillation, registers) are
 never part of the provenance and are never dropped: every function here leaves the first ``num_prefix`` tokens
 alone.
@@ -45,6 +47,8 @@ class Provenance:
             one of the M new tokens (:meth:`merged`); ``ids`` and ``weights`` are then None.
         assign: ``[B, S]`` int64, which of the M tokens each of ``members`` joined.
         merged_count: M, with ``members``.
+        pending: a merge recorded but not yet applied (:meth:`merge_later`): the provenance it applies to and where
+            each token went. Every other form is None then; any read applies it first (once: the result is kept).
     """
 
     num_patches: int
@@ -57,6 +61,7 @@ class Provenance:
     members: torch.Tensor | None = None
     assign: torch.Tensor | None = None
     merged_count: int = 0
+    pending: PendingMerge | None = None
 
     @staticmethod
     def identity(batch: int, num_patches: int, device: torch.device | None = None) -> "Provenance":
@@ -67,6 +72,8 @@ class Provenance:
     @property
     def count(self) -> int:
         """M, the number of non-prefix tokens."""
+        if self.pending is not None:
+            return self.pending.slots.count
         if self.ids is not None:
             return int(self.ids.shape[1])
         if self.weights is not None:
@@ -75,11 +82,25 @@ class Provenance:
 
     @property
     def batch(self) -> int:
+        if self.pending is not None:
+            return self.pending.slots.batch
         return int(self._tensor.shape[0])
 
     @property
     def device(self) -> torch.device:
+        if self.pending is not None:
+            return self.pending.before.device
         return self._tensor.device
+
+    def merge_later(self, slots: MergeSlots) -> "Provenance":
+        """The provenance after a merge (the same as ``merge(slots.tensor(), slots.count)``), recorded now and
+        applied when first read: a forward that merges in every block pays for the assignment only if someone
+        reads it (overlays, audits), and then once per merge."""
+        return Provenance(self.num_patches, grid=self.grid, pending=PendingMerge(self, slots))
+
+    def resolved(self) -> "Provenance":
+        """This provenance with any recorded merge applied (itself when there is none)."""
+        return self if self.pending is None else self.pending.result()
 
     @property
     def _tensor(self) -> torch.Tensor:
@@ -95,6 +116,8 @@ class Provenance:
         Kept as the ``[B, M]`` pair (``members``, ``assign``) while the current tokens are plain patches or cells,
         else as dense weights.
         """
+        if self.pending is not None:
+            return self.resolved().merged(assign, count)
         if self.ids is None:
             combination = torch.zeros(self.batch, count, self.count, device=assign.device)
             combination.scatter_(1, assign.unsqueeze(1), 1.0)
@@ -109,6 +132,8 @@ class Provenance:
 
     def patch_ids(self) -> torch.Tensor:
         """``[B, M, c * c]`` the original patch ids each token stands for, while tokens are plain or cells."""
+        if self.pending is not None:
+            return self.resolved().patch_ids()
         if self.ids is None:
             raise ValueError("tokens are merges or projections; use dense()")
         return self._patches_of(self.ids)
@@ -118,6 +143,8 @@ class Provenance:
 
     def dense(self) -> torch.Tensor:
         """``[B, M, N]`` float: row j says how much of each original patch token j stands for."""
+        if self.pending is not None:
+            return self.resolved().dense()
         if self.weights is not None:
             return self.weights
         if self.assignment is not None:
@@ -135,6 +162,8 @@ class Provenance:
 
     def select(self, index: torch.Tensor) -> "Provenance":
         """Keeps the tokens at ``index`` (``[B, K]`` positions among the M tokens)."""
+        if self.pending is not None:
+            return self.resolved().select(index)
         if self.ids is not None:
             return Provenance(self.num_patches, ids=self.ids.gather(1, index), cell=self.cell, grid=self.grid)
         if self.assignment is not None:
@@ -146,12 +175,16 @@ class Provenance:
 
     def combine(self, matrix: torch.Tensor) -> "Provenance":
         """New tokens as combinations of the current ones: ``matrix`` is ``[B, K, M]``."""
+        if self.pending is not None:
+            return self.resolved().combine(matrix)
         return Provenance(self.num_patches, weights=matrix.to(torch.float32) @ self.dense().to(matrix.device))
 
     def merge(self, slot: torch.Tensor, count: int) -> "Provenance":
         """New tokens as unions of the current ones: current token j goes into new token ``slot[b, j]``
         (``[B, M]`` in 0..count-1, or -1 for a token dropped), ``count`` new tokens. The same as
         :meth:`combine` with the 0/1 matrix of ``slot``, by an index instead of a product."""
+        if self.pending is not None:
+            return self.resolved().merge(slot, count)
         if self.weights is not None or self.members is not None or (self.ids is not None and self.cell != 1):
             combination = torch.zeros(self.batch, count + 1, slot.shape[1], device=slot.device)
             combination.scatter_(1, slot.masked_fill(slot < 0, count).unsqueeze(1), 1.0)
@@ -166,6 +199,8 @@ class Provenance:
 
     def patch_mask(self) -> torch.Tensor:
         """``[B, N]`` bool: which original patches some token still stands for."""
+        if self.pending is not None:
+            return self.resolved().patch_mask()
         if self.ids is not None:
             mask = torch.zeros(self.batch, self.num_patches, dtype=torch.bool, device=self.ids.device)
             return mask.scatter_(1, self.patch_ids().flatten(1), True)
@@ -178,6 +213,8 @@ class Provenance:
 
     def regroup(self, batch: int) -> "Provenance":
         """The same tokens with ``batch`` rows (window groups ``[B * W, n]`` <-> images ``[B, W * n]``)."""
+        if self.pending is not None:
+            return self.resolved().regroup(batch)
         if self.ids is not None:
             return Provenance(self.num_patches, ids=self.ids.reshape(batch, -1), cell=self.cell, grid=self.grid)
         if self.assignment is not None:
@@ -204,6 +241,8 @@ class Provenance:
 
     def repeat(self, times: int) -> "Provenance":
         """The same provenance ``times`` over along the batch (row ``s * B + b`` is row ``b``)."""
+        if self.pending is not None:
+            return self.resolved().repeat(times)
 
         def rep(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.repeat(times, *([1] * (t.dim() - 1)))
@@ -213,12 +252,69 @@ class Provenance:
                           self.merged_count)
 
     def to(self, device: torch.device | str) -> "Provenance":
+        if self.pending is not None:
+            return self.resolved().to(device)
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
         return Provenance(self.num_patches, move(self.ids), move(self.weights), self.cell, self.grid,
                           move(self.assignment), self.assigned, move(self.members), move(self.assign),
                           self.merged_count)
+
+
+@dataclass(frozen=True)
+class MergeSlots:
+    """Where each of M tokens went in a merge, as the merge decided it (what :func:`merge_rows` returns): the
+    tokens at ``keep`` stay, in that order (output slot k is ``keep[:, k]``), and the tokens at ``merged`` join the
+    slots ``into``. :meth:`tensor` spells it out as one output slot per token.
+
+    Attributes:
+        keep: ``[B, K]`` int64 positions (among the M) of the tokens that stay, in output order.
+        merged: ``[B, r]`` int64 positions of the tokens merged away.
+        into: ``[B, r]`` int64 the output slot (0..K-1) each merged token joined.
+    """
+
+    keep: torch.Tensor
+    merged: torch.Tensor
+    into: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        """K, the tokens after the merge."""
+        return int(self.keep.shape[1])
+
+    @property
+    def batch(self) -> int:
+        return int(self.keep.shape[0])
+
+    def tensor(self) -> torch.Tensor:
+        """``[B, M]`` int64, the output slot of every token (what :meth:`Provenance.merge` takes)."""
+        batch, k = self.keep.shape
+        slot = torch.empty(batch, k + self.merged.shape[1], dtype=torch.int64, device=self.keep.device)
+        slot.scatter_(1, self.keep, torch.arange(k, device=self.keep.device).expand(batch, -1))
+        return slot.scatter_(1, self.merged, self.into)
+
+
+class PendingMerge:
+    """A merge recorded on a provenance and applied when first read (:meth:`Provenance.merge_later`).
+
+    Applying it is :meth:`Provenance.merge` of the earlier provenance (itself applied first if it is pending) with
+    the slots spelled out; the result is kept, so each recorded merge is applied at most once however often the
+    trace is read. Two threads reading at once may both apply it; they get equal results.
+    """
+
+    __slots__ = ("before", "slots", "_result")
+
+    def __init__(self, before: Provenance, slots: MergeSlots):
+        self.before = before
+        self.slots = slots
+        self._result: Provenance | None = None
+
+    def result(self) -> Provenance:
+        if self._result is None:
+            before = self.before.resolved()
+            self._result = before.merge(self.slots.tensor().to(before.device), self.slots.count)
+        return self._result
 
 
 def _cell_patches(ids: torch.Tensor, cell: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -325,22 +421,33 @@ def gather_rows(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return tokens.reshape(batch * count, channels).index_select(0, flat).view(batch, index.shape[1], channels)
 
 
+SMALL_MERGE = 1 << 18  # elements (B * T * C) up to which merge_rows takes the weighted-sum form (see there)
+
+
 def merge_rows(tokens: torch.Tensor, sizes: torch.Tensor | None, num_prefix: int, keep: torch.Tensor,
-               merged: torch.Tensor, into: torch.Tensor,
-               mode: str = "mean") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               merged: torch.Tensor, into: torch.Tensor, mode: str = "mean",
+               rewrite: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, MergeSlots]:
     """Merges tokens into others, touching only the rows a merge changes: what ToMe, ToFu and PiToMe do to their
     matches, as one pure function.
 
     Every non-prefix token either stays (one of ``keep``) or merges into the kept token it matched (``merged``
     joins output slot ``into``); several may join one. A kept token that received merges becomes its group's
     size-weighted average, ``sum_i s_i x_i / sum_i s_i``; with ``mode="mlerp"`` (ToFu) that average's direction
-    scaled to the largest norm in the group. Every other token, prefix included, is copied bit for bit.
+    scaled to the largest norm in the group. Every other token, prefix included, is copied bit for bit (on large
+    inputs; see below for small ones).
 
     Why this shape: the output is one row gather (prefix and kept tokens, in output order), then the r receiving
     rows are rewritten from the r merged rows; the merged-into-B scatter over all ``[B, M, C]`` values, the
     weighting of every token by its size and the division of every output by its size (each a pass over the
     tokens) are gone. The average is computed as ``x_b (s_b / S) + sum_a x_a (s_a / S)``, which agrees with
     ``(s_b x_b + sum_a s_a x_a) / S`` to float rounding.
+
+    Small inputs (one image: at most :data:`SMALL_MERGE` values, ``rewrite`` None) take the weighted-sum form
+    instead, in a third of the tensor operations: sizes ride along as one more channel, so ``[s x, s]`` is gathered,
+    the merged rows added into their slots, and every row divided by its summed size. At batch 1 a block's merge
+    costs what its operations' dispatch costs, not what their passes over ``[T, C]`` cost, so fewer operations win
+    there while the row rewrite wins on large batches; a token that merged with nothing is then ``(s x) / s``
+    instead of ``x`` (equal to float rounding; bit for bit when s is 1). MLERP (``mode="mlerp"``) always rewrites.
 
     Args:
         tokens: ``[B, P + M, C]`` the whole sequence (prefix tokens first).
@@ -350,11 +457,20 @@ def merge_rows(tokens: torch.Tensor, sizes: torch.Tensor | None, num_prefix: int
         merged: ``[B, r]`` int64, positions (among the M) of the tokens merged away.
         into: ``[B, r]`` int64, the output slot (0..K-1, among ``keep``) each merged token joins.
         mode: ``"mean"`` or ``"mlerp"``.
+        rewrite: True: the row rewrite; False: the weighted-sum form (mean only); None: by size, as above.
 
     Returns:
-        (tokens ``[B, P + K, C]`` in the input's dtype; sizes ``[B, P + K]`` float32; slot ``[B, M]`` int64, the
-        output slot among the K of every non-prefix token, for :func:`merge_patches`' provenance).
+        (tokens ``[B, P + K, C]`` in the input's dtype; sizes ``[B, P + K]`` float32; the :class:`MergeSlots`
+        of the merge, for the provenance: :func:`merged_state`).
     """
+    if mode not in ("mean", "mlerp"):
+        raise ValueError(f"unknown merge mode {mode!r}")
+    if rewrite is None:
+        rewrite = mode == "mlerp" or tokens.numel() > SMALL_MERGE
+    if not rewrite:
+        if mode != "mean":
+            raise ValueError("only the mean merge has a weighted-sum form (rewrite=False)")
+        return _merge_summed(tokens, sizes, num_prefix, keep, merged, into)
     batch, total, channels = tokens.shape
     p, k = num_prefix, keep.shape[1]
     device = tokens.device
@@ -392,22 +508,48 @@ def merge_rows(tokens: torch.Tensor, sizes: torch.Tensor | None, num_prefix: int
         length = average.norm(dim=-1)
         scale = torch.where(length > 0, largest / length.clamp_min(1e-12), torch.ones_like(length))
         flat.index_copy_(0, receiving, average * scale.unsqueeze(-1))
-    elif mode != "mean":
-        raise ValueError(f"unknown merge mode {mode!r}")
-    slot = torch.empty(batch, total - p, dtype=torch.int64, device=keep.device)
-    slot.scatter_(1, keep, torch.arange(k, device=keep.device).expand(batch, -1))
-    slot.scatter_(1, merged, into)
-    return (work if work is out else work.to(out.dtype)).view(batch, p + k, channels), new_sizes, slot
+    return (work if work is out else work.to(out.dtype)).view(batch, p + k, channels), new_sizes, \
+        MergeSlots(keep, merged, into)
 
 
-def merged_state(state: TokenState, tokens: torch.Tensor, sizes: torch.Tensor, slot: torch.Tensor) -> TokenState:
+def _merge_summed(tokens: torch.Tensor, sizes: torch.Tensor | None, num_prefix: int, keep: torch.Tensor,
+                  merged: torch.Tensor, into: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, MergeSlots]:
+    """:func:`merge_rows`' weighted-sum form: ``[s x, s]`` gathered in output order, the merged rows' ``[s x, s]``
+    added into their slots, then ``x = (sum s x) / (sum s)`` for every row."""
+    batch, total, channels = tokens.shape
+    p, width = num_prefix, channels + 1
+    work = tokens.float()
+    if sizes is None:
+        summed = torch.cat([work, work.new_ones(batch, total, 1)], dim=2)
+    else:
+        weight = sizes.float().unsqueeze(-1)
+        summed = torch.cat([work * weight, weight], dim=2)  # [B, T, C + 1]: s x, then s
+    # whole rows by index_select over the batch flattened (gather would read an index per value)
+    rows, sources, slots = with_prefix(keep, p), merged + p, into + p
+    if batch > 1:
+        image = torch.arange(0, batch * total, total, device=keep.device).unsqueeze(1)
+        rows, sources, slots = rows + image, sources + image, slots + (image // total) * (p + keep.shape[1])
+    flat = summed.view(batch * total, width)
+    out = flat.index_select(0, rows.flatten())
+    out.index_add_(0, slots.flatten(), flat.index_select(0, sources.flatten()))
+    out = out.view(batch, -1, width)
+    new_sizes = out[:, :, channels]
+    merged_tokens = out[:, :, :channels] / out[:, :, channels:]
+    return merged_tokens.to(tokens.dtype), new_sizes, MergeSlots(keep, merged, into)
+
+
+def merged_state(state: TokenState, tokens: torch.Tensor, sizes: torch.Tensor,
+                 slots: MergeSlots | torch.Tensor) -> TokenState:
     """The state after :func:`merge_rows`: its whole token sequence (prefix included) and sizes, the provenance
-    following by each token's output slot (:meth:`Provenance.merge`)."""
+    following the merge: recorded for when it is read (:meth:`Provenance.merge_later`) from the
+    :class:`MergeSlots` merge_rows gives, or applied now from a ``[B, M]`` slot tensor (:meth:`Provenance.merge`)."""
     if state.key_mask is not None:
         raise ValueError("tokens masked by a per-image keep set cannot be merged or projected")
-    count = tokens.shape[1] - state.num_prefix
-    return TokenState(tokens, state.num_prefix, state.provenance.merge(slot, count), sizes, None, state.groups,
-                      state.layout)
+    if isinstance(slots, MergeSlots):
+        provenance = state.provenance.merge_later(slots)
+    else:
+        provenance = state.provenance.merge(slots, tokens.shape[1] - state.num_prefix)
+    return TokenState(tokens, state.num_prefix, provenance, sizes, None, state.groups, state.layout)
 
 
 def repeat_batch(state: TokenState, times: int) -> TokenState:

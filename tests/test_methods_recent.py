@@ -333,11 +333,12 @@ def test_models_without_a_class_token_and_bad_options(fashion_random):
 
 # --- the fast paths the methods run, against the reference helpers -------------------------------------------
 
-@pytest.mark.parametrize("mode", ["mean", "mlerp"])
+@pytest.mark.parametrize("mode,rewrite", [("mean", True), ("mlerp", True), ("mean", False)])
 @pytest.mark.parametrize("prefix,with_sizes", [(1, False), (1, True), (0, True), (2, False)])
-def test_merge_rows_gives_merge_groups_tokens_sizes_and_slots(mode, prefix, with_sizes):
+def test_merge_rows_gives_merge_groups_tokens_sizes_and_slots(mode, rewrite, prefix, with_sizes):
     """tokens.merge_rows (what tome, tofu and pitome run) equals merge_groups over all M tokens, which reads
-    every token; lone tokens and prefix tokens bit for bit, merged groups to float rounding."""
+    every token; in both of its forms (the row rewrite copies lone and prefix tokens bit for bit; the weighted sum,
+    taken for small inputs, gives them as (s x) / s), merged groups to float rounding."""
     from patchslim.tokens import merge_rows, survivor_slots
 
     g = torch.Generator().manual_seed(3)
@@ -345,19 +346,50 @@ def test_merge_rows_gives_merge_groups_tokens_sizes_and_slots(mode, prefix, with
     tokens = torch.randn(batch, prefix + m, channels, generator=g)
     sizes = torch.randint(1, 4, (batch, prefix + m), generator=g).float() if with_sizes else None
     match = soft_matching(torch.randn(batch, m, 3, generator=g), r, prefix)
-    merged, new_sizes, slot = merge_rows(tokens, sizes, prefix, match.order, match.merged_positions, match.into, mode)
+    merged, new_sizes, slot = merge_rows(tokens, sizes, prefix, match.order, match.merged_positions, match.into, mode,
+                                         rewrite=rewrite)
     patch_sizes = sizes[:, prefix:] if with_sizes else torch.ones(batch, m)
     expected, expected_sizes = merge_groups(tokens[:, prefix:], patch_sizes, match.destination, match.order, mode)
     assert merged.shape == (batch, prefix + m - r, channels)
-    assert torch.equal(merged[:, :prefix], tokens[:, :prefix])
     torch.testing.assert_close(merged[:, prefix:], expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(new_sizes[:, prefix:], expected_sizes)
     assert torch.equal(new_sizes[:, :prefix], sizes[:, :prefix] if with_sizes else torch.ones(batch, prefix))
-    assert torch.equal(slot, match.slot)
-    assert torch.equal(slot, survivor_slots(match.destination, match.order))
+    assert torch.equal(slot.tensor(), match.slot)
+    assert torch.equal(slot.tensor(), survivor_slots(match.destination, match.order))
     lone = torch.ones(batch, m - r, dtype=torch.bool).scatter_(1, match.into, False)
-    assert torch.equal(merged[:, prefix:][lone], tokens[:, prefix:].gather(
-        1, match.order.unsqueeze(-1).expand(-1, -1, channels))[lone])  # copied, not re-divided
+    alone = tokens[:, prefix:].gather(1, match.order.unsqueeze(-1).expand(-1, -1, channels))[lone]
+    if rewrite:
+        assert torch.equal(merged[:, :prefix], tokens[:, :prefix])
+        assert torch.equal(merged[:, prefix:][lone], alone)  # copied, not re-divided
+    else:  # (s x) / s: x to float rounding, and x itself where s is 1
+        torch.testing.assert_close(merged[:, :prefix], tokens[:, :prefix], rtol=1e-6, atol=0)
+        torch.testing.assert_close(merged[:, prefix:][lone], alone, rtol=1e-6, atol=0)
+        if not with_sizes:
+            assert torch.equal(merged[:, prefix:][lone], alone)
+
+
+def test_merge_rows_takes_the_weighted_sum_for_one_image_and_the_row_rewrite_for_a_batch():
+    """Which form merge_rows takes on its own (rewrite None): by the values it merges, SMALL_MERGE; MLERP always
+    rewrites, and the weighted-sum form refuses it."""
+    from patchslim import tokens as tk
+
+    g = torch.Generator().manual_seed(5)
+    keep, merged, into = torch.tensor([[0, 2, 3]]), torch.tensor([[1]]), torch.tensor([[0]])
+    x = torch.randn(1, 5, 3, generator=g) * 3
+    sizes = torch.tensor([[1.0, 1.0, 2.0, 3.0, 1.0]])
+    small, _, _ = tk.merge_rows(x, sizes, 1, keep, merged, into)
+    summed, _, _ = tk.merge_rows(x, sizes, 1, keep, merged, into, rewrite=False)
+    rewritten, _, _ = tk.merge_rows(x, sizes, 1, keep, merged, into, rewrite=True)
+    assert torch.equal(small, summed)
+    torch.testing.assert_close(summed, rewritten, rtol=1e-6, atol=1e-7)
+    big = torch.randn(1, 5, tk.SMALL_MERGE // 5 + 1, generator=g)  # one value past the limit
+    chosen = tk.merge_rows(big, sizes, 1, keep, merged, into)[0]
+    assert torch.equal(chosen, tk.merge_rows(big, sizes, 1, keep, merged, into, rewrite=True)[0])
+    assert not torch.equal(chosen, tk.merge_rows(big, sizes, 1, keep, merged, into, rewrite=False)[0])
+    with pytest.raises(ValueError, match="weighted-sum"):
+        tk.merge_rows(x, sizes, 1, keep, merged, into, "mlerp", rewrite=False)
+    with pytest.raises(ValueError, match="unknown merge mode"):
+        tk.merge_rows(x, sizes, 1, keep, merged, into, "median")
 
 
 def test_pitome_energy_and_merges_equal_the_reference_helpers():
@@ -403,3 +435,29 @@ def test_weighted_pagerank_stops_at_the_fixed_point_within_float_rounding():
         for _ in range(iterations):
             scores = scores @ graphs.reshape(12, 16, 16)
         torch.testing.assert_close(weighted_pagerank(graphs, iterations), scores.reshape(3, 4, 16))
+
+
+def test_a_merge_recorded_on_the_provenance_reads_as_the_merge_applied_at_once():
+    """Provenance.merge_later (what merged_state records in the forward) gives, when read, what merge gives at once:
+    the same matrix, mask, counts, selection and regrouping, after a chain of merges on pruned patches; each
+    recorded merge is applied once however often it is read."""
+    from patchslim.tokens import MergeSlots, Provenance
+
+    g = torch.Generator().manual_seed(11)
+    ids = torch.stack([torch.randperm(24, generator=g)[:20] for _ in range(2)])
+    lazy = eager = Provenance(24, ids=ids, grid=(4, 6))
+    for r in (4, 3, 5):
+        m = lazy.count
+        match = soft_matching(torch.randn(2, m, 3, generator=g), r, 1)
+        slots = MergeSlots(match.order, match.merged_positions, match.into)
+        lazy, eager = lazy.merge_later(slots), eager.merge(slots.tensor(), slots.count)
+        assert lazy.pending is not None and lazy.assignment is None  # nothing applied yet
+        assert (lazy.count, lazy.batch, lazy.device) == (eager.count, eager.batch, eager.device) == (m - r, 2, ids.device)
+    assert torch.equal(lazy.dense(), eager.dense())
+    assert torch.equal(lazy.patch_mask(), eager.patch_mask())
+    assert lazy.resolved() is lazy.resolved()  # applied once, kept
+    kept = torch.tensor([[0, 2, 3], [1, 4, 5]])
+    assert torch.equal(lazy.select(kept).dense(), eager.select(kept).dense())
+    assert torch.equal(lazy.regroup(4).dense(), eager.regroup(4).dense())
+    assert torch.equal(lazy.repeat(2).dense(), eager.repeat(2).dense())
+    assert not lazy.is_plain and lazy.ids is None

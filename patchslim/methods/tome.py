@@ -66,7 +66,6 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-import torch.nn.functional as F
 
 from patchslim.errors import PlanError
 from patchslim.methods.base import OptionSpec, Reduction, SlimMethod, StageContext, register
@@ -201,9 +200,10 @@ def soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 0,
         raise ValueError(f"r must be in [0, {m // 2}] for {m} tokens, got {r}")
     first_a = num_prefix % 2  # the parity of the whole-sequence position (bipartite_sets)
     metric = metric.float()
-    # each set normalized from its strided view straight into a dense tensor, so that the product runs on dense
-    # operands without a copy of the whole normalized metric first
-    similarity = F.normalize(metric[:, first_a::2], dim=-1) @ F.normalize(metric[:, 1 - first_a::2], dim=-1).mT
+    # normalized once (F.normalize's arithmetic: x / max(|x|, 1e-12)), the product then reads the two sets as strided
+    # views of it: three operations fewer than normalizing each set, the same values, and faster at batch 1 and 32
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min_(1e-12)
+    similarity = metric[:, first_a::2] @ metric[:, 1 - first_a::2].mT
     if regions is not None:
         similarity = similarity.masked_fill(regions[:, first_a::2, None] != regions[:, None, 1 - first_a::2],
                                             float("-inf"))

@@ -11,8 +11,11 @@ inside :class:`app.panels.panel`, which shows the error in that part and logs it
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -40,6 +43,46 @@ PLAN_REFUSAL = "This plan cannot run"  # how a page opens its message for a plan
 
 
 # --------------------------------------------------------------------------- galleries
+
+# --------------------------------------------------------------------------- the compute thread
+
+COMPUTE_THREAD = "patchslim-compute"
+_COMPUTE = ThreadPoolExecutor(max_workers=1, thread_name_prefix=COMPUTE_THREAD)
+
+
+def on_compute_thread(fn: Callable) -> Callable:
+    """``fn`` run on the process's one compute thread, the caller waiting for it (inline when already there).
+
+    Why: PyTorch's CPU operations run on a team of OpenMP threads that belongs to the thread calling them, and
+    Streamlit runs every rerun in a new script thread. Measured on a 2-core machine (DeiT-S, one image, medians of
+    interleaved runs, ``torch.set_num_threads(2)``): the unslimmed forward took 54 ms when one long-lived thread
+    made every call and 65 ms when each ran in a fresh thread (``random`` at rho 0.5: 34 against 37, ``tome``: 56
+    against 70), and 70 to 97 ms once a second long-lived thread had run PyTorch too (two teams of two threads on
+    two cores). So the interactive pages' model loads, forwards and drawings all run here, one at a time (there
+    are two cores to run them on anyway), and the script threads only wait. Attributions, benchmarks and audits,
+    which report progress to their page while they run, stay in their script thread.
+    """
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if threading.current_thread().name.startswith(COMPUTE_THREAD):
+            return fn(*args, **kwargs)
+        return _COMPUTE.submit(fn, *args, **kwargs).result()
+
+    return run
+
+
+@on_compute_thread
+def load_model(name: str, **kwargs) -> patchslim.LoadedModel:
+    """:func:`patchslim.load_model` on the compute thread."""
+    return patchslim.load_model(name, **kwargs)
+
+
+@on_compute_thread
+def model_input(model: patchslim.LoadedModel, image: Image.Image) -> torch.Tensor:
+    """The image through the model's transform (``[1, C, H, W]`` on its device)."""
+    return model.preprocess(image)
+
 
 @dataclass(frozen=True)
 class GalleryItem:
@@ -237,11 +280,13 @@ def _timed_run(model: patchslim.LoadedModel, image: Image.Image | torch.Tensor, 
     return Timed(trace, min(runs), model.precision)
 
 
+@on_compute_thread
 def baseline(model: patchslim.LoadedModel, image: Image.Image | torch.Tensor) -> Timed:
     """The unslimmed forward, attention kept in every block (``image``: a PIL image or the model's input)."""
     return _timed_run(model, image, patchslim.SlimPlan(attention_blocks="all"))
 
 
+@on_compute_thread
 def slimmed(model: patchslim.LoadedModel, image: Image.Image | torch.Tensor, method: str, keep_ratio: float,
             options: dict[str, Any] | None = None) -> Timed:
     """The forward under the sidebar's plan.
@@ -262,6 +307,7 @@ def plan_at_budget(model: patchslim.LoadedModel, method: str, budget: float) -> 
     return patchslim.plan_for_budget(model, method, budget, attention_blocks="all")
 
 
+@on_compute_thread
 def slimmed_at_budget(model: patchslim.LoadedModel, image: Image.Image | torch.Tensor, method: str,
                       budget: float) -> Timed:
     """The forward under the method's plan at a compute budget (see :func:`plan_at_budget`).
@@ -372,12 +418,14 @@ def readouts(base: Timed, slim: Timed) -> Readouts:
     return Readouts(costs(base, slim), prediction(base, slim))
 
 
+@on_compute_thread
 def display_view(model: patchslim.LoadedModel, pixels: torch.Tensor) -> Image.Image:
     """The image as the model sees it, enlarged for display (:func:`patchslim.vis.display_view`): what the overlay
     and the heatmaps are drawn on (``pixels``: the model's input tensor of the image)."""
     return vis.display_view(pixels, model)
 
 
+@on_compute_thread
 def overlay(model: patchslim.LoadedModel, pixels: torch.Tensor, trace: patchslim.Trace,
             block: int | None, view: Image.Image | None = None) -> Image.Image:
     """The kept / dropped / merged overlay (patchslim.vis) of the image, after ``block`` (None: the last).
@@ -443,6 +491,7 @@ class AttentionPair:
     caption: str
 
 
+@on_compute_thread
 def attention_pair(model: patchslim.LoadedModel, pixels: torch.Tensor, before: patchslim.Trace,
                    after: patchslim.Trace, kind: str, block: int, view: Image.Image | None = None) -> AttentionPair:
     """Attention map (or rollout) of the unslimmed and the slimmed forward, drawn on one colour scale (``view``: the
@@ -496,6 +545,7 @@ class MethodCard:
     budget: float | None = None
 
 
+@on_compute_thread
 def method_cards(results: list[MethodResult], base: Timed, pixels: torch.Tensor,
                  model: patchslim.LoadedModel, budget: float | None = None,
                  view: Image.Image | None = None) -> list[MethodCard]:
@@ -527,6 +577,7 @@ def unslimmed_gmacs(base: Timed) -> float:
 CURVE_KEEP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
+@on_compute_thread
 def flops_curve(model: patchslim.LoadedModel, image: Image.Image, method: str,
                 keep_ratios: tuple[float, ...] = CURVE_KEEP_RATIOS) -> list[dict]:
     """GMACs and rho reached of one method (default options) across keep ratios, on this image.
@@ -563,6 +614,7 @@ AUTO_EXPLAIN_BUDGET_S = 2.0
 BACKWARD_COST = 2  # a backward pass counted as two forwards (the usual rule of thumb for its extra products)
 
 
+@on_compute_thread
 def typical_seconds(model: patchslim.LoadedModel, image: Image.Image | torch.Tensor) -> float:
     """The model's unslimmed forward time of one image, measured once at warm-up (then only lowered by faster
     unslimmed runs, see :func:`_seen_unslimmed`)."""
@@ -616,6 +668,7 @@ def explanation(model: patchslim.LoadedModel, image: Image.Image, method: str, k
     return explain.explain(model, image, plan, attribution=attribution, share=share, progress=progress)
 
 
+@on_compute_thread
 def attribution_pictures(result, image: Image.Image, model: patchslim.LoadedModel) -> tuple[Image.Image, Image.Image]:
     """The unslimmed and the slimmed attribution maps over the image, on one colour scale centred on zero."""
     before, after = result.attribution_before, result.attribution_after
@@ -628,6 +681,7 @@ def attribution_pictures(result, image: Image.Image, model: patchslim.LoadedMode
     return first, second
 
 
+@on_compute_thread
 def grad_rollout_pictures(result, image: Image.Image, model: patchslim.LoadedModel) -> tuple[Image.Image, Image.Image] | None:
     """The unslimmed and the slimmed gradient-weighted rollout over the image, on one colour scale (None when the
     model cannot give it: ``result.grad_rollout_refused`` says why)."""
@@ -653,6 +707,7 @@ def faithfulness_modes(model: patchslim.LoadedModel) -> tuple[tuple[str, ...], d
     return faithfulness.resolve_modes(model, "both")
 
 
+@on_compute_thread
 def faithfulness_scores(model: patchslim.LoadedModel, image: Image.Image, result, mode: str, steps: int):
     """Deletion and insertion scores of every map of an explanation, before and after slimming, in one mode
     (:func:`patchslim.explain.faithfulness.compare`).
@@ -837,6 +892,7 @@ def audit_findings(report) -> list:
     return audit_report.method_findings(report)
 
 
+@on_compute_thread
 def latency_comparison(model: patchslim.LoadedModel, image: Image.Image, method: str, keep_ratio: float,
                        options: dict[str, Any], repeats: int = 10):
     """The plan timed against the unslimmed forward, interleaved (patchslim.metrics.latency), no maps kept."""

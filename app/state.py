@@ -136,8 +136,8 @@ def _load(name: str, device: str, precision: str, random_weights: bool,
     """``stamp``: a ``local-dir:`` folder's or a weights file's ``(file, mtime_ns, size)`` (only a cache key: files
     replaced on disk are loaded again, not served from the cache until a restart); ``weights``: a shipped
     fine-tuned checkpoint."""
-    return patchslim.load_model(name, device=device, precision=precision, pretrained=not random_weights,
-                                weights=weights)
+    return compute.load_model(name, device=device, precision=precision, pretrained=not random_weights,
+                              weights=weights)
 
 
 def finetuned_checkpoints(name: str) -> dict[str, ShippedCheckpoint]:
@@ -334,7 +334,7 @@ def model_input(model_key: str, image_key: str, _model: patchslim.LoadedModel, _
     The forwards and the drawings (overlay, heatmaps) start from it, so a slider change does not resize
     the upload again (a bicubic resize of a photo costs a few ms each time). Never mutated.
     """
-    return _model.preprocess(_image)
+    return compute.model_input(_model, _image)
 
 
 @st.cache_resource(max_entries=16, ttl=FORWARD_TTL, show_spinner=False)

@@ -327,7 +327,12 @@ def main(argv: list[str] | None = None) -> None:
     at = open_app(script, args.model, args.weights)
     loaded = at.session_state["settings"].choice.model
     offered = set(at.selectbox(key="method").options)
-    pace = [machine_pace(loaded)]
+    from app.compute import on_compute_thread
+
+    # every forward of this process on the app's compute thread, as the app runs them: a second thread running
+    # PyTorch (this main thread) would slow the page's forwards down by a third or more (see on_compute_thread)
+    machine_pace_here, breakdown_here = on_compute_thread(machine_pace), on_compute_thread(breakdown)
+    pace = [machine_pace_here(loaded)]
     uploads = photos(len(methods) * (args.repeats + 1))
     per_method, profiles = {}, {}
     for i, method in enumerate(methods):
@@ -343,10 +348,10 @@ def main(argv: list[str] | None = None) -> None:
         pruning = input_pruning(method, loaded.spec.depth)
         per_method[method] = dict(input_pruning=pruning, summary=summary(timings, pruning), **timings,
                                   breakdown_median_ms={k: 1000 * v for k, v in
-                                                       breakdown(args.model, method, args.repeats).items()})
+                                                       breakdown_here(args.model, method, args.repeats).items()})
         if args.profile:
             profiles[method] = profile_rho_changes(script, at, method, args.profile)
-    pace.append(machine_pace(loaded))
+    pace.append(machine_pace_here(loaded))
     record = dict(
         what="Explore page server time per rerun (AppTest; page scripts compiled once, as the server does), "
              "model loaded once beforehand; script = the script thread's own time",

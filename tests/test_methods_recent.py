@@ -421,6 +421,23 @@ def test_head_sum_is_the_mean_over_heads_times_their_number():
     assert torch.equal(head_sum(keys[:, :1], 0), keys[:, 0])
 
 
+@pytest.mark.parametrize("batch,heads", [(1, 6), (1, 12), (2, 12)])
+def test_head_sum_gives_the_same_bits_by_reduction_and_by_additions(batch, heads):
+    """Small keys take one reduction over the heads, large ones the in-place additions: on the adapter's strided
+    keys of ViT's shapes both add the heads in order, so which one ran does not show in the matching."""
+    from patchslim.methods.tome import head_sum
+    from patchslim.tokens import SMALL_MERGE
+
+    g = torch.Generator().manual_seed(8)
+    keys = torch.randn(batch, 197, 3, heads, 64, generator=g).permute(2, 0, 3, 1, 4)[1]
+    added = keys[:, 0, 1:] + keys[:, 1, 1:]
+    for h in range(2, heads):
+        added += keys[:, h, 1:]
+    assert torch.equal(keys[:, :, 1:].sum(1), added)
+    assert torch.equal(head_sum(keys, 1), added)
+    assert (keys.numel() <= SMALL_MERGE) == (batch == 1)  # both forms ran above
+
+
 def test_weighted_pagerank_stops_at_the_fixed_point_within_float_rounding():
     """Graphs whose scores settle stop early; the result stays within float rounding of every iteration run."""
     g = torch.Generator().manual_seed(7)

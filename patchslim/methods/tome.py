@@ -69,7 +69,7 @@ import torch
 
 from patchslim.errors import PlanError
 from patchslim.methods.base import OptionSpec, Reduction, SlimMethod, StageContext, register
-from patchslim.tokens import TokenState, merge_rows, merge_tokens, merged_state, target_count
+from patchslim.tokens import SMALL_MERGE, TokenState, merge_rows, merge_tokens, merged_state, target_count
 
 
 def merges_this_block(ctx: StageContext, current: int) -> int:
@@ -339,8 +339,13 @@ def head_sum(keys: torch.Tensor, num_prefix: int) -> torch.Tensor:
 
     The heads are added one by one (``k_0 + k_1``, then ``+= k_h``), in the order a sum over the head axis takes
     them: the keys are a strided view into the attention's ``qkv`` tensor, and on it the reduction kernel ran at
-    about half the speed of these in-place additions (DeiT-S, batch 32, one CPU thread).
+    about half the speed of these in-place additions (DeiT-S, batch 32, one CPU thread). Small keys (one image, at
+    most :data:`~patchslim.tokens.SMALL_MERGE` values) take that one reduction instead: at batch 1 the H - 1
+    additions cost their dispatch, not their arithmetic, and the reduction adds the heads in the same order on
+    these strided keys (the same bits; a test checks both ways on ViT-shaped keys).
     """
+    if keys.numel() <= SMALL_MERGE:
+        return keys[:, :, num_prefix:].sum(1)
     heads = keys[:, :, num_prefix:].unbind(1)  # H views [B, M, d]
     if len(heads) == 1:
         return heads[0].clone()

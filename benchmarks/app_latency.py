@@ -207,7 +207,7 @@ def method_timings(script: ScriptThread, at, method: str, repeats: int, uploads:
             wall, own = script.run(at, RHO_FRAGMENT if fragment else None)
             (rho if fragment else full).append(wall)
             (rho_script if fragment else full_script).append(own)
-            if not at.image or not at.get("plotly_chart"):  # the rerun drew the results, not just the slider
+            if not at.image or not at.get("vega_lite_chart"):  # the rerun drew the results, not just the slider
                 raise AssertionError(f"the rerun drew no pictures or charts at rho {keep_ratio}")
     script.run(at)  # the whole page again, untimed: after a fragment rerun AppTest's tree holds its elements only
     return dict(new_image_s=new_image, new_image_script_s=new_image_script, rho_change_s=rho,

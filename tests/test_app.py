@@ -387,13 +387,13 @@ def test_a_rho_change_redraws_everything_it_changes(app, engine_model, first_gal
     app.selectbox(key="method").set_value("attention").run()
     app.slider(key="keep_ratio").set_value(0.9).run()
     overlay, attention_before, attention_after = _pictures(app)
-    chart = app.main.get("plotly_chart")[0].proto.spec
+    chart = app.main.get("vega_lite_chart")[0].proto.SerializeToString()  # the data rides beside the spec
     app.slider(key="keep_ratio").set_value(0.3).run()
     assert not _exceptions(app)
     pictures = _pictures(app)
     assert len(pictures) == 3
     assert pictures[0] != overlay and pictures[2] != attention_after
-    assert app.main.get("plotly_chart")[0].proto.spec != chart
+    assert app.main.get("vega_lite_chart")[0].proto.SerializeToString() != chart
     trace = patchslim.run(engine_model, first_gallery_image, patchslim.SlimPlan.from_options("attention", 0.3))
     base = patchslim.run(engine_model, first_gallery_image)
     assert _metric(app, "Tokens in last block").value == str(trace.tokens_per_block[-1])
@@ -442,7 +442,7 @@ def test_a_rho_change_on_explore_reruns_only_the_fragment_that_draws_the_slider(
     base = patchslim.run(engine_model, first_gallery_image)
     assert _metric(app, "Tokens in last block").value == str(trace.tokens_per_block[-1])
     assert _metric(app, "GMACs per image").value == f"{compare_macs(trace, base).gmacs:.3g}"
-    assert app.main.get("plotly_chart") and app.main.get("download_button")
+    assert app.main.get("vega_lite_chart") and app.main.get("download_button")
     tables = [h.proto.body for h in app.main.get("html") if 'class="top5"' in h.proto.body]
     assert len(tables) == 2 and f"{trace.top_k(1)[0][1]:.2%}" in tables[1]  # before, after: the slimmed top-1
     assert app.session_state["keep_ratio"] == 0.3

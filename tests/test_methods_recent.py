@@ -403,3 +403,51 @@ def test_weighted_pagerank_stops_at_the_fixed_point_within_float_rounding():
         for _ in range(iterations):
             scores = scores @ graphs.reshape(12, 16, 16)
         torch.testing.assert_close(weighted_pagerank(graphs, iterations), scores.reshape(3, 4, 16))
+
+
+def _two_stage_oracle(importance, metric, prune_importance, prune_similar):
+    """Zero-TPrune's two stages written plainly: sort by importance, drop the k_I last, split the rest into the
+    more important half (targets) and the others (sources), keep the sources least similar to any target."""
+    batch, m = importance.shape
+    kept_rows = []
+    for b in range(batch):
+        # most important first; ties: the lower position first
+        order = sorted(range(m), key=lambda i: (-float(importance[b, i]), i))[: m - prune_importance]
+        count = len(order)
+        targets, sources = order[: count - count // 2], order[count - count // 2:]
+        unit = torch.nn.functional.normalize(metric[b].float(), dim=-1)
+        redundancy = [float((unit[s] @ unit[targets].T).max()) for s in sources] if targets else []
+        # the k_S most redundant sources go; ties: the later (less important) source goes first
+        ranked = sorted(range(len(sources)), key=lambda j: (-redundancy[j], -j))
+        gone = {sources[j] for j in ranked[:prune_similar]}
+        kept_rows.append(sorted(set(order) - gone))
+    return torch.tensor(kept_rows)
+
+
+@pytest.mark.parametrize("prune_importance, prune_similar", [(0, 0), (3, 0), (0, 4), (2, 3), (5, 5), (1, 7)])
+def test_two_stage_keep_equals_a_plain_oracle_ties_included(prune_importance, prune_similar):
+    g = torch.Generator().manual_seed(11)
+    importance = torch.rand(4, 17, generator=g)
+    importance[:, 3] = importance[:, 9]  # equal importance: the lower position counts as more important
+    importance[1] = 0.5  # an image where every token is equally important
+    metric = torch.randn(4, 17, 6, generator=g)
+    metric[:, 12] = metric[:, 5]  # repeated features: equally redundant sources
+    metric[2, 14] = 3 * metric[2, 1]  # the same direction, another length
+    kept, macs = two_stage_keep(importance, metric, prune_importance, prune_similar)
+    assert torch.equal(kept, _two_stage_oracle(importance, metric, prune_importance, prune_similar))
+    count = 17 - prune_importance
+    assert macs == (0 if prune_similar == 0 else (count - count // 2) * (count // 2) * 6 + 17 * 6)
+
+
+def test_head_sum_gives_the_same_sums_whatever_group_of_images_it_adds(monkeypatch):
+    import patchslim.methods.tome as tome
+
+    g = torch.Generator().manual_seed(12)
+    keys = torch.randn(5, 11, 3, 6, 8, generator=g).permute(2, 0, 3, 1, 4)[1]  # [B, H, T, d], strided as the adapter's
+    whole = tome.head_sum(keys, 1)
+    monkeypatch.setattr(tome, "_HEAD_SUM_ELEMENTS", 2 * 10 * 8)  # two images at a time: groups of 2, 2, 1
+    assert torch.equal(tome.head_sum(keys, 1), whole)
+    running = keys[:, 0, 1:] + keys[:, 1, 1:]
+    for h in range(2, 6):
+        running = running + keys[:, h, 1:]
+    assert torch.equal(whole, running)  # the heads added in order, as a sum over the head axis takes them

@@ -113,7 +113,7 @@ def weighted_pagerank(attention: torch.Tensor, iterations: int) -> torch.Tensor:
                 rows = torch.tensor(live, device=attention.device)
                 group, current = graphs.index_select(0, rows), scores.index_select(0, rows)
             for _ in range(span):
-                before, current = current, current @ group  # row vector times A: (A^T s)^T
+                before, current = current, torch.bmm(current, group)  # row vector times A: (A^T s)^T
             if len(live) == hi - lo:
                 scores[lo:hi], previous[lo:hi] = current, before
             else:
@@ -151,25 +151,35 @@ def two_stage_keep(importance: torch.Tensor, metric: torch.Tensor, prune_importa
 
     Returns:
         (``[B, M - k_I - k_S]`` kept positions, ascending; the multiply-adds of the similarities).
+
+    Ties go to the lower position in the importance order, and among equally redundant sources the more important
+    one stays. The kept positions are read off a mask (in ascending order by construction) and the S-stage finds
+    the k_S sources to drop with one small ``topk``: the same tokens as keeping the ``|A| - k_S`` least redundant
+    sources (the keys are exact negatives of each other) and sorting what is kept, with two fewer sorts and the
+    target features gathered with the sources in one copy.
     """
     batch, m = importance.shape
     device = importance.device
+    if prune_similar == 0:
+        return top_k_index(importance, m - prune_importance), 0  # the same keys and ties as the sort below
     tie = torch.arange(m, device=device, dtype=torch.float64) * 1e-12  # ties: the lower position first
     order = torch.sort(importance.double() - tie, dim=-1, descending=True).indices
-    remaining = order[:, : m - prune_importance]  # by importance, most important first
-    if prune_similar == 0:
-        return remaining.sort(dim=1).values, 0
-    count = remaining.shape[1]
-    targets, sources = remaining[:, : count - count // 2], remaining[:, count - count // 2:]
+    count = m - prune_importance  # the tokens the I-stage leaves, most important first: order[:, :count]
+    targets = count - count // 2  # the more important half; the rest of the count are the sources
     unit = F.normalize(metric.float(), dim=-1)
     channels = unit.shape[-1]
-    target_units = gather_rows(unit, targets)
-    source_units = gather_rows(unit, sources)
-    redundancy = (source_units @ target_units.transpose(1, 2)).amax(dim=-1)  # [B, |A|]
-    spared = top_k_index(-redundancy, sources.shape[1] - prune_similar)  # the least redundant sources
-    kept = torch.cat([targets, sources.gather(1, spared)], dim=1)
-    macs = targets.shape[1] * sources.shape[1] * channels + m * channels
-    return kept.sort(dim=1).values, macs
+    ranked = gather_rows(unit, order[:, :count])  # [B, count, d]: targets, then sources
+    # B^T made contiguous: the same products as the transposed view, in less time
+    redundancy = torch.bmm(ranked[:, targets:], ranked[:, :targets].mT.contiguous()).amax(dim=-1)  # [B, |A|]
+    sources = count - targets
+    later = torch.arange(sources, device=device, dtype=torch.float64) * 1e-12  # ties: the less important goes
+    dropped = torch.topk(redundancy.double() + later, prune_similar, dim=-1).indices  # the k_S most redundant
+    stays = torch.ones(batch, m, dtype=torch.bool, device=device)
+    stays.scatter_(1, order[:, count:], False)  # the I-stage's k_I
+    stays.scatter_(1, order.gather(1, dropped + targets), False)  # the S-stage's k_S
+    kept = stays.nonzero()[:, 1].view(batch, count - prune_similar)  # row-major: ascending positions per image
+    macs = targets * sources * channels + m * channels
+    return kept, macs
 
 
 @register

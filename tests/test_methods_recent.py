@@ -451,3 +451,39 @@ def test_head_sum_gives_the_same_sums_whatever_group_of_images_it_adds(monkeypat
     for h in range(2, 6):
         running = running + keys[:, h, 1:]
     assert torch.equal(whole, running)  # the heads added in order, as a sum over the head axis takes them
+
+
+def _pagerank_oracle(graphs, iterations):
+    """Weighted PageRank's stopping rule written plainly, one graph at a time: ``s <- s A`` from the uniform 1/T;
+    at the end of every round of 3 iterations short of the last, stop if no score moved in that iteration by more
+    than 2 float32 ulps of the largest score."""
+    tokens = graphs.shape[-1]
+    flat = graphs.reshape(-1, 1, tokens, tokens)
+    out = []
+    for graph in flat:
+        scores = torch.full((1, 1, tokens), 1 / tokens)
+        for t in range(1, iterations + 1):
+            before, scores = scores, torch.bmm(scores, graph)
+            if t % 3 == 0 and t < iterations:
+                change = float((scores - before).abs().max())
+                if not change > float(scores.max()) * 2 * torch.finfo(torch.float32).eps:
+                    break
+        out.append(scores.reshape(tokens))
+    return torch.stack(out).reshape(graphs.shape[:-1])
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3, 4, 5, 6, 7, 9, 10, 30])
+def test_weighted_pagerank_equals_its_stopping_rule_written_plainly(monkeypatch, iterations):
+    import patchslim.methods.zerotprune as zerotprune
+
+    g = torch.Generator().manual_seed(13)
+    graphs = torch.cat([
+        (torch.randn(2, 2, 12, 12, generator=g) * 4).softmax(-1),  # peaked: settle late
+        (torch.randn(2, 2, 12, 12, generator=g) * 0.1).softmax(-1),  # near uniform: settle early
+    ], dim=1)  # [B=2, H=4, T, T]
+    graphs[0, 1] = 1 / 12  # uniform: still after the first iteration
+    graphs[1, 2] = torch.eye(12)[torch.roll(torch.arange(12), 1)]  # a cycle: the uniform start never moves
+    expected = _pagerank_oracle(graphs, iterations)
+    assert torch.equal(weighted_pagerank(graphs, iterations), expected)
+    monkeypatch.setattr(zerotprune, "_WPR_GROUP_ELEMENTS", 3 * 12 * 12 // max(1, torch.get_num_threads()))
+    assert torch.equal(weighted_pagerank(graphs, iterations), expected)  # groups of three graphs

@@ -487,3 +487,28 @@ def test_weighted_pagerank_equals_its_stopping_rule_written_plainly(monkeypatch,
     assert torch.equal(weighted_pagerank(graphs, iterations), expected)
     monkeypatch.setattr(zerotprune, "_WPR_GROUP_ELEMENTS", 3 * 12 * 12 // max(1, torch.get_num_threads()))
     assert torch.equal(weighted_pagerank(graphs, iterations), expected)  # groups of three graphs
+
+
+def test_pitome_and_zerotprune_helpers_give_the_same_values_with_gradients():
+    """The in-place writes (``out=``) that spare allocations are not followed by autograd: with gradients on, the
+    helpers take their allocating path, with the same values, and the gradients flow through the metric and the
+    energy (the PageRank only ranks tokens; it never carried gradients, only its forward must run)."""
+    from patchslim.methods.pitome import token_energy
+    from patchslim.methods.tome import head_sum
+
+    g = torch.Generator().manual_seed(14)
+    keys = torch.randn(3, 11, 4, 6, 8, generator=g).permute(2, 0, 3, 1, 4)[1].contiguous()  # [B, H, T, d]
+    graphs = (torch.randn(3, 4, 10, 10, generator=g) * 2).softmax(-1)
+    with torch.no_grad():
+        metric, pagerank = head_sum(keys, 1), weighted_pagerank(graphs, 30)
+        energy = token_energy(metric, 0.3, images=2)[0]
+    keys.requires_grad_(True)
+    graphs.requires_grad_(True)
+    graded_metric = head_sum(keys, 1)
+    graded_energy = token_energy(graded_metric, 0.3, images=2)[0]
+    graded_pagerank = weighted_pagerank(graphs, 30)
+    assert torch.equal(graded_metric.detach(), metric)
+    assert torch.equal(graded_energy.detach(), energy)
+    assert torch.equal(graded_pagerank.detach(), pagerank)
+    graded_energy.sum().backward()
+    assert keys.grad is not None and bool(keys.grad.abs().sum() > 0)

@@ -110,6 +110,16 @@ def token_energy(metric: torch.Tensor, margin: float, alpha: float = DEFAULT_ALP
     unit = F.normalize(metric.float(), dim=-1)
     batch, m = unit.shape[:2]
     offset = torch.full((1, 1, 1), -margin, device=unit.device)
+    if torch.is_grad_enabled() and unit.requires_grad:  # autograd cannot follow writes into ``out=``
+        parts = []
+        for chunk in unit.split(images):
+            shifted = torch.baddbmm(offset, chunk, chunk.mT)  # cos - m
+            total = shifted.sum(dim=-1)
+            below = shifted.clamp_max_(0.0)
+            negative = below.sum(dim=-1)
+            spread = below.exp_().sum(dim=-1)
+            parts.append((total - negative + alpha * (spread - m)) / m)
+        return torch.cat(parts), unit
     # one [images, M, M] block and the three sums, allocated once and written in place chunk by chunk
     block = torch.empty(min(images, batch), m, m, device=unit.device)
     total, negative, spread = torch.empty(3, batch, m, device=unit.device).unbind(0)

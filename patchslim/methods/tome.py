@@ -346,6 +346,12 @@ def head_sum(keys: torch.Tensor, num_prefix: int) -> torch.Tensor:
     heads = keys.shape[1]
     if heads == 1:
         return keys[:, 0, num_prefix:].clone()
+    if torch.is_grad_enabled() and keys.requires_grad:  # autograd cannot follow writes into ``out=``
+        parts = keys[:, :, num_prefix:].unbind(1)
+        total = parts[0] + parts[1]
+        for head in parts[2:]:
+            total.add_(head)
+        return total
     batch, m, width = keys.shape[0], keys.shape[2] - num_prefix, keys.shape[3]
     total = torch.empty(batch, m, width, dtype=keys.dtype, device=keys.device)
     images = max(1, _HEAD_SUM_ELEMENTS // max(1, m * width))

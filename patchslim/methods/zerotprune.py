@@ -109,12 +109,15 @@ def weighted_pagerank(attention: torch.Tensor, iterations: int) -> torch.Tensor:
     snapshot = {t: torch.empty(count, 1, tokens, device=attention.device)
                 for t in {step - 1, step, *(c - 1 for c in checks), *checks} if t > 0}
     start = torch.full((min(per_group, count), 1, tokens), 1.0 / tokens, device=attention.device)
+    in_place = not (torch.is_grad_enabled() and graphs.requires_grad)  # autograd cannot follow ``out=``
     for lo in range(0, count, per_group):
         hi = min(lo + per_group, count)
         group, current = graphs[lo:hi], start[: hi - lo]
         for t in range(1, step + 1):
-            out = snapshot[t][lo:hi] if t in snapshot else None
+            out = snapshot[t][lo:hi] if t in snapshot and in_place else None
             current = torch.bmm(current, group, out=out)  # row vector times A: (A^T s)^T
+            if t in snapshot and not in_place:
+                snapshot[t][lo:hi] = current
     scores = snapshot[step]
     previous = snapshot[step - 1] if step > 1 else start  # read only if the rounds go on (then step > 1)
     going = torch.ones(count, dtype=torch.bool, device=attention.device)

@@ -155,8 +155,8 @@ def energy_merges(unit: torch.Tensor, energy: torch.Tensor,
     destination = b.gather(1, best)  # [B, k] positions among the M
     stays = torch.ones(batch, m, dtype=torch.bool, device=device).scatter_(1, a, False)
     keep = stays.nonzero()[:, 1].view(batch, m - k)  # row-major: ascending positions per image
-    slot = stays.long().cumsum(dim=1) - 1  # the output slot of every position that stays
-    return keep, a, slot.gather(1, destination)
+    # every B token stays: its output slot is where its position sits in the ascending ``keep``
+    return keep, a, torch.searchsorted(keep, destination)
 
 
 @register

@@ -478,3 +478,113 @@ def test_a_merge_recorded_on_the_provenance_reads_as_the_merge_applied_at_once()
     assert torch.equal(lazy.regroup(4).dense(), eager.regroup(4).dense())
     assert torch.equal(lazy.repeat(2).dense(), eager.repeat(2).dense())
     assert not lazy.is_plain and lazy.ids is None
+
+
+def _two_stage_oracle(importance, metric, prune_importance, prune_similar):
+    """Zero-TPrune's two stages written plainly: sort by importance, drop the k_I last, split the rest into the
+    more important half (targets) and the others (sources), keep the sources least similar to any target."""
+    batch, m = importance.shape
+    kept_rows = []
+    for b in range(batch):
+        # most important first; ties: the lower position first
+        order = sorted(range(m), key=lambda i: (-float(importance[b, i]), i))[: m - prune_importance]
+        count = len(order)
+        targets, sources = order[: count - count // 2], order[count - count // 2:]
+        unit = torch.nn.functional.normalize(metric[b].float(), dim=-1)
+        redundancy = [float((unit[s] @ unit[targets].T).max()) for s in sources] if targets else []
+        # the k_S most redundant sources go; ties: the later (less important) source goes first
+        ranked = sorted(range(len(sources)), key=lambda j: (-redundancy[j], -j))
+        gone = {sources[j] for j in ranked[:prune_similar]}
+        kept_rows.append(sorted(set(order) - gone))
+    return torch.tensor(kept_rows)
+
+
+@pytest.mark.parametrize("prune_importance, prune_similar", [(0, 0), (3, 0), (0, 4), (2, 3), (5, 5), (1, 7)])
+def test_two_stage_keep_equals_a_plain_oracle_ties_included(prune_importance, prune_similar):
+    g = torch.Generator().manual_seed(11)
+    importance = torch.rand(4, 17, generator=g)
+    importance[:, 3] = importance[:, 9]  # equal importance: the lower position counts as more important
+    importance[1] = 0.5  # an image where every token is equally important
+    metric = torch.randn(4, 17, 6, generator=g)
+    metric[:, 12] = metric[:, 5]  # repeated features: equally redundant sources
+    metric[2, 14] = 3 * metric[2, 1]  # the same direction, another length
+    kept, macs = two_stage_keep(importance, metric, prune_importance, prune_similar)
+    assert torch.equal(kept, _two_stage_oracle(importance, metric, prune_importance, prune_similar))
+    count = 17 - prune_importance
+    assert macs == (0 if prune_similar == 0 else (count - count // 2) * (count // 2) * 6 + 17 * 6)
+
+
+def test_head_sum_gives_the_same_sums_whatever_group_of_images_it_adds(monkeypatch):
+    import patchslim.methods.tome as tome
+
+    g = torch.Generator().manual_seed(12)
+    keys = torch.randn(5, 11, 3, 6, 8, generator=g).permute(2, 0, 3, 1, 4)[1]  # [B, H, T, d], strided as the adapter's
+    monkeypatch.setattr(tome, "SMALL_MERGE", 0)  # the additions, as for large keys (small ones take one reduction)
+    whole = tome.head_sum(keys, 1)
+    monkeypatch.setattr(tome, "_HEAD_SUM_ELEMENTS", 2 * 10 * 8)  # two images at a time: groups of 2, 2, 1
+    assert torch.equal(tome.head_sum(keys, 1), whole)
+    running = keys[:, 0, 1:] + keys[:, 1, 1:]
+    for h in range(2, 6):
+        running = running + keys[:, h, 1:]
+    assert torch.equal(whole, running)  # the heads added in order, as a sum over the head axis takes them
+
+
+def _pagerank_oracle(graphs, iterations):
+    """Weighted PageRank's stopping rule written plainly, one graph at a time: ``s <- s A`` from the uniform 1/T;
+    at the end of every round of 3 iterations short of the last, stop if no score moved in that iteration by more
+    than 2 float32 ulps of the largest score."""
+    tokens = graphs.shape[-1]
+    flat = graphs.reshape(-1, 1, tokens, tokens)
+    out = []
+    for graph in flat:
+        scores = torch.full((1, 1, tokens), 1 / tokens)
+        for t in range(1, iterations + 1):
+            before, scores = scores, torch.bmm(scores, graph)
+            if t % 3 == 0 and t < iterations:
+                change = float((scores - before).abs().max())
+                if not change > float(scores.max()) * 2 * torch.finfo(torch.float32).eps:
+                    break
+        out.append(scores.reshape(tokens))
+    return torch.stack(out).reshape(graphs.shape[:-1])
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3, 4, 5, 6, 7, 9, 10, 30])
+def test_weighted_pagerank_equals_its_stopping_rule_written_plainly(monkeypatch, iterations):
+    import patchslim.methods.zerotprune as zerotprune
+
+    g = torch.Generator().manual_seed(13)
+    graphs = torch.cat([
+        (torch.randn(2, 2, 12, 12, generator=g) * 4).softmax(-1),  # peaked: settle late
+        (torch.randn(2, 2, 12, 12, generator=g) * 0.1).softmax(-1),  # near uniform: settle early
+    ], dim=1)  # [B=2, H=4, T, T]
+    graphs[0, 1] = 1 / 12  # uniform: still after the first iteration
+    graphs[1, 2] = torch.eye(12)[torch.roll(torch.arange(12), 1)]  # a cycle: the uniform start never moves
+    expected = _pagerank_oracle(graphs, iterations)
+    assert torch.equal(weighted_pagerank(graphs, iterations), expected)
+    monkeypatch.setattr(zerotprune, "_WPR_GROUP_ELEMENTS", 3 * 12 * 12 // max(1, torch.get_num_threads()))
+    assert torch.equal(weighted_pagerank(graphs, iterations), expected)  # groups of three graphs
+
+
+def test_pitome_and_zerotprune_helpers_give_the_same_values_with_gradients():
+    """The in-place writes (``out=``) that spare allocations are not followed by autograd: with gradients on, the
+    helpers take their allocating path, with the same values, and the gradients flow through the metric and the
+    energy (the PageRank only ranks tokens; it never carried gradients, only its forward must run)."""
+    from patchslim.methods.pitome import token_energy
+    from patchslim.methods.tome import head_sum
+
+    g = torch.Generator().manual_seed(14)
+    keys = torch.randn(3, 11, 4, 6, 8, generator=g).permute(2, 0, 3, 1, 4)[1].contiguous()  # [B, H, T, d]
+    graphs = (torch.randn(3, 4, 10, 10, generator=g) * 2).softmax(-1)
+    with torch.no_grad():
+        metric, pagerank = head_sum(keys, 1), weighted_pagerank(graphs, 30)
+        energy = token_energy(metric, 0.3, images=2)[0]
+    keys.requires_grad_(True)
+    graphs.requires_grad_(True)
+    graded_metric = head_sum(keys, 1)
+    graded_energy = token_energy(graded_metric, 0.3, images=2)[0]
+    graded_pagerank = weighted_pagerank(graphs, 30)
+    assert torch.equal(graded_metric.detach(), metric)
+    assert torch.equal(graded_energy.detach(), energy)
+    assert torch.equal(graded_pagerank.detach(), pagerank)
+    graded_energy.sum().backward()
+    assert keys.grad is not None and bool(keys.grad.abs().sum() > 0)

@@ -86,6 +86,13 @@ def weighted_pagerank(attention: torch.Tensor, iterations: int) -> torch.Tensor:
     DeiT-S with random weights, after 7 to 22 on the trained bundled model), and the next rounds iterate the others
     only (a group's stragglers copied together). The decision is per graph, so a graph's scores
     do not depend on the graphs iterated beside it.
+
+    The first ``_WPR_FIRST_ROUNDS`` rounds run group by group, each group's back to back while its matrices are in
+    the cache, the scores of the iterations the checks compare kept aside; the checks of those rounds are then
+    made for every graph at once, in round order, and the graphs still moving go on round by round as before. The
+    same products and the same stopping rule, so the same scores bit for bit, in 0.8 of the time of running every
+    round over the whole batch (DeiT-S, batch 32, two threads: 34 against 43 ms over the 12 blocks), which read
+    every matrix from memory again in each round.
     """
     tokens = attention.shape[-1]
     graphs = attention.float().reshape(-1, tokens, tokens)  # one graph per (image, head)
@@ -95,10 +102,34 @@ def weighted_pagerank(attention: torch.Tensor, iterations: int) -> torch.Tensor:
     # product splits a group's graphs between the threads, so a group holds a cache's worth per thread.
     per_group = max(1, _WPR_GROUP_ELEMENTS * max(1, torch.get_num_threads()) // (tokens * tokens))
     still = _WPR_STILL_ULPS * torch.finfo(torch.float32).eps
-    scores = torch.full((count, 1, tokens), 1.0 / tokens, device=attention.device)
-    previous = torch.empty_like(scores)  # each graph's scores one iteration before ``scores``
-    moving = [True] * count  # the graphs still iterating
-    step = 0
+    # The first rounds, group by group: each group runs them back to back while its matrices are in the cache,
+    # keeping the scores of the iterations the stopping checks compare (into place, no extra operation).
+    step = min(iterations, _WPR_FIRST_ROUNDS * _WPR_ROUND)
+    checks = [t for t in range(_WPR_ROUND, step + 1, _WPR_ROUND) if t < iterations]  # the round ends checked
+    snapshot = {t: torch.empty(count, 1, tokens, device=attention.device)
+                for t in {step - 1, step, *(c - 1 for c in checks), *checks} if t > 0}
+    start = torch.full((min(per_group, count), 1, tokens), 1.0 / tokens, device=attention.device)
+    in_place = not (torch.is_grad_enabled() and graphs.requires_grad)  # autograd cannot follow ``out=``
+    for lo in range(0, count, per_group):
+        hi = min(lo + per_group, count)
+        group, current = graphs[lo:hi], start[: hi - lo]
+        for t in range(1, step + 1):
+            out = snapshot[t][lo:hi] if t in snapshot and in_place else None
+            current = torch.bmm(current, group, out=out)  # row vector times A: (A^T s)^T
+            if t in snapshot and not in_place:
+                snapshot[t][lo:hi] = current
+    scores = snapshot[step]
+    previous = snapshot[step - 1] if step > 1 else start  # read only if the rounds go on (then step > 1)
+    going = torch.ones(count, dtype=torch.bool, device=attention.device)
+    for check in checks:  # the first rounds' stopping decisions, every graph at once, in round order
+        change = (snapshot[check] - snapshot[check - 1]).abs_().amax(-1).squeeze(-1)
+        moves = change > snapshot[check].amax(-1).squeeze(-1).mul_(still)
+        if check < step:  # a graph that stopped here keeps this round's scores
+            scores = torch.where((going & ~moves).view(-1, 1, 1), snapshot[check], scores)
+        going &= moves
+    moving = going.tolist()  # the graphs still iterating
+    if step < iterations and not any(moving):
+        step = iterations
     while step < iterations:
         span = min(_WPR_ROUND, iterations - step)
         step += span
@@ -113,7 +144,7 @@ def weighted_pagerank(attention: torch.Tensor, iterations: int) -> torch.Tensor:
                 rows = torch.tensor(live, device=attention.device)
                 group, current = graphs.index_select(0, rows), scores.index_select(0, rows)
             for _ in range(span):
-                before, current = current, current @ group  # row vector times A: (A^T s)^T
+                before, current = current, torch.bmm(current, group)  # row vector times A: (A^T s)^T
             if len(live) == hi - lo:
                 scores[lo:hi], previous[lo:hi] = current, before
             else:
@@ -131,6 +162,7 @@ def weighted_pagerank(attention: torch.Tensor, iterations: int) -> torch.Tensor:
 
 _WPR_GROUP_ELEMENTS = 1 << 18  # attention entries iterated together per thread by weighted_pagerank (1 MiB)
 _WPR_ROUND = 3  # weighted_pagerank: iterations between two checks for graphs at their fixed point
+_WPR_FIRST_ROUNDS = 2  # weighted_pagerank: rounds each group runs back to back before the round-by-round loop
 _WPR_STILL_ULPS = 2  # weighted_pagerank: a move of at most this many float32 ulps (of the largest score) is rest
 
 
@@ -151,25 +183,35 @@ def two_stage_keep(importance: torch.Tensor, metric: torch.Tensor, prune_importa
 
     Returns:
         (``[B, M - k_I - k_S]`` kept positions, ascending; the multiply-adds of the similarities).
+
+    Ties go to the lower position in the importance order, and among equally redundant sources the more important
+    one stays. The kept positions are read off a mask (in ascending order by construction) and the S-stage finds
+    the k_S sources to drop with one small ``topk``: the same tokens as keeping the ``|A| - k_S`` least redundant
+    sources (the keys are exact negatives of each other) and sorting what is kept, with two fewer sorts and the
+    target features gathered with the sources in one copy.
     """
     batch, m = importance.shape
     device = importance.device
+    if prune_similar == 0:
+        return top_k_index(importance, m - prune_importance), 0  # the same keys and ties as the sort below
     tie = torch.arange(m, device=device, dtype=torch.float64) * 1e-12  # ties: the lower position first
     order = torch.sort(importance.double() - tie, dim=-1, descending=True).indices
-    remaining = order[:, : m - prune_importance]  # by importance, most important first
-    if prune_similar == 0:
-        return remaining.sort(dim=1).values, 0
-    count = remaining.shape[1]
-    targets, sources = remaining[:, : count - count // 2], remaining[:, count - count // 2:]
+    count = m - prune_importance  # the tokens the I-stage leaves, most important first: order[:, :count]
+    targets = count - count // 2  # the more important half; the rest of the count are the sources
     unit = F.normalize(metric.float(), dim=-1)
     channels = unit.shape[-1]
-    target_units = gather_rows(unit, targets)
-    source_units = gather_rows(unit, sources)
-    redundancy = (source_units @ target_units.transpose(1, 2)).amax(dim=-1)  # [B, |A|]
-    spared = top_k_index(-redundancy, sources.shape[1] - prune_similar)  # the least redundant sources
-    kept = torch.cat([targets, sources.gather(1, spared)], dim=1)
-    macs = targets.shape[1] * sources.shape[1] * channels + m * channels
-    return kept.sort(dim=1).values, macs
+    ranked = gather_rows(unit, order[:, :count])  # [B, count, d]: targets, then sources
+    # B^T made contiguous: the same products as the transposed view, in less time
+    redundancy = torch.bmm(ranked[:, targets:], ranked[:, :targets].mT.contiguous()).amax(dim=-1)  # [B, |A|]
+    sources = count - targets
+    later = torch.arange(sources, device=device, dtype=torch.float64) * 1e-12  # ties: the less important goes
+    dropped = torch.topk(redundancy.double() + later, prune_similar, dim=-1).indices  # the k_S most redundant
+    stays = torch.ones(batch, m, dtype=torch.bool, device=device)
+    stays.scatter_(1, order[:, count:], False)  # the I-stage's k_I
+    stays.scatter_(1, order.gather(1, dropped + targets), False)  # the S-stage's k_S
+    kept = stays.nonzero()[:, 1].view(batch, count - prune_similar)  # row-major: ascending positions per image
+    macs = targets * sources * channels + m * channels
+    return kept, macs
 
 
 @register

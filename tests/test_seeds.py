@@ -44,6 +44,21 @@ def test_image_keys_depend_on_the_image_alone():
     assert image_keys(nudged)[1] != keys[1] and image_keys(nudged)[0] == keys[0]
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 224, 224), (3, 3, 64, 64), (2, 1, 48, 48), (1, 3, 5, 7)])
+def test_image_keys_are_the_two_weighted_sums_of_the_bits_however_they_are_sliced(shape):
+    """The key is fixed arithmetic (seeded results rest on it): the low and high 16 bits of every value, each summed
+    with its odd position weight, mixed; written here over whole images at once, in int64."""
+    from patchslim.seeding import _MASK64, mix
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=g) * 100
+    x.view(-1)[::5] *= -1e-3  # negative values and small exponents too
+    bits = x.reshape(shape[0], -1).view(torch.int32).long()
+    w = (torch.arange(bits.shape[1]) % 4093) * 2 + 1
+    low, high = ((bits & 0xFFFF) * w).sum(1), ((bits >> 16) * w).sum(1)
+    assert image_keys(x) == [mix(int(h), int(lo) & _MASK64) for lo, h in zip(low, high)]
+
+
 def test_image_random_rows_follow_their_image():
     x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     batch = ImageRandom(7, x).rand(6, 5, groups=2)  # two window rows per image

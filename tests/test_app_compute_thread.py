@@ -56,6 +56,10 @@ def test_the_explore_page_runs_its_forwards_and_model_load_on_the_compute_thread
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(patchslim, "run", recorded)
+    import streamlit as st
+
+    st.cache_resource.clear()  # forwards cached by earlier tests in this process would run nothing here
+    st.cache_data.clear()
     at = AppTest.from_file(str(MAIN), default_timeout=120).run()
     at.selectbox(key="model_name").set_value(bundled.BUNDLED_NAME).run()
     assert not at.exception

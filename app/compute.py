@@ -7,6 +7,8 @@ compare the page's readouts with direct calls to :func:`patchslim.run`.
 Views draw what this module hands them (pictures, numbers, figures) and never call the engine themselves.
 Nothing here imports another app module, and nothing here catches an error to hide it: a page draws each part
 inside :class:`app.panels.panel`, which shows the error in that part and logs it.
+The model loads, forwards and drawings of the interactive pages run on one long-lived thread
+(:func:`on_compute_thread`, which says why); the page's script thread waits for them.
 """
 
 from __future__ import annotations
@@ -41,8 +43,6 @@ BUNDLED_GALLERY_SIZE = 12
 
 PLAN_REFUSAL = "This plan cannot run"  # how a page opens its message for a plan the engine refuses
 
-
-# --------------------------------------------------------------------------- galleries
 
 # --------------------------------------------------------------------------- the compute thread
 
@@ -83,6 +83,8 @@ def model_input(model: patchslim.LoadedModel, image: Image.Image) -> torch.Tenso
     """The image through the model's transform (``[1, C, H, W]`` on its device)."""
     return model.preprocess(image)
 
+
+# --------------------------------------------------------------------------- galleries
 
 @dataclass(frozen=True)
 class GalleryItem:

@@ -153,7 +153,10 @@ def tokens_chart(tokens_before: list[int], tokens_after: list[int],
                    scale=dict(domain=["slimmed", "unslimmed"], range=["#1f77b4", "#888888"])),
         tooltip=[dict(field="model"), dict(field="block"), dict(field="tokens")],
     )
-    only = lambda name: [dict(filter=f"datum.model == '{name}'")]  # noqa: E731
+
+    def only(name: str) -> list[dict]:
+        return [dict(filter=f"datum.model == '{name}'")]
+
     spec = dict(
         height=320, title=dict(text=title, fontSize=FONT["size"], anchor="start"),
         data=dict(values=values), encoding=encoding,

@@ -533,8 +533,8 @@ def _merge_summed(tokens: torch.Tensor, sizes: torch.Tensor | None, num_prefix: 
     out = flat.index_select(0, rows.flatten())
     out.index_add_(0, slots.flatten(), flat.index_select(0, sources.flatten()))
     out = out.view(batch, -1, width)
-    new_sizes = out[:, :, channels]
     merged_tokens = out[:, :, :channels] / out[:, :, channels:]
+    new_sizes = out[:, :, channels].contiguous()  # its own [B, K]: a view would keep all of ``out`` alive
     return merged_tokens.to(tokens.dtype), new_sizes, MergeSlots(keep, merged, into)
 
 

@@ -71,26 +71,35 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms"
 
 
+def change(after: float, before: float, before_text: str) -> dict:
+    """``st.metric`` delta arguments for ``before -> after``: the relative change and where it came from, coloured
+    as a cost (down is good); a change that rounds to 0 % reads "no change" without an arrow or a colour, so an
+    unchanged readout never shows as a red increase of "+0%". No delta when there is nothing to compare with."""
+    if not before > 0:
+        return dict(delta=None)
+    relative = after / before - 1
+    if round(relative * 100) == 0:
+        return dict(delta=f"no change (from {before_text})", delta_color="off", delta_arrow="off")
+    return dict(delta=f"{relative:+.0%} (from {before_text})", delta_color="inverse")
+
+
 def readout_row(r: compute.Costs, device: str, windowed: bool = False, model=None) -> None:
     """GMACs, latency, memory, rho reached and tokens, each before -> after (``device``: where it ran;
     ``windowed``: a Swin, whose tokens all come back after the blocks they sat out), and the model's weights as
     stored (``model``: the loaded model; slimming does not change them)."""
     cols = st.container(key="readouts").columns(6 if model is not None else 5)  # the key: PAGE_STYLE
     card = dict(border=True, height="stretch")  # one height for the row, whichever card wraps most
-    cols[0].metric("GMACs per image", f"{r.gmacs_after:.3g}",
-                   delta=f"{-r.gmacs_reduction:+.0%} (from {r.gmacs_before:.3g})", delta_color="inverse",
+    cols[0].metric("GMACs per image", f"{r.gmacs_after:.3g}", **change(r.gmacs_after, r.gmacs_before, f"{r.gmacs_before:.3g}"),
                    help="Analytic multiply-adds of the slimmed forward (patchslim.metrics.flops), "
                         "selection cost included; the delta compares with the unslimmed model.", **card)
     cols[1].metric("Latency per image", _ms(r.latency_after),
-                   delta=f"{r.latency_after / r.latency_before - 1:+.0%} (from {_ms(r.latency_before)})",
-                   delta_color="inverse", **card,
+                   **change(r.latency_after, r.latency_before, _ms(r.latency_before)), **card,
                    help=f"Measured wall time of this image's forward on {device.upper()}, attention "
                         "maps kept: the fastest of up to 3 runs for a small model, one run for a large one "
                         "(noisy). 'Measure the speed-up properly' below and the Benchmark page take medians "
                         "over many interleaved runs.")
     cols[2].metric("Activation memory", f"{r.memory_after:.3g} MB",
-                   delta=f"{r.memory_after / r.memory_before - 1:+.0%} (from {r.memory_before:.3g})",
-                   delta_color="inverse", **card,
+                   **change(r.memory_after, r.memory_before, f"{r.memory_before:.3g}"), **card,
                    help="Analytic peak of activation memory per image for this plan (patchslim.metrics.memory), "
                         "without the attention maps kept for display; bytes per element from the model's "
                         "precision (fp32: 4, bf16 / fp16: 2).")

@@ -115,6 +115,18 @@ def test_method_and_rho_widgets_drive_the_readouts_like_the_engine(app, engine_m
     top1 = trace.top_k(1)[0][0]
     banner = " ".join(s.value for s in app.success) + " ".join(e.value for e in app.error)
     assert top1 in banner
+    memory = _metric(app, "Activation memory")
+    assert memory.delta.endswith(")") and ("no change" in memory.delta or "%" in memory.delta)
+
+
+def test_a_readout_that_did_not_change_says_so_without_a_coloured_arrow():
+    from app.views import change
+
+    assert change(0.372, 0.372, "0.372") == dict(delta="no change (from 0.372)", delta_color="off", delta_arrow="off")
+    assert change(0.3735, 0.372, "0.372")["delta"] == "no change (from 0.372)"  # +0.4 % rounds to 0 %
+    assert change(0.0669, 0.0886, "0.0886") == dict(delta="-24% (from 0.0886)", delta_color="inverse")
+    assert change(0.012, 0.011, "11 ms") == dict(delta="+9% (from 11 ms)", delta_color="inverse")
+    assert change(1.0, 0.0, "0") == dict(delta=None)  # nothing to compare with: no delta at all
 
 
 def test_moving_rho_changes_tokens_and_gmacs(app):

@@ -12,7 +12,9 @@ A slimmed forward carries, beside the token tensor, *where every token came from
 assignment (``[B, N]``: the token each original patch went into), which the next merges update by an index, and a
 projection into a dense ``[B, M, N]`` matrix. ``dense()`` gives the matrix in every case, built when it is read.
 A merge inside the forward (:func:`merged_state`) is only recorded (:meth:`Provenance.merge_later`): the assignment
-is updated when something reads the provenance, so a forward whose provenance nobody reads pays nothing for it.
+is updated when something reads the provenance, so a forward whose provenance nobody reads pays nothing for it. A
+combination whose matrix is worth building only when read (EViT's fused token) is recorded the same way
+(:meth:`Provenance.combine_later`).
 Overlays, rollout and audits read it; nothing re-derives it. Prefix tokens (CLS, distillation, registers) are
 never part of the provenance and are never dropped: every function here leaves the first ``num_prefix`` tokens
 alone.
@@ -21,7 +23,7 @@ alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -47,8 +49,9 @@ class Provenance:
             one of the M new tokens (:meth:`merged`); ``ids`` and ``weights`` are then None.
         assign: ``[B, S]`` int64, which of the M tokens each of ``members`` joined.
         merged_count: M, with ``members``.
-        pending: a merge recorded but not yet applied (:meth:`merge_later`): the provenance it applies to and where
-            each token went. Every other form is None then; any read applies it first (once: the result is kept).
+        pending: a merge or combination recorded but not yet applied (:meth:`merge_later`,
+            :meth:`combine_later`): the provenance it applies to and how. Every other form is None then; any read
+            applies it first (once: the result is kept).
     """
 
     num_patches: int
@@ -73,7 +76,7 @@ class Provenance:
     def count(self) -> int:
         """M, the number of non-prefix tokens."""
         if self.pending is not None:
-            return self.pending.slots.count
+            return self.pending.count
         if self.ids is not None:
             return int(self.ids.shape[1])
         if self.weights is not None:
@@ -83,7 +86,7 @@ class Provenance:
     @property
     def batch(self) -> int:
         if self.pending is not None:
-            return self.pending.slots.batch
+            return self.pending.batch
         return int(self._tensor.shape[0])
 
     @property
@@ -96,10 +99,20 @@ class Provenance:
         """The provenance after a merge (the same as ``merge(slots.tensor(), slots.count)``), recorded now and
         applied when first read: a forward that merges in every block pays for the assignment only if someone
         reads it (overlays, audits), and then once per merge."""
-        return Provenance(self.num_patches, grid=self.grid, pending=PendingMerge(self, slots))
+        def apply(before: Provenance) -> Provenance:
+            return before.merge(slots.tensor().to(before.device), slots.count)
+
+        return Provenance(self.num_patches, grid=self.grid,
+                          pending=PendingMerge(self, slots.count, slots.batch, apply))
+
+    def combine_later(self, count: int, matrix: Callable[[], torch.Tensor]) -> "Provenance":
+        """The provenance after :meth:`combine` with the ``[B, count, M]`` matrix that ``matrix()`` builds, recorded
+        now and applied when first read (:meth:`merge_later` for a combination)."""
+        return Provenance(self.num_patches, grid=self.grid, pending=PendingMerge(
+            self, count, self.batch, lambda before: before.combine(matrix())))
 
     def resolved(self) -> "Provenance":
-        """This provenance with any recorded merge applied (itself when there is none)."""
+        """This provenance with any recorded merge or combination applied (itself when there is none)."""
         return self if self.pending is None else self.pending.result()
 
     @property
@@ -296,24 +309,31 @@ class MergeSlots:
 
 
 class PendingMerge:
-    """A merge recorded on a provenance and applied when first read (:meth:`Provenance.merge_later`).
+    """A merge or combination recorded on a provenance and applied when first read (:meth:`Provenance.merge_later`,
+    :meth:`Provenance.combine_later`).
 
-    Applying it is :meth:`Provenance.merge` of the earlier provenance (itself applied first if it is pending) with
-    the slots spelled out; the result is kept, so each recorded merge is applied at most once however often the
-    trace is read. Two threads reading at once may both apply it; they get equal results.
+    Applying it is ``apply`` (:meth:`Provenance.merge` with the slots spelled out, or :meth:`Provenance.combine`)
+    on the earlier provenance, itself applied first if it is pending; the result is kept, so each recorded change is
+    applied at most once however often the trace is read. Two threads reading at once may both apply it; they get
+    equal results.
+
+    Attributes:
+        before: the provenance it applies to.
+        count, batch: tokens and rows after it.
     """
 
-    __slots__ = ("before", "slots", "_result")
+    __slots__ = ("before", "count", "batch", "_apply", "_result")
 
-    def __init__(self, before: Provenance, slots: MergeSlots):
+    def __init__(self, before: Provenance, count: int, batch: int, apply: Callable[[Provenance], Provenance]):
         self.before = before
-        self.slots = slots
+        self.count = int(count)
+        self.batch = int(batch)
+        self._apply = apply
         self._result: Provenance | None = None
 
     def result(self) -> Provenance:
         if self._result is None:
-            before = self.before.resolved()
-            self._result = before.merge(self.slots.tensor().to(before.device), self.slots.count)
+            self._result = self._apply(self.before.resolved())
         return self._result
 
 
@@ -581,17 +601,21 @@ def top_k_index(scores: torch.Tensor, k: int) -> torch.Tensor:
     return idx.sort(dim=1).values
 
 
-def replace_patches(state: TokenState, patches: torch.Tensor, combination: torch.Tensor,
-                    sizes: torch.Tensor | None) -> TokenState:
+def replace_patches(state: TokenState, patches: torch.Tensor,
+                    combination: torch.Tensor | Callable[[], torch.Tensor], sizes: torch.Tensor | None) -> TokenState:
     """Replaces the non-prefix tokens by new ones that combine them.
 
     Args:
         state: tokens before.
         patches: ``[B, K, C]`` the new non-prefix tokens.
         combination: ``[B, K, M]`` how each new token combines the current ones (0/1 for merges,
-            loadings for projections); used for the provenance.
+            loadings for projections); used for the provenance. A function that builds it: the provenance records
+            it and calls it when first read (:meth:`Provenance.combine_later`).
         sizes: ``[B, K]`` the new tokens' sizes, or None to keep sizes unset.
     """
+    if callable(combination):
+        return _replaced(state, patches, sizes,
+                         lambda provenance: provenance.combine_later(patches.shape[1], combination))
     return _replaced(state, patches, sizes, lambda provenance: provenance.combine(combination))
 
 

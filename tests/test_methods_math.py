@@ -461,10 +461,34 @@ def test_evit_fuses_the_dropped_tokens_weighted_by_cls_attention():
     torch.testing.assert_close(out.patches[0, :2], tokens[0, [1, 3]])  # patches 0 and 2 by CLS attention
     fused = 0.05 * tokens[0, 2] + 0.1 * tokens[0, 4] + 0.05 * tokens[0, 5]
     torch.testing.assert_close(out.patches[0, 2], fused)
+    assert out.provenance.pending is not None and out.provenance.weights is None  # recorded, not yet built
+    assert (out.provenance.count, out.provenance.batch) == (3, 1)
     torch.testing.assert_close(out.provenance.dense()[0, 2], torch.tensor([0, 0.25, 0, 0.5, 0.25]))
+    expected = torch.tensor([[1.0, 0, 0, 0, 0], [0, 0, 1.0, 0, 0], [0, 0.25, 0, 0.5, 0.25]])  # patches 0, 2, the rest
+    torch.testing.assert_close(out.provenance.dense()[0], expected)
     assert out.sizes is None
     mean = get_method("evit").reduce(state, StageContext(**{**ctx.__dict__, "options": {"fusion": "mean"}}))
     torch.testing.assert_close(mean.state.patches[0, 2], fused / 0.2)
+    assert torch.equal(mean.state.provenance.dense(), out.provenance.dense())  # the fusion does not change it
+
+
+def test_a_combination_recorded_on_the_provenance_reads_as_the_combination_applied_at_once():
+    """Provenance.combine_later (EViT's fused token) gives, when read, what combine gives at once, also after a
+    recorded merge; the matrix is built once, however often the provenance is read."""
+    from patchslim.tokens import MergeSlots
+
+    g = torch.Generator().manual_seed(3)
+    start = Provenance(12, ids=torch.stack([torch.randperm(12, generator=g)[:10] for _ in range(2)]), grid=(3, 4))
+    match = soft_matching(torch.randn(2, 10, 3, generator=g), 3, 1)
+    slots = MergeSlots(match.order, match.merged_positions, match.into)
+    for before in (start, start.merge_later(slots)):
+        matrix = torch.rand(2, 4, before.count, generator=g)
+        built = []
+        lazy = before.combine_later(4, lambda: built.append(1) or matrix)
+        assert built == [] and (lazy.count, lazy.batch) == (4, 2)
+        torch.testing.assert_close(lazy.dense(), before.resolved().combine(matrix).dense(), rtol=0, atol=0)
+        lazy.dense(), lazy.patch_mask()
+        assert built == [1]
 
 
 def test_uniform_stride_longer_than_the_tokens_keeps_one():

@@ -168,7 +168,11 @@ def test_ppt_step_prunes_one_image_and_pools_the_other_in_one_batch():
     ctx = _context(options={"r": 2, "tau": 1e-3}, attention=attention, keys=keys, values=values, num_patches=m,
                    depth=4)
     out = get_method("ppt").reduce(state, ctx).state
+    assert out.provenance.pending is not None  # the source matrix is built when read, not in the forward
     dense = out.provenance.dense()
+    # Image 0's rows: the pooled tokens' members, in the matching's output order
+    slot = soft_matching(keys[:1].mean(1)[:, 1:], 2, 1).slot  # [1, M]: the output token each patch went into
+    assert torch.equal(dense[0], (torch.arange(m - 2).view(-1, 1) == slot).float())
     # Image 1 prunes its two lowest scores (patches 4 and 5): one-hot rows, unchanged tokens, sizes 1.
     assert dense[1].sum(0).tolist() == [1, 1, 1, 1, 0, 0] and (dense[1].sum(1) == 1).all()
     assert torch.equal(out.patches[1], tokens[1, 1:5]) and out.sizes[1].tolist() == [1.0] * 5

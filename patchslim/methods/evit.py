@@ -9,7 +9,8 @@ the end:
 
     x_fused = sum_{i in D} a_i x_i        (EViT's formula and code; option fusion="mean" divides by sum a_i)
 
-Its provenance is the normalized weights ``a_i / sum_D a_i``. The MLP of the block then runs on
+Its provenance is the normalized weights ``a_i / sum_D a_i`` (recorded in the forward, built when something reads
+it: :meth:`patchslim.tokens.Provenance.combine_later`). The MLP of the block then runs on
 P + K + 1 tokens. The keep ratio is the per-stage keep rate; the default stages are blocks
 ``depth * k // 4`` for k = 1, 2, 3 (3, 6, 9 for depth 12, EViT's 4th, 7th and 10th layers).
 DeiT-S, keep 0.7: MLP of block 3 on 1 + 138 + 1 = 140 tokens, then ceil(0.7 * 139) = 98 -> 100, then
@@ -95,13 +96,18 @@ class EViT(SlimMethod):
         dropped_mask = torch.ones(batch, m, dtype=torch.bool, device=device).scatter_(1, kept, False)
         weights = scores * dropped_mask  # [B, M], zero on kept tokens
         patches = state.patches.float()
-        fused = (weights.unsqueeze(-1) * patches).sum(1, keepdim=True)  # [B, 1, C]
-        normalized = weights / weights.sum(1, keepdim=True).clamp_min(1e-12)
-        if ctx.options.get("fusion", "sum") == "mean":
-            fused = (normalized.unsqueeze(-1) * patches).sum(1, keepdim=True)
+        mean = ctx.options.get("fusion", "sum") == "mean"
+        normalized = weights / weights.sum(1, keepdim=True).clamp_min(1e-12) if mean else None
+        fused = ((normalized if mean else weights).unsqueeze(-1) * patches).sum(1, keepdim=True)  # [B, 1, C]
         kept_patches = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        selection = torch.zeros(batch, keep, m, device=device).scatter_(2, kept.unsqueeze(-1), 1.0)
-        combination = torch.cat([selection, normalized.unsqueeze(1)], dim=1)  # [B, K + 1, M]
+
+        def combination() -> torch.Tensor:
+            """``[B, K + 1, M]``: the kept tokens one each, the fused token by its normalized weights (built only
+            when the provenance is read: overlays, rollout, audits)."""
+            share = normalized if normalized is not None else weights / weights.sum(1, keepdim=True).clamp_min(1e-12)
+            selection = torch.zeros(batch, keep, m, device=device).scatter_(2, kept.unsqueeze(-1), 1.0)
+            return torch.cat([selection, share.unsqueeze(1)], dim=1)
+
         sizes = None
         if state.sizes is not None:
             old = state.sizes[:, p:].float()

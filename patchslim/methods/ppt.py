@@ -20,8 +20,8 @@ attention and MLP (``point="mid"``), r tokens are removed from each image:
    them (:func:`patchslim.methods.tome.soft_matching`); sizes add up and proportional attention follows.
 
 Each image removes exactly r tokens either way, so the batch stays rectangular. When some image of the batch
-pools, every image's provenance becomes a source matrix (``replace_patches``; a pruning image's rows are one-hot)
-and every image carries sizes (1 for its tokens that were never pooled): the same tokens and the same logits as
+pools, every image's provenance becomes a source matrix (``replace_patches``; a pruning image's rows are one-hot;
+recorded in the forward and built when something reads it) and every image carries sizes (1 for its tokens that were never pooled): the same tokens and the same logits as
 the image would get alone.
 
 Defaults from the paper (DeiT-S, off the shelf: 79.50 top-1 at 2.94 GMACs per its README): ``tau = 7e-5``,
@@ -49,8 +49,8 @@ from patchslim.errors import PlanError
 from patchslim.methods.attention import check_aligned
 from patchslim.methods.base import OptionSpec, Reduction, SlimMethod, StageContext, register
 from patchslim.methods.tofu import check_keys, check_r
-from patchslim.methods.tome import merge_weighted, merges_this_block, soft_matching
-from patchslim.tokens import TokenState, keep_tokens, replace_patches, top_k_index
+from patchslim.methods.tome import head_sum, merge_into_slots, merges_this_block, soft_matching
+from patchslim.tokens import TokenState, keep_tokens, merge_rows, merged_state, replace_patches, top_k_index
 
 DEFAULT_TAU = 7e-5
 
@@ -140,22 +140,37 @@ class PruneOrPool(SlimMethod):
         if r == 0:
             return Reduction(state, scores=scores, selection_macs=macs)
         pooling = pools(scores, float(ctx.options.get("tau", DEFAULT_TAU)))
+        pooled = int(pooling.sum())
+        pool_macs = ((m + 1) // 2) * (m // 2) * d_head + m * d_head + m * state.tokens.shape[-1]
+        if pooled == 0:  # every image prunes
+            return Reduction(keep_tokens(state, top_k_index(scores, m - r)), scores=scores, selection_macs=macs)
+        if pooled == batch:  # every image pools: tome's own merge (its rows rewritten in place, provenance recorded)
+            match = soft_matching(head_sum(keys, p), r, p)
+            tokens, sizes, slots = merge_rows(state.tokens, state.sizes, p, match.order, match.merged_positions,
+                                              match.into)
+            return Reduction(merged_state(state, tokens, sizes, slots), scores=scores,
+                             selection_macs=macs + pool_macs)
         kept = top_k_index(scores, m - r)  # [B, M - r], what a pruning image keeps
-        if not bool(pooling.any()):
-            return Reduction(keep_tokens(state, kept), scores=scores, selection_macs=macs)
         chosen = torch.nonzero(pooling).flatten()
         device, channels = state.tokens.device, state.tokens.shape[-1]
         sizes = (state.sizes[:, p:].float() if state.sizes is not None else torch.ones(batch, m, device=device))
         patches = state.patches.float()
-        # Pruning images: the kept tokens, one-hot rows.
+        # Pruning images: the kept tokens.
         new_patches = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, channels))
         new_sizes = sizes.gather(1, kept)
-        combination = torch.zeros(batch, m - r, m, device=device).scatter_(2, kept.unsqueeze(-1), 1.0)
         # Pooling images: ToMe as published (sets by parity, its output order), size-weighted, over their rows.
-        match = soft_matching(keys.mean(dim=1)[chosen, p:], r, p)
-        merged, merged_sizes, merged_combination = merge_weighted(patches[chosen], sizes[chosen], match)
-        new_patches[chosen], new_sizes[chosen], combination[chosen] = merged, merged_sizes, merged_combination
-        share = chosen.numel() / batch
-        macs += share * (((m + 1) // 2) * (m // 2) * d_head + m * d_head + m * channels)
+        match = soft_matching(head_sum(keys[chosen], p), r, p)
+        merged, merged_sizes, slot = merge_into_slots(patches[chosen], sizes[chosen], match)
+        new_patches[chosen], new_sizes[chosen] = merged, merged_sizes
+
+        def combination() -> torch.Tensor:
+            """``[B, M - r, M]`` 0/1: one-hot rows of the kept tokens for a pruning image, the pooled tokens' members
+            for a pooling one (built only when the provenance is read: overlays, rollout, audits)."""
+            matrix = torch.zeros(batch, m - r, m, device=device).scatter_(2, kept.unsqueeze(-1), 1.0)
+            outputs = torch.arange(m - r, device=device)
+            matrix[chosen] = (outputs.view(1, -1, 1) == slot.unsqueeze(1)).to(matrix.dtype)
+            return matrix
+
+        macs += pooled / batch * pool_macs
         return Reduction(replace_patches(state, new_patches, combination, new_sizes), scores=scores,
                          selection_macs=macs)

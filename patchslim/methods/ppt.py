@@ -19,10 +19,12 @@ attention and MLP (``point="mid"``), r tokens are removed from each image:
    bipartite soft matching on the block's keys averaged over heads and size-weighted averages, as ``tome`` does
    them (:func:`patchslim.methods.tome.soft_matching`); sizes add up and proportional attention follows.
 
-Each image removes exactly r tokens either way, so the batch stays rectangular. When some image of the batch
-pools, every image's provenance becomes a source matrix (``replace_patches``; a pruning image's rows are one-hot;
-recorded in the forward and built when something reads it) and every image carries sizes (1 for its tokens that were never pooled): the same tokens and the same logits as
-the image would get alone.
+Each image removes exactly r tokens either way, so the batch stays rectangular. When every image of the batch
+pools, the step is tome's own merge (:func:`patchslim.tokens.merge_rows`, the keys summed over heads as tome sums
+them: cosine similarity ignores the 1/H of the mean). When only some do, every image's provenance becomes a source
+matrix (``replace_patches``; a pruning image's rows are one-hot; recorded in the forward and built when something
+reads it) and every image carries sizes (1 for its tokens that were never pooled): the same tokens and logits, to
+float rounding, as the image would get alone.
 
 Defaults from the paper (DeiT-S, off the shelf: 79.50 top-1 at 2.94 GMACs per its README): ``tau = 7e-5``,
 acting at blocks 3, 6 and 9 (``depth * k // 4`` for k = 1, 2, 3, as EViT; 1, 3 and 4 on the 6-block bundled

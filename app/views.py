@@ -89,7 +89,8 @@ def readout_row(r: compute.Costs, device: str, windowed: bool = False, model=Non
     stored (``model``: the loaded model; slimming does not change them)."""
     cols = st.container(key="readouts").columns(6 if model is not None else 5)  # the key: PAGE_STYLE
     card = dict(border=True, height="stretch")  # one height for the row, whichever card wraps most
-    cols[0].metric("GMACs per image", f"{r.gmacs_after:.3g}", **change(r.gmacs_after, r.gmacs_before, f"{r.gmacs_before:.3g}"),
+    cols[0].metric("GMACs per image", f"{r.gmacs_after:.3g}",
+                   **change(r.gmacs_after, r.gmacs_before, f"{r.gmacs_before:.3g}"),
                    help="Analytic multiply-adds of the slimmed forward (patchslim.metrics.flops), "
                         "selection cost included; the delta compares with the unslimmed model.", **card)
     cols[1].metric("Latency per image", _ms(r.latency_after),

@@ -476,7 +476,8 @@ def test_a_merge_recorded_on_the_provenance_reads_as_the_merge_applied_at_once()
         slots = MergeSlots(match.order, match.merged_positions, match.into)
         lazy, eager = lazy.merge_later(slots), eager.merge(slots.tensor(), slots.count)
         assert lazy.pending is not None and lazy.assignment is None  # nothing applied yet
-        assert (lazy.count, lazy.batch, lazy.device) == (eager.count, eager.batch, eager.device) == (m - r, 2, ids.device)
+        expected = (m - r, 2, ids.device)
+        assert (lazy.count, lazy.batch, lazy.device) == (eager.count, eager.batch, eager.device) == expected
     assert torch.equal(lazy.dense(), eager.dense())
     assert torch.equal(lazy.patch_mask(), eager.patch_mask())
     assert lazy.resolved() is lazy.resolved()  # applied once, kept
